@@ -1,0 +1,133 @@
+"""Small helpers shared by the offline jobs: seeding, threads, batches, checkpoints, grids, the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = ROOT / "models"
+RUNS_DIR = ROOT / "runs"
+MANIFEST = MODELS_DIR / "manifest.json"
+
+
+def setup(seed: int, threads: int | None = None) -> torch.device:
+    """Seed everything, set CPU threads, and pick CUDA when present."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def command_line() -> str:
+    """The exact command that is running, as a user would type it."""
+    return "python -m " + __import__("__main__").__spec__.name + " " + shlex.join(sys.argv[1:])
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "service", "training"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def batches(n: int, batch: int, rng: np.random.Generator, shuffle: bool = True) -> Iterator[np.ndarray]:
+    """Index batches over one epoch (the last partial batch is dropped when shuffling)."""
+    idx = rng.permutation(n) if shuffle else np.arange(n)
+    stop = n - (n % batch) if shuffle else n
+    for i in range(0, stop, batch):
+        yield idx[i : i + batch]
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int = 10, pad: int = 2) -> None:
+    """Save N×1×H×W images in [0, 1] as one PNG grid."""
+    x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    x = x.reshape(len(x), x.shape[-2], x.shape[-1])
+    n, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad), np.float32)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8), mode="L").save(path)
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> str:
+    """Save a module's state dict as safetensors; return its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+    return sha256_file(path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def update_manifest(key: str, entry: dict) -> None:
+    """Insert or replace `artifacts[key]` in models/manifest.json, hashing each of its files.
+
+    `entry["files"]` maps a role ("weights", "onnx", "data") to {"path": relative to models/}; sha256, the git
+    commit and the date are filled in. Metrics already recorded for the entry are merged, not dropped.
+    """
+    man = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {"schema": 1, "artifacts": {}}
+    old = man["artifacts"].get(key, {})
+    merged = {**old, **entry}
+    merged["metrics"] = {**old.get("metrics", {}), **entry.get("metrics", {})}
+    merged["files"] = {role: {"path": f["path"], "sha256": sha256_file(MODELS_DIR / f["path"])}
+                       for role, f in entry["files"].items()}  # fmt: skip
+    merged["commit"] = entry.get("commit") or git_commit()
+    merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    man["artifacts"][key] = dict(sorted(merged.items()))
+    man["artifacts"] = dict(sorted(man["artifacts"].items()))
+    MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+    MANIFEST.write_text(json.dumps(man, indent=2) + "\n")
+
+
+def record_metrics(key: str, metrics: dict) -> None:
+    """Merge measured metrics into an existing manifest entry (the file and its hash stay as they are)."""
+    man = json.loads(MANIFEST.read_text())
+    man["artifacts"][key].setdefault("metrics", {}).update(metrics)
+    MANIFEST.write_text(json.dumps(man, indent=2) + "\n")
+
+
+class Progress:
+    """A plain progress line every `every` steps: step/total, rate, ETA and the given scalars."""
+
+    def __init__(self, total: int, every: int = 50, start: int = 0) -> None:
+        self.total, self.every, self.start, self.t0 = total, every, start, time.time()
+
+    def __call__(self, step: int, **scalars: float) -> None:
+        if step % self.every and step != self.total:
+            return
+        done = max(step - self.start, 1)
+        el = time.time() - self.t0
+        eta = el / done * (self.total - step)
+        vals = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+        print(f"[{step}/{self.total}] {el / done:.3f}s/it eta {eta / 60:.1f}min {vals}", flush=True)
+
+
+def env_threads() -> int | None:
+    v = os.environ.get("MG_THREADS")
+    return int(v) if v else None

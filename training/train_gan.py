@@ -1,0 +1,151 @@
+"""Train the Defense-GAN generator (WGAN-GP by default, as in Samangouei et al. 2018).
+
+    python -m training.train_gan --dataset mnist --iters 20000
+
+Defaults are the official config: latent 128, batch 50, 5 critic steps per generator step, gradient penalty 10,
+Adam lr 1e-4 β=(0.5, 0.9), z ~ N(0, I). `--objective dcgan` (1 D step, BCE, Adam 2e-4 β1 0.5) is the cheaper
+alternative for CPU hosts. Checkpoints go to runs/<dataset>/<tag>/ckpt.pt every --ckpt-every iterations and a
+run resumes from its checkpoint; sample grids are written beside it. `--ship` exports the generator to
+models/<dataset>/generator.safetensors and records it in models/manifest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from service.nets import LATENT_DIM, Critic, Generator
+from training import data
+from training.common import RUNS_DIR, Progress, command_line, save_grid, save_weights, setup, update_manifest
+
+
+def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """(‖∇_x̂ D(x̂)‖₂ − 1)² on random interpolates x̂ between real and fake (Gulrajani et al. 2017)."""
+    alpha = torch.rand(real.size(0), 1, 1, 1, device=real.device)
+    x_hat = (real + alpha * (fake - real)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+
+
+def train(args: argparse.Namespace) -> Path:
+    device = setup(args.seed, args.threads)
+    run_dir = RUNS_DIR / args.dataset / args.tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    x_train = torch.from_numpy(data.to_float(data.load(args.dataset)["x_train"])).to(device)
+    n = len(x_train)
+
+    G, D = Generator().to(device), Critic().to(device)
+    wgan = args.objective == "wgan-gp"
+    lr = args.lr or (1e-4 if wgan else 2e-4)
+    betas = (0.5, 0.9) if wgan else (0.5, 0.999)
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
+    d_steps = args.critic_iters if wgan else 1
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    fixed_z = torch.randn(100, LATENT_DIM, generator=gen).mul_(args.z_std).to(device)
+
+    ckpt_path = run_dir / "ckpt.pt"
+    start = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        G.load_state_dict(ck["G"])
+        D.load_state_dict(ck["D"])
+        opt_g.load_state_dict(ck["opt_g"])
+        opt_d.load_state_dict(ck["opt_d"])
+        start = int(ck["iter"])
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed {ckpt_path} at iteration {start}")
+
+    def sample_z(k: int) -> torch.Tensor:
+        return torch.randn(k, LATENT_DIM, device=device) * args.z_std
+
+    def real_batch() -> torch.Tensor:
+        return x_train[torch.randint(0, n, (args.batch,), device=device)]
+
+    def save_ckpt(it: int) -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(), "iter": it, "rng": torch.get_rng_state()}, tmp)  # fmt: skip
+        tmp.replace(ckpt_path)
+        with torch.no_grad():
+            save_grid(G(fixed_z), run_dir / f"samples_{it:06d}.png")
+
+    progress = Progress(args.iters, every=args.log_every, start=start)
+    t0 = time.time()
+    for it in range(start + 1, args.iters + 1):
+        for _ in range(d_steps):
+            real = real_batch()
+            with torch.no_grad():
+                fake = G(sample_z(args.batch))
+            if wgan:
+                d_real, d_fake = D(real).mean(), D(fake).mean()
+                gp = gradient_penalty(D, real, fake)
+                loss_d = d_fake - d_real + args.gp * gp
+            else:
+                lr_, lf_ = D(real), D(fake)
+                loss_d = 0.5 * (F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_))
+                                + F.binary_cross_entropy_with_logits(lf_, torch.zeros_like(lf_)))  # fmt: skip
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        for p in D.parameters():
+            p.requires_grad_(False)
+        out = D(G(sample_z(args.batch)))
+        loss_g = -out.mean() if wgan else F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        for p in D.parameters():
+            p.requires_grad_(True)
+        progress(it, loss_d=loss_d.item(), loss_g=loss_g.item())
+        if it % args.ckpt_every == 0 or it == args.iters:
+            save_ckpt(it)
+    elapsed = time.time() - t0
+    print(f"trained {args.iters - start} iterations in {elapsed / 60:.1f} min")
+
+    out = run_dir / "generator.safetensors"
+    save_weights(G, out)
+    if args.ship:
+        ship(args, G)
+    return out
+
+
+def ship(args: argparse.Namespace, G: Generator) -> None:
+    target = Path("models") / args.dataset / "generator.safetensors"
+    save_weights(G, Path(__file__).resolve().parent.parent / target)
+    update_manifest(f"{args.dataset}/generator", {
+        "files": {"weights": {"path": f"{args.dataset}/generator.safetensors"}}, "kind": "generator", "arch": "defensegan-mnist",
+        "dataset": args.dataset, "latent_dim": LATENT_DIM, "latent_std": args.z_std,
+        "command": command_line(),
+        "training": {"objective": args.objective, "iterations": args.iters, "batch": args.batch,
+                     "critic_iters": args.critic_iters if args.objective == "wgan-gp" else 1, "seed": args.seed},
+    })  # fmt: skip
+    print(f"shipped {target}")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--objective", choices=["wgan-gp", "dcgan"], default="wgan-gp")
+    p.add_argument("--iters", type=int, default=200_000, help="generator iterations (paper: 200k)")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--critic-iters", type=int, default=5)
+    p.add_argument("--gp", type=float, default=10.0)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (wgan-gp) or 2e-4 (dcgan)")
+    p.add_argument("--z-std", type=float, default=1.0, help="std of the latent prior in training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tag", default="gan", help="run folder under runs/<dataset>/")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ship", action="store_true", help="export to models/ and record in the manifest")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse())
