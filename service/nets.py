@@ -169,7 +169,11 @@ class AdvGANGenerator(nn.Module):
         self.eps = eps
 
         def down(i: int, o: int, k: int, s: int, p: int) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, k, stride=s, padding=p, bias=False), nn.InstanceNorm2d(o, affine=True), nn.ReLU()]
+            return [
+                nn.Conv2d(i, o, k, stride=s, padding=p, bias=False),
+                nn.InstanceNorm2d(o, affine=True),
+                nn.ReLU(),
+            ]
 
         self.net = nn.Sequential(
             *down(1, 8, 3, 1, 1), *down(8, 16, 3, 2, 1), *down(16, 32, 3, 2, 1),

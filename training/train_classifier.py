@@ -100,10 +100,14 @@ def ship(args: argparse.Namespace, model: nn.Module) -> dict:
         "test_images": len(x_te),
         "onnx_vs_torch_max_abs_diff": onnx_max_diff(model, MODELS_DIR / rel.with_suffix(".onnx"), data.to_float(xs)),
     }
-    common = {"kind": "classifier", "arch": args.model.upper(), "dataset": args.dataset, "command": command_line(),
+    common = {"kind": "classifier", "arch": args.model.upper(), "dataset": args.dataset,
+              "classes": data.CLASS_NAMES[args.dataset], "command": command_line(),
               "training": {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "adv_eps": args.adv_eps,
                            "seed": args.seed}}  # fmt: skip
-    files = {"weights": {"path": str(rel.with_suffix(".safetensors"))}, "onnx": {"path": str(rel.with_suffix(".onnx"))}}
+    files = {
+        "weights": {"path": str(rel.with_suffix(".safetensors"))},
+        "onnx": {"path": str(rel.with_suffix(".onnx"))},
+    }
     update_manifest(f"{args.dataset}/{name}", {**common, "files": files, "metrics": metrics})
     print(f"shipped {rel}: {metrics}")
     return metrics

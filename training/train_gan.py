@@ -15,7 +15,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -120,7 +119,7 @@ def ship(args: argparse.Namespace, G: Generator) -> None:
     save_weights(G, Path(__file__).resolve().parent.parent / target)
     update_manifest(f"{args.dataset}/generator", {
         "files": {"weights": {"path": f"{args.dataset}/generator.safetensors"}}, "kind": "generator", "arch": "defensegan-mnist",
-        "dataset": args.dataset, "latent_dim": LATENT_DIM, "latent_std": args.z_std,
+        "dataset": args.dataset, "classes": data.CLASS_NAMES[args.dataset], "latent_dim": LATENT_DIM, "latent_std": args.z_std,
         "command": command_line(),
         "training": {"objective": args.objective, "iterations": args.iters, "batch": args.batch,
                      "critic_iters": args.critic_iters if args.objective == "wgan-gp" else 1, "seed": args.seed},

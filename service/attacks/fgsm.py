@@ -14,8 +14,9 @@ def _grad_sign(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targeted
     return -grad.sign() if targeted else grad.sign()
 
 
-def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float = 0.3,
-         targeted: bool = False) -> torch.Tensor:
+def fgsm(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float = 0.3, targeted: bool = False
+) -> torch.Tensor:
     """x' = clip(x + ε·sign(∇ₓ CE(f(x), y)), 0, 1); targeted steps down the loss of the target label.
 
     Defaults: ε = 0.3 (Defense-GAN's MNIST setting).
@@ -23,8 +24,15 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     return (images + eps * _grad_sign(model, images, labels, targeted)).clamp(0.0, 1.0).detach()
 
 
-def rand_fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float = 0.3,
-              alpha: float = 0.05, targeted: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def rand_fgsm(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float = 0.3,
+    alpha: float = 0.05,
+    targeted: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """RAND+FGSM: a random step α·sign(N(0, I)), then FGSM with ε − α from there (total L∞ ≤ ε).
 
     Defaults: ε = 0.3, α = 0.05 (Defense-GAN Table 4).

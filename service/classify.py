@@ -1,0 +1,65 @@
+"""Classification through ONNX Runtime (CUDA provider when available), with the torch model as reference."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def preferred_providers() -> list[str]:
+    """CUDA first when this onnxruntime build offers it, CPU always."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxClassifier:
+    """An ONNX classifier session: N×1×28×28 float32 in [0, 1] → logits N×10.
+
+    `providers` lists what the session actually loaded (onnxruntime-gpu falls back to CPU silently when CUDA is
+    unusable; this is checked, not assumed).
+    """
+
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        wanted = providers or preferred_providers()
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+        self.providers = self.session.get_providers()
+        if wanted[0] not in self.providers:
+            log.warning("ONNX Runtime wanted %s for %s but loaded %s", wanted[0], path.name, self.providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def predict(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(labels N, probabilities N×10)."""
+        return labels_and_probs(self.logits(x))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def labels_and_probs(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs = softmax(np.asarray(logits, dtype=np.float64)).astype(np.float32)
+    return probs.argmax(axis=1), probs
+
+
+@torch.no_grad()
+def torch_logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """Reference logits from the torch model (eval mode), batched."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])

@@ -1,0 +1,82 @@
+"""Every setting and server-side cap, read from environment variables (prefix MG_) in one place.
+
+Nested sections use a double underscore: MG_ATTACK__ENABLED=true, MG_PROXY__TIMEOUT_S=5.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class AttackSettings(BaseModel):
+    """The dual-use attack endpoints: off unless enabled, then behind an API key."""
+
+    enabled: bool = False
+    api_keys: list[str] = Field(default_factory=list, description="accepted values of the X-API-Key header")
+    max_iterations: int = 200
+    max_restarts: int = 10
+    max_eot_samples: int = 16
+    max_search_steps: int = 9
+
+
+class Upstream(BaseModel):
+    """One upstream model server the proxy may forward to (an allow-list entry; no user-supplied URL)."""
+
+    url: str
+    protocol: str = "v2"  # "v2" (Open Inference Protocol) or "raw" (TorchServe-style image bytes)
+    model: str | None = None  # the upstream's model name, default: the proxied name
+    input_name: str = "input"
+    layout: str = "NCHW"  # or "NHWC"
+    datatype: str = "FP32"  # or "UINT8"
+    value_range: float = 1.0  # 1.0 for [0, 1] inputs, 255.0 for [0, 255]
+    dataset: str = "mnist"  # whose generator purifies it
+
+
+class ProxySettings(BaseModel):
+    upstreams: dict[str, Upstream] = Field(default_factory=dict)
+    timeout_s: float = 10.0
+    connect_timeout_s: float = 2.0
+    max_connections: int = 64
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MG_", env_nested_delimiter="__", extra="ignore")
+
+    models_dir: Path = ROOT / "models"
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    torch_threads: int | None = None
+
+    # defaults of a defended call, and their caps
+    default_dataset: str = "mnist"
+    default_classifier: str = "classifier_A"
+    default_steps: int = 200
+    default_restarts: int = 10
+    encoder_steps: int = 25
+    encoder_restarts: int = 1
+    max_steps: int = 500
+    max_restarts: int = 16
+
+    # inputs
+    max_upload_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_batch_images: int = 64
+
+    # batching and load
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    request_timeout_s: float = 120.0
+
+    attack: AttackSettings = Field(default_factory=AttackSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,125 @@
+"""The defended pipeline without HTTP: purify (project onto G's range) → classify (ONNX Runtime) → detect.
+
+One `Engine` per process holds the registry, the ONNX sessions and the device. Everything here is synchronous
+and CPU/GPU-bound: the batcher runs it off the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from service.classify import OnnxClassifier, labels_and_probs
+from service.purify import Projection, ProjectionConfig, check_images, project
+from service.registry import Registry
+
+Defense = Literal["none", "defense-gan", "invert-classify"]
+DEFENSES: tuple[str, ...] = ("none", "defense-gan", "invert-classify")
+
+
+@dataclass
+class DefendResult:
+    """Per-image results of one defended call (arrays of length N)."""
+
+    labels: np.ndarray
+    probs: np.ndarray  # N×10
+    purified: torch.Tensor | None  # N×1×28×28, None without defense
+    mse: np.ndarray | None
+    flagged: np.ndarray | None
+    threshold: float | None
+    timings_ms: dict[str, float]
+    steps: int
+    restarts: int
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Engine:
+    """Purify and classify with the registry's models. Thread-safe for concurrent callers."""
+
+    def __init__(self, registry: Registry, device: str = "auto", ort_threads: int | None = None) -> None:
+        self.registry = registry
+        self.device = pick_device(device)
+        self._ort_threads = ort_threads
+        self._sessions: dict[str, OnnxClassifier] = {}
+        self._lock = threading.Lock()
+
+    # -- models -------------------------------------------------------------------------------------
+    def onnx(self, dataset: str, classifier: str) -> OnnxClassifier:
+        key = f"{dataset}/{classifier}"
+        with self._lock:
+            if key not in self._sessions:
+                art = self.registry.get(key)
+                self._sessions[key] = OnnxClassifier(Path(art.path(self.registry.root, "onnx")),
+                                                     threads=self._ort_threads)  # fmt: skip
+            return self._sessions[key]
+
+    def warm_up(self) -> None:
+        """Load every generator, encoder and ONNX classifier, and run each once."""
+        x = torch.full((1, 1, 28, 28), 0.5)
+        for ds in self.registry.datasets():
+            for name in self.registry.classifiers(ds):
+                self.onnx(ds, name).logits(x.numpy())
+            self.purify(x, ds, ProjectionConfig(steps=1, restarts=1), seed=0)
+            if self.registry.encoder(ds, self.device) is not None:
+                self.purify(x, ds, ProjectionConfig(steps=1, restarts=1, init="encoder"), seed=0)
+
+    # -- stages -------------------------------------------------------------------------------------
+    def purify(self, x: torch.Tensor, dataset: str, cfg: ProjectionConfig, seed: int | None = None) -> Projection:
+        """Project x (N×1×28×28 in [0, 1]) onto the dataset's generator range."""
+        check_images(x)
+        gen = self.registry.generator(dataset, self.device)
+        enc = self.registry.encoder(dataset, self.device) if cfg.init == "encoder" else None
+        if cfg.init == "encoder" and enc is None:
+            raise ValueError(f"no encoder is shipped for {dataset}")
+        p = project(x.to(self.device), gen, cfg, encoder=enc, seed=seed)
+        return Projection(images=p.images.cpu(), z=p.z.cpu(), mse=p.mse.cpu(), restart_mse=p.restart_mse.cpu())
+
+    def classify(self, x: torch.Tensor, dataset: str, classifier: str) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, probabilities) of x through the ONNX classifier."""
+        return labels_and_probs(self.onnx(dataset, classifier).logits(x))
+
+    def projection_config(self, defense: str, steps: int | None, restarts: int | None,
+                          default_steps: int, default_restarts: int,
+                          encoder_steps: int, encoder_restarts: int) -> ProjectionConfig:  # fmt: skip
+        """The projection a defense name implies, with the caller's overrides."""
+        if defense == "invert-classify":
+            return ProjectionConfig(init="encoder").with_(steps=steps if steps is not None else encoder_steps,
+                                                          restarts=restarts or encoder_restarts)  # fmt: skip
+        return ProjectionConfig().with_(steps=steps if steps is not None else default_steps,
+                                        restarts=restarts or default_restarts)  # fmt: skip
+
+    def defend(self, x: torch.Tensor, dataset: str, classifier: str, defense: str,
+               cfg: ProjectionConfig | None = None, seed: int | None = None) -> DefendResult:  # fmt: skip
+        """Classify x, purifying it first unless defense == "none"; detector flags for defended calls."""
+        if defense not in DEFENSES:
+            raise ValueError(f"unknown defense {defense!r}; expected one of {DEFENSES}")
+        check_images(x)
+        timings: dict[str, float] = {}
+        if defense == "none":
+            t = time.perf_counter()
+            labels, probs = self.classify(x, dataset, classifier)
+            timings["classify_ms"] = (time.perf_counter() - t) * 1e3
+            return DefendResult(labels, probs, None, None, None, None, timings, 0, 0)
+        cfg = cfg or ProjectionConfig(init="encoder" if defense == "invert-classify" else "random")
+        t = time.perf_counter()
+        proj = self.purify(x, dataset, cfg, seed=seed)
+        timings["purify_ms"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        labels, probs = self.classify(proj.images, dataset, classifier)
+        timings["classify_ms"] = (time.perf_counter() - t) * 1e3
+        det = self.registry.detector(dataset, cfg.init)
+        mse = proj.mse.numpy()
+        flagged = (mse > det.threshold) if det else None
+        return DefendResult(labels, probs, proj.images, mse, flagged, det.threshold if det else None, timings,
+                            cfg.steps, cfg.restarts)  # fmt: skip

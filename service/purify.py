@@ -1,0 +1,162 @@
+"""The purification engine: project images onto a generator's range (Defense-GAN), and the MSE detector.
+
+    z* = argmin_z ‖G(z) − x‖²,  L gradient steps from R starts, best start by reconstruction MSE.
+
+Defaults are Defense-GAN's (official code, `reconstruct`): z₀ ~ N(0, I/128), per-image loss the *mean* squared
+error over pixels summed over the batch, SGD momentum 0.7, lr 10, lr ×0.1 from step ⌈0.8·L⌉, L = 200, R = 10.
+All R starts of all N images run as one N·R×128 tensor; only z requires grad. `init="encoder"` starts from
+z₀ = E(x) (plus small noise for the extra starts), the warm start that needs far fewer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Projection hyper-parameters; the defaults reproduce Defense-GAN-Rec (L=200, R=10)."""
+
+    steps: int = 200
+    restarts: int = 10
+    lr: float = 10.0
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.7
+    decay_at: float = 0.8  # fraction of `steps` after which lr is multiplied by `decay`
+    decay: float = 0.1
+    init: Literal["random", "encoder"] = "random"
+    init_std: float | None = None  # random init std; None: 1/sqrt(latent_dim) as in Defense-GAN
+    encoder_noise: float = 0.1  # std of the noise added to E(x) for restarts after the first
+    z_max_norm: float | None = None  # optional constraint: project each z onto the ball of this L2 radius
+
+    def with_(self, **changes: object) -> ProjectionConfig:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+
+@dataclass
+class Projection:
+    """Result of `project` for N images."""
+
+    images: torch.Tensor  # G(z*), N×1×H×W
+    z: torch.Tensor  # z*, N×latent
+    mse: torch.Tensor  # per-image reconstruction MSE of the chosen start, N
+    restart_mse: torch.Tensor  # final MSE of every start, N×R
+
+
+def check_images(x: torch.Tensor, shape: tuple[int, ...] = (1, 28, 28)) -> None:
+    """Raise ValueError unless x is a finite float tensor N×C×H×W of `shape` with values in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError("images must be a floating-point tensor")
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(shape) or x.shape[0] == 0:
+        raise ValueError(f"images must have shape N×{'×'.join(map(str, shape))}, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or infinity")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError("image values must lie in [0, 1]")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: the generator is a fixed function of z during projection."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def initial_latents(
+    x: torch.Tensor, latent_dim: int, cfg: ProjectionConfig, encoder: nn.Module | None, seed: int | None
+) -> torch.Tensor:
+    """Starting points, N·R×latent (restart-major within each image: rows i·R … i·R+R−1 belong to image i).
+
+    With a seed, every image gets the same R noise draws, so a batch gives exactly the per-image results.
+    """
+    n, r = x.shape[0], cfg.restarts
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    noise = torch.randn(r, latent_dim, generator=gen).to(x.device)
+    if cfg.init == "random":
+        std = cfg.init_std if cfg.init_std is not None else 1.0 / math.sqrt(latent_dim)
+        return (noise * std).repeat(n, 1)
+    if encoder is None:
+        raise ValueError("init='encoder' needs an encoder")
+    with torch.no_grad():
+        z0 = encoder(x)  # N×latent
+    noise[0].zero_()  # the first start is E(x) itself
+    return (z0[:, None, :] + cfg.encoder_noise * noise[None]).reshape(n * r, latent_dim)
+
+
+def project(
+    x: torch.Tensor,
+    generator: nn.Module,
+    cfg: ProjectionConfig | None = None,
+    *,
+    encoder: nn.Module | None = None,
+    seed: int | None = 0,
+) -> Projection:
+    """Project images x (N×1×28×28 in [0, 1]) onto the range of `generator`; see the module docstring."""
+    cfg = cfg or ProjectionConfig()
+    check_images(x)
+    if cfg.steps < 0 or cfg.restarts < 1:
+        raise ValueError("steps must be >= 0 and restarts >= 1")
+    if any(p.requires_grad for p in generator.parameters()):
+        raise ValueError("freeze the generator first (service.purify.freeze): its weights must not get gradients")
+    n, r = x.shape[0], cfg.restarts
+    latent_dim = generator.latent_dim
+    target = x.repeat_interleave(r, dim=0)  # N·R×1×H×W, aligned with the latents
+    z = initial_latents(x, latent_dim, cfg, encoder, seed).requires_grad_(True)
+    decay_step = math.ceil(cfg.decay_at * cfg.steps)
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam([z], lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD([z], lr=cfg.lr, momentum=cfg.momentum)
+    for step in range(cfg.steps):
+        if step == decay_step:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * cfg.decay
+        loss = (generator(z) - target).pow(2).mean(dim=(1, 2, 3)).sum()
+        (z.grad,) = torch.autograd.grad(loss, z)
+        opt.step()
+        if cfg.z_max_norm is not None:
+            with torch.no_grad():
+                z.mul_((cfg.z_max_norm / z.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+    with torch.no_grad():
+        z = z.detach()
+        recon = generator(z)
+        mse = (recon - target).pow(2).mean(dim=(1, 2, 3)).view(n, r)
+        best = mse.argmin(dim=1)
+        rows = torch.arange(n, device=x.device) * r + best
+        return Projection(images=recon[rows], z=z[rows], mse=mse[torch.arange(n), best], restart_mse=mse)
+
+
+@dataclass(frozen=True)
+class Detector:
+    """Flags inputs whose reconstruction MSE exceeds a threshold calibrated on clean images."""
+
+    threshold: float
+    fpr: float = 0.05
+
+    @classmethod
+    def calibrate(cls, clean_mse: torch.Tensor, fpr: float = 0.05) -> Detector:
+        """Threshold = the (1 − fpr) quantile of clean reconstruction MSEs."""
+        if not 0 < fpr < 1:
+            raise ValueError("fpr must lie in (0, 1)")
+        return cls(threshold=float(torch.quantile(clean_mse.double().flatten(), 1 - fpr)), fpr=fpr)
+
+    def flag(self, mse: torch.Tensor) -> torch.Tensor:
+        return mse > self.threshold
+
+
+def roc_auc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the ROC curve of score > t separating positives from negatives (Mann–Whitney U, ties ½)."""
+    neg, pos = negatives.double().flatten(), positives.double().flatten()
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))

@@ -1,0 +1,143 @@
+"""The model registry: read `models/manifest.json`, verify every file's sha256, build and load networks.
+
+Artifacts are keyed "<dataset>/<name>" (e.g. "mnist/generator", "mnist/classifier_A"). Each entry holds its
+kind, architecture, dataset, files ({role: {path, sha256}}), the command that made it and measured metrics.
+Weights load from safetensors only; nothing is downloaded and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from service import nets
+from service.purify import Detector, freeze
+
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models"
+
+
+class ManifestError(RuntimeError):
+    """The manifest is missing or malformed, or a file does not match its recorded sha256."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    key: str
+    kind: str
+    dataset: str
+    arch: str | None
+    files: dict[str, dict[str, str]]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, root: Path, role: str = "weights") -> Path:
+        if role not in self.files:
+            raise ManifestError(f"{self.key} has no {role!r} file")
+        return root / self.files[role]["path"]
+
+
+class Registry:
+    """Loads what `models/manifest.json` lists; `verify()` checks every file against its sha256."""
+
+    def __init__(self, root: Path = DEFAULT_ROOT, verify: bool = True) -> None:
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.exists():
+            raise ManifestError(f"{manifest} does not exist")
+        try:
+            doc = json.loads(manifest.read_text())
+            self.artifacts = {
+                key: Artifact(
+                    key=key,
+                    kind=e["kind"],
+                    dataset=e["dataset"],
+                    arch=e.get("arch"),
+                    files=e["files"],
+                    metrics=e.get("metrics", {}),
+                    raw=e,
+                )  # fmt: skip
+                for key, e in doc["artifacts"].items()
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ManifestError(f"{manifest} is malformed: {exc!r}") from exc
+        self._cache: dict[str, nn.Module] = {}
+        self._lock = threading.Lock()
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Raise ManifestError naming every missing file and every sha256 mismatch."""
+        problems = []
+        for art in self.artifacts.values():
+            for role, f in art.files.items():
+                p = self.root / f["path"]
+                if not p.exists():
+                    problems.append(f"{art.key} [{role}]: {p} is missing")
+                elif sha256_file(p) != f["sha256"]:
+                    problems.append(f"{art.key} [{role}]: {p} does not match its sha256 {f['sha256']}")
+        if problems:
+            raise ManifestError("model files failed verification:\n  " + "\n  ".join(problems))
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def get(self, key: str) -> Artifact:
+        if key not in self.artifacts:
+            raise KeyError(f"no artifact {key!r} in the manifest")
+        return self.artifacts[key]
+
+    def datasets(self) -> list[str]:
+        return sorted({a.dataset for a in self.artifacts.values() if a.kind == "generator"})
+
+    def classifiers(self, dataset: str) -> list[str]:
+        return sorted(a.key.split("/", 1)[1] for a in self.artifacts.values()
+                      if a.dataset == dataset and a.kind == "classifier")  # fmt: skip
+
+    def has(self, key: str) -> bool:
+        return key in self.artifacts
+
+    # -- loading ------------------------------------------------------------------------------------
+    def module(self, key: str, device: torch.device | str = "cpu") -> nn.Module:
+        """The network of artifact `key`, in eval mode with frozen weights (cached per key and device)."""
+        cache_key = f"{key}@{device}"
+        with self._lock:
+            if cache_key not in self._cache:
+                art = self.get(key)
+                kind = "classifier" if art.kind == "classifier" else art.kind
+                net = nets.build(kind, art.arch) if kind == "classifier" else nets.build(kind)
+                state = load_file(str(art.path(self.root)), device="cpu")
+                net.load_state_dict(state)
+                self._cache[cache_key] = freeze(net.to(device))
+            return self._cache[cache_key]
+
+    def generator(self, dataset: str, device: torch.device | str = "cpu") -> nets.Generator:
+        return self.module(f"{dataset}/generator", device)  # type: ignore[return-value]
+
+    def encoder(self, dataset: str, device: torch.device | str = "cpu") -> nets.Encoder | None:
+        key = f"{dataset}/encoder"
+        return self.module(key, device) if self.has(key) else None  # type: ignore[return-value]
+
+    def classifier(self, dataset: str, name: str = "classifier_A", device: torch.device | str = "cpu") -> nn.Module:
+        return self.module(f"{dataset}/{name}", device)
+
+    def detector(self, dataset: str, init: str = "random") -> Detector | None:
+        """The detector calibration recorded on the generator's entry for this init, if any."""
+        cal = self.get(f"{dataset}/generator").raw.get("detector", {}).get(init)
+        return Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"])) if cal else None
+
+    def class_names(self, dataset: str) -> list[str]:
+        return list(self.get(f"{dataset}/generator").raw.get("classes", [str(i) for i in range(10)]))
