@@ -1,0 +1,62 @@
+"""Shared fixtures: the shipped registry, and a tiny random-weight registry for fast unit tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from service import nets
+from service.registry import Registry, sha256_file
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+torch.set_num_threads(int(os.environ.get("MG_TEST_THREADS", "2")))
+
+
+def write_tiny_models(root: Path, datasets: tuple[str, ...] = ("mnist",), seed: int = 0) -> Path:
+    """A models/ folder with random-weight generator, encoder and classifier A (+ ONNX) and its manifest."""
+    torch.manual_seed(seed)
+    artifacts: dict[str, dict] = {}
+    for ds in datasets:
+        (root / ds).mkdir(parents=True, exist_ok=True)
+        for name, kind, arch in (("generator", "generator", None), ("encoder", "encoder", None),
+                                 ("classifier_A", "classifier", "A")):  # fmt: skip
+            net = nets.build(kind, arch).eval()
+            w = root / ds / f"{name}.safetensors"
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(w))
+            files = {"weights": {"path": f"{ds}/{name}.safetensors", "sha256": sha256_file(w)}}
+            if kind == "classifier":
+                o = root / ds / f"{name}.onnx"
+                torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), str(o), input_names=["input"],
+                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=17, dynamo=False)  # fmt: skip
+                files["onnx"] = {"path": f"{ds}/{name}.onnx", "sha256": sha256_file(o)}
+            entry = {"kind": kind, "arch": arch, "dataset": ds, "files": files, "metrics": {}, "command": "tests"}
+            if kind == "generator":
+                entry["classes"] = [str(i) for i in range(10)]
+                entry["detector"] = {"random": {"threshold": 0.05, "fpr": 0.05}}
+            artifacts[f"{ds}/{name}"] = entry
+    (root / "manifest.json").write_text(json.dumps({"schema": 1, "artifacts": artifacts}, indent=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_models: Path) -> Registry:
+    return Registry(tiny_models)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    """The shipped models, hash-verified."""
+    return Registry(MODELS)
