@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,21 +29,24 @@ class AttackSettings(BaseModel):
 class Upstream(BaseModel):
     """One upstream model server the proxy may forward to (an allow-list entry; no user-supplied URL)."""
 
-    url: str
-    protocol: str = "v2"  # "v2" (Open Inference Protocol) or "raw" (TorchServe-style image bytes)
+    url: str  # base URL, e.g. http://triton:8000 (the proxy appends /v2/models/{model}/infer)
+    protocol: Literal["v2", "raw"] = "v2"  # Open Inference Protocol, or TorchServe-style image bytes
     model: str | None = None  # the upstream's model name, default: the proxied name
     input_name: str = "input"
-    layout: str = "NCHW"  # or "NHWC"
-    datatype: str = "FP32"  # or "UINT8"
-    value_range: float = 1.0  # 1.0 for [0, 1] inputs, 255.0 for [0, 255]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    datatype: Literal["FP32", "UINT8"] = "FP32"
+    value_range: Literal[1.0, 255.0] = 1.0  # 1.0 for [0, 1] inputs, 255.0 for [0, 255]
     dataset: str = "mnist"  # whose generator purifies it
 
 
 class ProxySettings(BaseModel):
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # read/write/pool timeout of one upstream call
     connect_timeout_s: float = 2.0
     max_connections: int = 64
+    max_keepalive_connections: int = 16
+    keepalive_expiry_s: float = 30.0
+    max_response_bytes: int = 64 * 1024 * 1024  # a larger upstream reply is a 502
 
 
 class Settings(BaseSettings):
