@@ -4,9 +4,71 @@
 
 `model` maps N×C×H×W images in [0, 1] to logits; `images` is a float tensor in [0, 1]; `labels` the true labels
 (untargeted) or the target labels (with targeted=True). The result has the same shape, stays in [0, 1] and
-within the attack's budget. Adaptive attacks take the defended pipeline as `model`.
+within the attack's budget. Adaptive attacks take the defended pipeline (`adaptive.Defended`) as `model`; the
+black-box substitute attack uses `model` only through its labels; AdvGAN needs its trained `generator`.
+
+`ATTACKS` maps the public names (as the /v1/attack endpoint takes them) to their spec.
 """
 
-from service.attacks.fgsm import fgsm, rand_fgsm
+from __future__ import annotations
 
-__all__ = ["fgsm", "rand_fgsm"]
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.attacks.adaptive import Defended, bpda, eot, latent
+from service.attacks.advgan import advgan
+from service.attacks.cw import CW_DEFENSE_GAN, cw, cw_defense_gan
+from service.attacks.fgsm import fgsm, rand_fgsm
+from service.attacks.pgd import pgd, pgd_l2
+from service.attacks.substitute import Substitute, as_oracle, substitute, train_substitute
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One public attack: its function, threat model, the parameters a caller may set, and what it needs."""
+
+    fn: Callable
+    norm: str  # "linf" or "l2"
+    params: tuple[str, ...]  # caller-settable keyword parameters
+    adaptive: bool = False  # attacks the defended pipeline (needs a generator)
+    needs: str | None = None  # "advgan" (a trained generator) or "substitute" (seed images and an oracle)
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "fgsm": AttackSpec(fgsm, "linf", ("eps", "targeted")),
+    "rand-fgsm": AttackSpec(rand_fgsm, "linf", ("eps", "alpha", "targeted")),
+    "pgd": AttackSpec(pgd, "linf", ("eps", "alpha", "steps", "random_start", "targeted")),
+    "pgd-l2": AttackSpec(pgd_l2, "l2", ("eps", "alpha", "steps", "random_start", "targeted")),
+    "cw": AttackSpec(cw, "l2", ("c", "kappa", "steps", "search_steps", "lr", "abort_early", "targeted")),
+    "cw-defensegan": AttackSpec(cw_defense_gan, "l2", ("c", "kappa", "steps", "search_steps", "lr", "targeted")),
+    "advgan": AttackSpec(advgan, "linf", (), needs="advgan"),
+    "substitute": AttackSpec(substitute, "linf", ("eps", "arch", "targeted"), needs="substitute"),
+    "bpda": AttackSpec(bpda, "linf", ("eps", "alpha", "steps", "norm", "random_start", "targeted", "seed"), True),
+    "eot": AttackSpec(
+        eot, "linf", ("eps", "alpha", "steps", "samples", "norm", "random_start", "targeted", "seed"), True
+    ),  # fmt: skip
+    "latent": AttackSpec(
+        latent, "linf", ("eps", "steps", "lr_z", "lr_delta", "c", "kappa", "check_every", "targeted"), True
+    ),  # fmt: skip
+}
+
+__all__ = [
+    "ATTACKS",
+    "AttackSpec",
+    "CW_DEFENSE_GAN",
+    "Defended",
+    "Substitute",
+    "advgan",
+    "as_oracle",
+    "bpda",
+    "cw",
+    "cw_defense_gan",
+    "eot",
+    "fgsm",
+    "latent",
+    "pgd",
+    "pgd_l2",
+    "rand_fgsm",
+    "substitute",
+    "train_substitute",
+]

@@ -1,0 +1,245 @@
+"""Adaptive attacks on the defended pipeline `classifier ∘ project` (attacks that know the defense).
+
+The projection x ↦ G(z*(x)) is an inner optimisation: its exact gradient is unavailable or useless, so:
+
+- **BPDA** (Athalye, Carlini & Wagner 2018, "Obfuscated Gradients Give a False Sense of Security"): forward
+  through the real projection, backward as if it were the identity (straight-through), PGD on top.
+- **EOT** (Athalye et al. 2018, "Synthesizing Robust Adversarial Examples"): the projection is randomised by its
+  random restarts; average the BPDA gradient over `samples` projections with fresh restarts per step.
+- **Latent** ("overpowered attack", Jalal, Ilyas, Daskalakis & Dimakis 2019, "The Robust Manifold Defense"):
+  start at the input's manifold point z₀ = z*(x) and search jointly for z and δ (‖δ‖∞ ≤ ε) with
+      min ‖x + δ − G(z)‖₂² + c·max(Z_y(G(z)) − max_{i≠y} Z_i(G(z)), −κ),
+  i.e. a point of G's range that the classifier misreads, close to an allowed input x + δ; projecting x + δ then
+  lands near G(z). c doubles for the images whose G(z) is still read correctly.
+
+Every attack here takes a `Defended` module as `model` (build one with `Defended(classifier, generator, cfg)`),
+keeps images in [0, 1] and within the L∞ (or L2) budget, and returns, per image, the last iterate the defended
+pipeline misclassified (the final iterate where none did). Cost per attack step ≈ `samples` projections.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.purify import ProjectionConfig, project
+
+_DEFAULT = object()
+
+
+class Defended(nn.Module):
+    """logits = classifier(G(z*(x))): the Defense-GAN pipeline as a torch module, straight-through backward (BPDA).
+
+    `cfg` sets the projection (steps L, restarts R, init); `seed` its random restarts (None: fresh each call).
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        generator: nn.Module,
+        cfg: ProjectionConfig | None = None,
+        encoder: nn.Module | None = None,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.generator = generator
+        self.encoder = encoder
+        self.cfg = cfg or ProjectionConfig()
+        self.seed = seed
+
+    def purify(self, x: torch.Tensor, seed: int | None | object = _DEFAULT) -> torch.Tensor:
+        """G(z*(x)) in the forward pass, identity in the backward pass."""
+        s = self.seed if seed is _DEFAULT else seed
+        with torch.enable_grad():
+            p = project(x.detach().clamp(0.0, 1.0), self.generator, self.cfg, encoder=self.encoder, seed=s)  # type: ignore[arg-type]
+        return x + (p.images - x).detach()
+
+    def forward(self, x: torch.Tensor, seed: int | None | object = _DEFAULT) -> torch.Tensor:
+        return self.classifier(self.purify(x, seed))
+
+    def with_config(self, **changes: object) -> Defended:
+        """A copy with projection settings changed (e.g. fewer steps for the attacker's own forward passes)."""
+        other = copy.copy(self)
+        other.cfg = self.cfg.with_(**changes)
+        return other
+
+
+def _require_defended(model: nn.Module) -> Defended:
+    if not isinstance(model, Defended):
+        raise TypeError("adaptive attacks need model=Defended(classifier, generator, cfg), the defended pipeline")
+    return model
+
+
+def _project_ball(adv: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    delta = adv - x0
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = len(delta)
+        factor = torch.clamp(eps / delta.view(n, -1).norm(dim=1).clamp_min(1e-12), max=1.0)
+        delta = delta * factor.view(n, 1, 1, 1)
+    return (x0 + delta).clamp(0.0, 1.0)
+
+
+def _misread(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
+    pred = logits.argmax(1)
+    return pred == labels if targeted else pred != labels
+
+
+def _pgd_through(
+    model: Defended,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str,
+    random_start: bool,
+    targeted: bool,
+    samples: int,
+    seed: int,
+) -> torch.Tensor:
+    if norm not in ("linf", "l2"):
+        raise ValueError("norm must be 'linf' or 'l2'")
+    if eps < 0 or alpha < 0 or steps < 0 or samples < 1:
+        raise ValueError("needs eps, alpha, steps >= 0 and samples >= 1")
+    x0 = images.detach()
+    n = len(x0)
+    gen = torch.Generator().manual_seed(seed)
+    adv = x0.clone()
+    if random_start:
+        noise = torch.empty(x0.shape).uniform_(-eps, eps, generator=gen).to(x0)
+        if norm == "l2":
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            noise = noise / noise.view(n, -1).norm(dim=1).view(n, 1, 1, 1) * eps * torch.rand(n, 1, 1, 1, generator=gen)
+        adv = (x0 + noise).clamp(0.0, 1.0)
+    best = adv.clone()
+    found = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    for _ in range(steps):
+        grad = torch.zeros_like(adv)
+        x = adv.detach().requires_grad_(True)
+        for k in range(samples):
+            # sample 0 is the pipeline as configured (its own seed); the others draw fresh restarts (EOT)
+            s = _DEFAULT if k == 0 else int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            logits = model(x, seed=s)
+            loss = F.cross_entropy(logits, labels)
+            (g,) = torch.autograd.grad(-loss if targeted else loss, x)
+            grad += g / samples
+            if k == 0:
+                with torch.no_grad():
+                    hit = _misread(logits, labels, targeted)
+                    best[hit] = adv[hit]
+                    found |= hit
+        with torch.no_grad():
+            if norm == "linf":
+                step = alpha * grad.sign()
+            else:
+                step = alpha * grad / grad.view(n, -1).norm(dim=1).clamp_min(1e-12).view(n, 1, 1, 1)
+            adv = _project_ball(adv + step, x0, eps, norm)
+    with torch.no_grad():
+        hit = _misread(model(adv), labels, targeted)
+        best[hit] = adv[hit]
+        found |= hit
+        best[~found] = adv[~found]
+    return best.detach()
+
+
+def bpda(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float = 0.3,
+    alpha: float = 0.01,
+    steps: int = 40,
+    norm: str = "linf",
+    random_start: bool = True,
+    targeted: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """BPDA-PGD through the projection (straight-through backward). Defaults: L∞ ε = 0.3, α = 0.01, 40 steps."""
+    m = _require_defended(model)
+    return _pgd_through(m, images, labels, eps, alpha, steps, norm, random_start, targeted, 1, seed)
+
+
+def eot(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float = 0.3,
+    alpha: float = 0.01,
+    steps: int = 40,
+    samples: int = 8,
+    norm: str = "linf",
+    random_start: bool = True,
+    targeted: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """BPDA-PGD with each step's gradient averaged over `samples` projections with different random restarts.
+
+    Defaults: L∞ ε = 0.3, α = 0.01, 40 steps, 8 samples.
+    """
+    m = _require_defended(model)
+    return _pgd_through(m, images, labels, eps, alpha, steps, norm, random_start, targeted, samples, seed)
+
+
+def latent(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float = 0.3,
+    steps: int = 200,
+    lr_z: float = 0.05,
+    lr_delta: float = 0.01,
+    c: float = 1.0,
+    kappa: float = 5.0,
+    check_every: int = 50,
+    targeted: bool = False,
+) -> torch.Tensor:
+    """The overpowered latent-space attack; see the module docstring. L∞ budget ε.
+
+    Defaults: ε = 0.3, 200 Adam steps (lr 0.05 on z, 0.01 on δ), c₀ = 1 (doubled at each check for images whose
+    G(z) is still read correctly), κ = 5; every `check_every` steps the real defended pipeline is run on x + δ and
+    the images it misreads keep that iterate.
+    """
+    m = _require_defended(model)
+    if eps < 0 or steps < 0 or check_every < 1:
+        raise ValueError("latent needs eps, steps >= 0 and check_every >= 1")
+    x0 = images.detach()
+    n = len(x0)
+    with torch.enable_grad():
+        z0 = project(x0, m.generator, m.cfg, encoder=m.encoder, seed=m.seed).z  # type: ignore[arg-type]
+    z = z0.clone().requires_grad_(True)
+    delta = torch.zeros_like(x0, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [z], "lr": lr_z}, {"params": [delta], "lr": lr_delta}])
+    const = torch.full((n,), float(c), device=x0.device)
+    onehot = F.one_hot(labels, 10).bool()
+    best = x0.clone()
+    found = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    for step in range(1, steps + 1):
+        with torch.enable_grad():
+            gz = m.generator(z)
+            logits = m.classifier(gz)
+            real = logits.gather(1, labels[:, None]).squeeze(1)
+            other = logits.masked_fill(onehot, -torch.inf).amax(1)
+            margin = torch.clamp(other - real if targeted else real - other, min=-kappa)
+            dist = ((x0 + delta).clamp(0, 1) - gz).pow(2).flatten(1).sum(1)
+            loss = (dist + const * margin).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            delta.copy_(_project_ball(x0 + delta, x0, eps, "linf") - x0)
+            if step % check_every == 0 or step == steps:
+                const = torch.where(margin > 0, const * 2, const)
+                adv = x0 + delta
+                hit = _misread(m(adv), labels, targeted)
+                best[hit] = adv[hit]
+                found |= hit
+    with torch.no_grad():
+        adv = x0 + delta
+        best[~found] = adv[~found]
+    return best.clamp(0.0, 1.0).detach()
