@@ -105,10 +105,13 @@ def update_manifest(key: str, entry: dict) -> None:
     MANIFEST.write_text(json.dumps(man, indent=2) + "\n")
 
 
-def record_metrics(key: str, metrics: dict) -> None:
-    """Merge measured metrics into an existing manifest entry (the file and its hash stay as they are)."""
+def record_metrics(key: str, metrics: dict, **fields: object) -> None:
+    """Merge measured metrics (and top-level `fields`) into an existing manifest entry; files stay as they are."""
     man = json.loads(MANIFEST.read_text())
-    man["artifacts"][key].setdefault("metrics", {}).update(metrics)
+    entry = man["artifacts"][key]
+    entry.setdefault("metrics", {}).update(metrics)
+    for name, value in fields.items():
+        entry[name] = {**entry.get(name, {}), **value} if isinstance(value, dict) else value
     MANIFEST.write_text(json.dumps(man, indent=2) + "\n")
 
 

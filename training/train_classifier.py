@@ -51,9 +51,10 @@ def onnx_max_diff(model: nn.Module, path: Path, x: np.ndarray) -> float:
     return float(np.abs(got - ref).max())
 
 
-def train(args: argparse.Namespace) -> nn.Module:
+def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None) -> nn.Module:
+    """Train and return the classifier (CPU, eval mode); `arrays` overrides the cached dataset (tests)."""
     device = setup(args.seed, args.threads)
-    arrays = data.load(args.dataset)
+    arrays = arrays if arrays is not None else data.load(args.dataset)
     x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
     y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64)).to(device)
     x_te = torch.from_numpy(data.to_float(arrays["x_test"])).to(device)
@@ -80,6 +81,7 @@ def train(args: argparse.Namespace) -> nn.Module:
             total += loss.item()
             steps += 1
         acc = accuracy(model, x_te, y_te)
+        args.history = [*getattr(args, "history", []), total / steps]
         print(f"epoch {epoch}/{args.epochs} loss {total / steps:.4f} test acc {acc:.4f} "
               f"({(time.time() - t0) / 60:.1f} min)", flush=True)  # fmt: skip
     model = model.cpu().eval()

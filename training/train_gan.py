@@ -15,6 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,11 +32,16 @@ def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor) -> 
     return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(args: argparse.Namespace, x_train_u8: np.ndarray | None = None) -> Path:
+    """Train (resuming from the run's checkpoint), write samples and checkpoints; return the generator file.
+
+    `x_train_u8` overrides the cached training images (tests). Per-iteration losses go to `args.history`.
+    """
     device = setup(args.seed, args.threads)
-    run_dir = RUNS_DIR / args.dataset / args.tag
+    run_dir = Path(args.runs_dir) / args.dataset / args.tag
     run_dir.mkdir(parents=True, exist_ok=True)
-    x_train = torch.from_numpy(data.to_float(data.load(args.dataset)["x_train"])).to(device)
+    x_u8 = x_train_u8 if x_train_u8 is not None else data.load(args.dataset)["x_train"]
+    x_train = torch.from_numpy(data.to_float(x_u8)).to(device)
     n = len(x_train)
 
     G, D = Generator().to(device), Critic().to(device)
@@ -75,6 +81,7 @@ def train(args: argparse.Namespace) -> Path:
             save_grid(G(fixed_z), run_dir / f"samples_{it:06d}.png")
 
     progress = Progress(args.iters, every=args.log_every, start=start)
+    args.history = []
     t0 = time.time()
     for it in range(start + 1, args.iters + 1):
         for _ in range(d_steps):
@@ -101,6 +108,7 @@ def train(args: argparse.Namespace) -> Path:
         opt_g.step()
         for p in D.parameters():
             p.requires_grad_(True)
+        args.history.append((loss_d.item(), loss_g.item()))
         progress(it, loss_d=loss_d.item(), loss_g=loss_g.item())
         if it % args.ckpt_every == 0 or it == args.iters:
             save_ckpt(it)
@@ -118,8 +126,9 @@ def ship(args: argparse.Namespace, G: Generator) -> None:
     target = Path("models") / args.dataset / "generator.safetensors"
     save_weights(G, Path(__file__).resolve().parent.parent / target)
     update_manifest(f"{args.dataset}/generator", {
-        "files": {"weights": {"path": f"{args.dataset}/generator.safetensors"}}, "kind": "generator", "arch": "defensegan-mnist",
-        "dataset": args.dataset, "classes": data.CLASS_NAMES[args.dataset], "latent_dim": LATENT_DIM, "latent_std": args.z_std,
+        "files": {"weights": {"path": f"{args.dataset}/generator.safetensors"}},
+        "kind": "generator", "arch": "defensegan-mnist", "dataset": args.dataset,
+        "classes": data.CLASS_NAMES[args.dataset], "latent_dim": LATENT_DIM, "latent_std": args.z_std,
         "command": command_line(),
         "training": {"objective": args.objective, "iterations": args.iters, "batch": args.batch,
                      "critic_iters": args.critic_iters if args.objective == "wgan-gp" else 1, "seed": args.seed},
@@ -139,7 +148,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--z-std", type=float, default=1.0, help="std of the latent prior in training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--tag", default="gan", help="run folder under runs/<dataset>/")
+    p.add_argument("--tag", default="gan", help="run folder under <runs-dir>/<dataset>/")
+    p.add_argument("--runs-dir", default=str(RUNS_DIR))
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ship", action="store_true", help="export to models/ and record in the manifest")
