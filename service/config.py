@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     max_queue: int = 256
     request_timeout_s: float = 120.0
 
+    # serving (python -m service; the /v1 API)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_defense: Literal["none", "defense-gan", "invert-classify"] = "defense-gan"
+    warm_up: bool = True  # run every model once at start-up; /readyz answers 200 after it
+
     attack: AttackSettings = Field(default_factory=AttackSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
 

@@ -1,0 +1,214 @@
+"""The FastAPI application: lifespan (verified registry → engine → batcher → warm-up), edge limits, JSON errors.
+
+    create_app(settings=None) -> FastAPI        # uvicorn "service.api.app:create_app" --factory
+
+Start-up refuses to run on a manifest whose files do not match their sha256 (ManifestError, logged in full).
+Every error is JSON `{"error": "..."}` with a 4xx/5xx status; 503 answers carry Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batcher import Batcher, QueueFull, RequestTimeout
+from service.config import Settings, get_settings
+from service.engine import Engine
+from service.imaging import ImageError, set_pixel_limit
+from service.metrics import Metrics
+from service.registry import ManifestError, Registry
+
+log = logging.getLogger("service.api")
+
+OPTIONAL_ROUTERS = ("service.api.v2", "service.api.attack")  # written by other modules; included when present
+
+
+class PayloadTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body exceeds the limit of {limit} bytes")
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+class EdgeMiddleware:
+    """Caps the request body while it streams in (Content-Length is checked too, but not trusted) and records
+    per-route request counts and latencies."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+        response_started = [False]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                response_started[0] = True
+            await send(message)
+
+        received = [0]
+
+        async def limited_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_bytes:
+                    raise PayloadTooLarge(self.max_bytes)
+            return message
+
+        try:
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                await error(413, str(PayloadTooLarge(self.max_bytes)), {"Connection": "close"})(
+                    scope, receive, send_wrapper
+                )
+            else:
+                await self.app(scope, limited_receive, send_wrapper)
+        except PayloadTooLarge as exc:
+            if not response_started[0]:
+                await error(413, str(exc), {"Connection": "close"})(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(name, scope.get("method", ""), status[0], time.perf_counter() - started)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ImageError)
+    async def image_error(_: Request, exc: ImageError) -> JSONResponse:
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error(422, f"invalid request: {where}: {first['msg']}" if where else first["msg"], detail=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
+        return error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        return error(503, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))})
+
+    @app.exception_handler(RequestTimeout)
+    async def timeout(_: Request, exc: RequestTimeout) -> JSONResponse:
+        return error(504, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error(500, f"internal error: {type(exc).__name__}")
+
+
+def _warm(app: FastAPI) -> None:
+    """Open every ONNX session and run every generator/encoder once (on the engine worker)."""
+    engine: Engine = app.state.engine
+    for art in engine.registry.artifacts.values():
+        if art.kind == "classifier" and "onnx" in art.files:
+            engine.onnx(art.dataset, art.key.split("/", 1)[1]).logits(torch.full((1, 1, 28, 28), 0.5))
+    engine.warm_up()
+
+
+async def _warm_up(app: FastAPI) -> None:
+    try:
+        if app.state.settings.warm_up:
+            await app.state.batcher.call(_warm, app, timeout=600)
+        app.state.ready = True
+        log.info("models warmed up; ready")
+    except Exception as exc:  # noqa: BLE001 - reported by /readyz
+        app.state.not_ready_reason = f"warm-up failed: {exc!r}"
+        log.exception("warm-up failed")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    s: Settings = app.state.settings
+    set_pixel_limit(s.max_image_pixels)
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    try:
+        registry = await run_in_threadpool(Registry, s.models_dir)
+    except ManifestError as exc:
+        log.error("refusing to start: %s", exc)
+        raise
+    engine = Engine(registry, s.device, ort_threads=s.torch_threads)
+    batcher = Batcher(
+        engine,
+        s.max_batch_size,
+        s.max_wait_ms,
+        s.max_queue,
+        s.request_timeout_s,
+        app.state.metrics,
+        name=str(engine.device),
+    )
+    await batcher.start()
+    app.state.registry, app.state.engine, app.state.batcher = registry, engine, batcher
+    log.info("models from %s verified; engine on %s", s.models_dir, engine.device)
+    warm = asyncio.create_task(_warm_up(app))
+    try:
+        yield
+    finally:
+        warm.cancel()
+        await batcher.stop()
+        app.state.ready = False
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service app. `settings` defaults to the environment's (MG_* variables)."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Manifold Guard",
+        version="0.1.0",
+        description="Classify images robustly by projecting them onto a GAN's range (Defense-GAN) first; "
+        "purify, detect adversarial inputs, and proxy Open Inference Protocol servers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    app.state.not_ready_reason = "warming up"
+    app.state.registry = app.state.engine = app.state.batcher = None
+    app.add_middleware(EdgeMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
+    _install_error_handlers(app)
+
+    from service.api import v1
+
+    app.include_router(v1.router)
+    app.include_router(v1.ops_router)
+    for name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,41 @@
+"""Injected dependencies: everything a route needs lives on `app.state`, built once by the app's lifespan.
+
+Routers of other modules (v2, attack) use the same functions: `batcher: Batcher = Depends(get_batcher)`.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, Request
+
+from service.batcher import Batcher
+from service.config import Settings
+from service.engine import Engine
+from service.metrics import Metrics
+from service.registry import Registry
+
+
+def _state(request: Request, name: str) -> object:
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise HTTPException(503, f"the service is starting: {name} is not ready")
+    return value
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_registry(request: Request) -> Registry:
+    return _state(request, "registry")  # type: ignore[return-value]
+
+
+def get_engine(request: Request) -> Engine:
+    return _state(request, "engine")  # type: ignore[return-value]
+
+
+def get_batcher(request: Request) -> Batcher:
+    return _state(request, "batcher")  # type: ignore[return-value]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]

@@ -1,0 +1,526 @@
+"""/v1: classify, purify, detect, models; and the operational routes /healthz, /readyz, /metrics.
+
+Routes only parse, call and shape: bytes → `service.imaging` (in a worker thread) → `Batcher` → JSON or PNG.
+An image comes as a multipart upload (any file field), a raw body (Content-Type image/png, image/jpeg, image/webp,
+application/x-npy or application/octet-stream) or JSON (`image` base64, `images` list of base64, or `array`
+nested list). Parameters come in the query string or, for JSON and multipart, as body fields (body wins).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service import imaging
+from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
+from service.batcher import Batcher, DefendJob, PurifyJob, PurifyResult
+from service.config import Settings
+from service.engine import DefendResult
+from service.metrics import Metrics
+from service.purify import ProjectionConfig
+from service.registry import Registry
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+ops_router = APIRouter(tags=["operations"])
+
+RAW_TYPES = {
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+    "application/x-npy",
+    "application/npy",
+    "application/octet-stream",
+}
+IMAGE_KEYS = ("image", "images", "array")
+
+
+# -- parameters -------------------------------------------------------------------------------------
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, ge=0, description="projection gradient steps (default: the server's; capped)")
+    restarts: int | None = Field(None, ge=1, description="random restarts of the projection (capped)")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="fix the restarts' noise (default: fresh draws)")
+    value_range: float = Field(1.0, description="arrays only: 1 for values in [0, 1], 255 for [0, 255]")
+
+    @field_validator("value_range")
+    @classmethod
+    def _range(cls, v: float) -> float:
+        if v not in (1.0, 255.0):
+            raise ValueError("value_range must be 1 or 255")
+        return v
+
+
+class ClassifyParams(_Params):
+    model: str | None = Field(None, description='"<dataset>/<classifier>" or "<dataset>", e.g. "mnist/classifier_A"')
+    defense: Literal["none", "defense-gan", "invert-classify"] | None = Field(
+        None, description="none | defense-gan (random restarts) | invert-classify (encoder warm start)"
+    )
+    return_purified: bool = Field(False, description="include each purified image as base64 PNG")
+
+
+class PurifyParams(_Params):
+    dataset: str | None = Field(None, description="whose generator purifies, e.g. mnist")
+    defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
+    format: Literal["png", "json", "npy"] = Field("png", description="png (one image), json, or npy (float32)")
+
+
+class DetectParams(_Params):
+    dataset: str | None = Field(None, description="whose generator and calibrated threshold, e.g. mnist")
+    defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
+
+
+# -- responses (for the schema) ---------------------------------------------------------------------
+class Prediction(BaseModel):
+    label: int
+    class_name: str
+    probabilities: list[float]
+    mse: float | None = Field(None, description="reconstruction MSE of the purified image (defended calls)")
+    flagged: bool | None = Field(None, description="detector: MSE above the calibrated threshold")
+    purified_png: str | None = Field(None, description="base64 PNG, with return_purified=true")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    defense: str
+    steps: int
+    restarts: int
+    threshold: float | None
+    predictions: list[Prediction]
+    timings_ms: dict[str, float]
+    batch: dict[str, int]
+
+
+class PurifiedImage(BaseModel):
+    png_base64: str
+    mse: float
+    flagged: bool | None
+
+
+class PurifyResponse(BaseModel):
+    dataset: str
+    defense: str
+    steps: int
+    restarts: int
+    threshold: float | None
+    images: list[PurifiedImage]
+    timings_ms: dict[str, float]
+
+
+class Detection(BaseModel):
+    score: float = Field(description="reconstruction MSE")
+    flagged: bool | None
+
+
+class DetectResponse(BaseModel):
+    dataset: str
+    defense: str
+    steps: int
+    restarts: int
+    threshold: float | None = Field(description="calibrated on clean images; null when none is shipped")
+    fpr: float | None = Field(description="the clean false-positive rate the threshold was set for")
+    detections: list[Detection]
+    timings_ms: dict[str, float]
+
+
+def _openapi(params: type[_Params], example: dict[str, Any]) -> dict[str, Any]:
+    """Query parameters and the three body forms, for the OpenAPI schema (the route parses the body itself)."""
+    schema = params.model_json_schema()
+    parameters = [
+        {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
+        for name, prop in schema["properties"].items()
+    ]
+    json_props = {
+        "image": {"type": "string", "description": "base64 PNG/JPEG/WebP/.npy (data URLs accepted)"},
+        "images": {"type": "array", "items": {"type": "string"}, "description": "several base64 images"},
+        "array": {"type": "array", "items": {}, "description": "nested list: H×W, N×H×W, N×1×H×W, ..."},
+        **schema["properties"],
+    }
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+                },
+                "application/json": {"schema": {"type": "object", "properties": json_props}, "example": example},
+                "image/png": binary,
+                "image/jpeg": binary,
+                "image/webp": binary,
+                "application/x-npy": binary,
+            },
+        },
+    }
+
+
+# -- input ------------------------------------------------------------------------------------------
+def _replay(body: bytes) -> Any:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[str, Any], float]:
+    """(images N×1×28×28, parameters from query and body, decode ms). The body is size-capped while it streams."""
+    params: dict[str, Any] = dict(request.query_params)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    t = time.perf_counter()
+    s = settings
+    vr = _value_range(params)
+    if ctype == "multipart/form-data":
+        try:
+            form = await Request(request.scope, _replay(body)).form(max_files=s.max_batch_images, max_fields=32)
+        except (ValueError, HTTPException) as exc:
+            raise HTTPException(400, f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+        files: list[bytes] = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append(await value.read())
+            else:
+                params[key] = value
+        if not files:
+            raise HTTPException(422, "the multipart body has no file part")
+        vr = _value_range(params)
+        x = await run_in_threadpool(imaging.decode_files, files, s.max_image_pixels, s.max_batch_images, vr)
+    elif ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            doc = await run_in_threadpool(json.loads, body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPException(400, f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise HTTPException(422, "the JSON body must be an object with `image`, `images` or `array`")
+        inputs = {k: doc.pop(k) for k in IMAGE_KEYS if k in doc}
+        params.update(doc)
+        vr = _value_range(params)
+        image, images = inputs.get("image"), inputs.get("images")
+        if image is not None and not isinstance(image, str):
+            raise HTTPException(422, "`image` must be a base64 string")
+        if images is not None and not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
+            raise HTTPException(422, "`images` must be a list of base64 strings")
+        x = await run_in_threadpool(
+            imaging.decode_json, image, images, inputs.get("array"), s.max_image_pixels, s.max_batch_images, vr
+        )
+    elif ctype in RAW_TYPES:
+        x = await run_in_threadpool(imaging.decode_files, [body], s.max_image_pixels, s.max_batch_images, vr)
+    elif not ctype:
+        raise HTTPException(415, "set a Content-Type: multipart/form-data, application/json or image/png (...)")
+    else:
+        raise HTTPException(415, f"unsupported Content-Type {ctype!r}")
+    return x, params, (time.perf_counter() - t) * 1e3
+
+
+def _value_range(params: dict[str, Any]) -> float:
+    try:
+        return float(params.get("value_range", 1.0))
+    except (TypeError, ValueError):
+        return 1.0  # the parameter model reports it
+
+
+def parse_params(model: type[_Params], raw: dict[str, Any], settings: Settings) -> Any:
+    """Validate parameters (422 on a bad or unknown one) and apply the server-side caps (422 past a cap)."""
+    try:
+        p = model.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    if p.steps is not None and p.steps > settings.max_steps:
+        raise HTTPException(422, f"steps={p.steps} exceeds the server cap max_steps={settings.max_steps}")
+    if p.restarts is not None and p.restarts > settings.max_restarts:
+        raise HTTPException(422, f"restarts={p.restarts} exceeds the server cap max_restarts={settings.max_restarts}")
+    return p
+
+
+# -- model and defense resolution -------------------------------------------------------------------
+def resolve_classifier(model: str | None, registry: Registry, s: Settings) -> tuple[str, str]:
+    ds, _, clf = (model or f"{s.default_dataset}/{s.default_classifier}").partition("/")
+    clf = clf or s.default_classifier
+    key = f"{ds}/{clf}"
+    if not registry.has(key) or registry.get(key).kind != "classifier" or "onnx" not in registry.get(key).files:
+        known = sorted(k for k, a in registry.artifacts.items() if a.kind == "classifier" and "onnx" in a.files)
+        raise HTTPException(404, f"no classifier {key!r}; available: {', '.join(known) or 'none'}")
+    return ds, clf
+
+
+def projection(defense: str, dataset: str, p: _Params, registry: Registry, s: Settings) -> ProjectionConfig:
+    """The projection a defense implies (404 when its generator or encoder is not shipped)."""
+    if not registry.has(f"{dataset}/generator"):
+        raise HTTPException(
+            404,
+            f"no generator is shipped for {dataset!r}: defended calls are unavailable (defense=none still classifies)",
+        )
+    if defense == "invert-classify" and not registry.has(f"{dataset}/encoder"):
+        raise HTTPException(404, f"no encoder is shipped for {dataset!r}: use defense=defense-gan")
+    warm = defense == "invert-classify"
+    return ProjectionConfig(init="encoder" if warm else "random").with_(
+        steps=p.steps if p.steps is not None else (s.encoder_steps if warm else s.default_steps),
+        restarts=p.restarts or (s.encoder_restarts if warm else s.default_restarts),
+    )
+
+
+def _dataset(name: str | None, registry: Registry, s: Settings) -> str:
+    ds = name or s.default_dataset
+    if not any(a.dataset == ds for a in registry.artifacts.values()):
+        raise HTTPException(404, f"no dataset {ds!r} in the registry")
+    return ds
+
+
+def _class_names(registry: Registry, ds: str) -> list[str]:
+    return registry.class_names(ds) if registry.has(f"{ds}/generator") else [str(i) for i in range(10)]
+
+
+# -- routes -----------------------------------------------------------------------------------------
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    summary="Classify images, purified first",
+    openapi_extra=_openapi(
+        ClassifyParams,
+        {
+            "image": "iVBORw0KGgo...",
+            "model": "mnist/classifier_A",
+            "defense": "defense-gan",
+            "steps": 200,
+            "restarts": 10,
+        },
+    ),
+)
+async def classify(
+    request: Request,
+    settings: Settings = Depends(get_settings),
+    registry: Registry = Depends(get_registry),
+    batcher: Batcher = Depends(get_batcher),
+) -> Any:
+    """Label, class name and probabilities per image; with a defense also the reconstruction MSE, the detector's
+    flag and (with `return_purified`) the purified image."""
+    t0 = time.perf_counter()
+    x, raw, decode_ms = await read_input(request, settings)
+    p: ClassifyParams = parse_params(ClassifyParams, raw, settings)
+    ds, clf = resolve_classifier(p.model, registry, settings)
+    defense = p.defense or settings.default_defense
+    cfg = projection(defense, ds, p, registry, settings) if defense != "none" else None
+    job = DefendJob(ds, clf, defense, cfg, p.seed if cfg else None)
+    out = await batcher.submit(job, x)
+    r: DefendResult = out.value
+    pngs = None
+    if p.return_purified and r.purified is not None:
+        pngs = await run_in_threadpool(lambda: [imaging.png_base64(img) for img in r.purified])
+    names = _class_names(registry, ds)
+    preds = []
+    for i in range(len(r.labels)):
+        label = int(r.labels[i])
+        preds.append(
+            {
+                "label": label,
+                "class_name": names[label] if label < len(names) else str(label),
+                "probabilities": [float(v) for v in r.probs[i]],
+                "mse": None if r.mse is None else float(r.mse[i]),
+                "flagged": None if r.flagged is None else bool(r.flagged[i]),
+                "purified_png": None if pngs is None else pngs[i],
+            }
+        )
+    timings = {
+        "decode_ms": decode_ms,
+        "queue_ms": out.queue_ms,
+        **r.timings_ms,
+        "engine_ms": out.compute_ms,
+        "total_ms": (time.perf_counter() - t0) * 1e3,
+    }
+    return {
+        "model": f"{ds}/{clf}",
+        "defense": defense,
+        "steps": r.steps,
+        "restarts": r.restarts,
+        "threshold": r.threshold,
+        "predictions": preds,
+        "timings_ms": timings,
+        "batch": {"images": out.batch_images, "requests": out.batch_requests},
+    }
+
+
+async def _purify(
+    request: Request, settings: Settings, registry: Registry, batcher: Batcher, params: type[_Params]
+) -> tuple[Any, PurifyResult, str, float, float]:
+    t0 = time.perf_counter()
+    x, raw, decode_ms = await read_input(request, settings)
+    p = parse_params(params, raw, settings)
+    ds = _dataset(p.dataset, registry, settings)
+    cfg = projection(p.defense, ds, p, registry, settings)
+    out = await batcher.submit(PurifyJob(ds, cfg, p.seed), x)
+    timings = {"decode_ms": decode_ms, "queue_ms": out.queue_ms, **out.value.timings_ms, "engine_ms": out.compute_ms}
+    return p, out.value, ds, t0, timings  # type: ignore[return-value]
+
+
+@router.post(
+    "/purify",
+    summary="Purify images: project them onto the generator's range",
+    responses={
+        200: {
+            "content": {
+                "image/png": {},
+                "application/json": {"schema": PurifyResponse.model_json_schema()},
+                "application/x-npy": {},
+            },
+            "description": "PNG (one image; MSE in X-MG-MSE), JSON, or .npy float32 N×1×28×28",
+        }
+    },
+    openapi_extra=_openapi(PurifyParams, {"image": "iVBORw0KGgo...", "dataset": "mnist", "format": "json"}),
+)
+async def purify(
+    request: Request,
+    settings: Settings = Depends(get_settings),
+    registry: Registry = Depends(get_registry),
+    batcher: Batcher = Depends(get_batcher),
+) -> Response:
+    """The purified image(s): PNG by default (exactly one image), JSON (base64 PNGs with MSEs) or .npy."""
+    p, r, ds, t0, timings = await _purify(request, settings, registry, batcher, PurifyParams)
+    headers = {
+        "X-MG-Steps": str(r.steps),
+        "X-MG-Restarts": str(r.restarts),
+        "X-MG-MSE": ",".join(f"{v:.6g}" for v in r.mse),
+    }
+    if p.format == "png":
+        if len(r.mse) != 1:
+            raise HTTPException(422, "format=png returns one image; use format=json or format=npy for several")
+        if r.flagged is not None:
+            headers["X-MG-Flagged"] = str(bool(r.flagged[0])).lower()
+        png = await run_in_threadpool(imaging.encode_png, r.images[0])
+        return Response(png, media_type="image/png", headers=headers)
+    if p.format == "npy":
+        return Response(
+            await run_in_threadpool(imaging.encode_npy, r.images), media_type="application/x-npy", headers=headers
+        )
+    pngs = await run_in_threadpool(lambda: [imaging.png_base64(img) for img in r.images])
+    images = [
+        {"png_base64": pngs[i], "mse": float(r.mse[i]), "flagged": None if r.flagged is None else bool(r.flagged[i])}
+        for i in range(len(pngs))
+    ]
+    timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+    body = {
+        "dataset": ds,
+        "defense": p.defense,
+        "steps": r.steps,
+        "restarts": r.restarts,
+        "threshold": r.threshold,
+        "images": images,
+        "timings_ms": timings,
+    }
+    return JSONResponse(PurifyResponse.model_validate(body).model_dump())
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    summary="Score images as adversarial (reconstruction MSE)",
+    openapi_extra=_openapi(DetectParams, {"image": "iVBORw0KGgo...", "dataset": "mnist"}),
+)
+async def detect(
+    request: Request,
+    settings: Settings = Depends(get_settings),
+    registry: Registry = Depends(get_registry),
+    batcher: Batcher = Depends(get_batcher),
+) -> Any:
+    """Score = the reconstruction MSE after projection; flagged when above the threshold calibrated on clean images."""
+    p, r, ds, t0, timings = await _purify(request, settings, registry, batcher, DetectParams)
+    timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+    dets = [
+        {"score": float(r.mse[i]), "flagged": None if r.flagged is None else bool(r.flagged[i])}
+        for i in range(len(r.mse))
+    ]
+    return {
+        "dataset": ds,
+        "defense": p.defense,
+        "steps": r.steps,
+        "restarts": r.restarts,
+        "threshold": r.threshold,
+        "fpr": r.fpr,
+        "detections": dets,
+        "timings_ms": timings,
+    }
+
+
+@router.get("/models", summary="What is loaded: datasets, classes, artifacts with hashes and metrics")
+async def models(registry: Registry = Depends(get_registry), settings: Settings = Depends(get_settings)) -> Any:
+    datasets: dict[str, Any] = {}
+    for ds in sorted({a.dataset for a in registry.artifacts.values()}):
+        det = (
+            {
+                init: (lambda d: None if d is None else {"threshold": d.threshold, "fpr": d.fpr})(
+                    registry.detector(ds, init)
+                )
+                for init in ("random", "encoder")
+            }
+            if registry.has(f"{ds}/generator")
+            else {}
+        )
+        datasets[ds] = {
+            "classes": _class_names(registry, ds),
+            "classifiers": registry.classifiers(ds),
+            "generator": registry.has(f"{ds}/generator"),
+            "encoder": registry.has(f"{ds}/encoder"),
+            "detector": det,
+        }
+    artifacts = [
+        {
+            "key": a.key,
+            "kind": a.kind,
+            "dataset": a.dataset,
+            "arch": a.arch,
+            "files": a.files,
+            "metrics": a.metrics,
+            "command": a.raw.get("command"),
+        }
+        for a in registry.artifacts.values()
+    ]
+    s = settings
+    return {
+        "datasets": datasets,
+        "artifacts": artifacts,
+        "defaults": {
+            "model": f"{s.default_dataset}/{s.default_classifier}",
+            "defense": s.default_defense,
+            "steps": s.default_steps,
+            "restarts": s.default_restarts,
+            "encoder_steps": s.encoder_steps,
+            "encoder_restarts": s.encoder_restarts,
+        },
+        "caps": {
+            "max_steps": s.max_steps,
+            "max_restarts": s.max_restarts,
+            "max_upload_bytes": s.max_upload_bytes,
+            "max_image_pixels": s.max_image_pixels,
+            "max_batch_images": s.max_batch_images,
+        },
+    }
+
+
+# -- operations -------------------------------------------------------------------------------------
+@ops_router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops_router.get("/readyz", summary="Readiness: models verified, loaded and warmed")
+async def readyz(request: Request) -> JSONResponse:
+    state = request.app.state
+    batcher = state.batcher
+    if state.ready and batcher is not None and batcher.running:
+        return JSONResponse({"status": "ready", "device": str(state.engine.device), "queue_depth": batcher.depth})
+    return JSONResponse(
+        {"error": f"not ready: {state.not_ready_reason}"}, status_code=503, headers={"Retry-After": "1"}
+    )
+
+
+@ops_router.get("/metrics", summary="Prometheus metrics")
+async def metrics(m: Metrics = Depends(get_metrics)) -> Response:
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,314 @@
+"""Bytes and arrays at the edge → checked model input: float32 tensors N×1×28×28 in [0, 1].
+
+Accepted: PNG, JPEG, WebP (recognised by their magic bytes, not by a file name or content type), NumPy `.npy`
+(never pickled), base64 of any of those (data URLs too), and nested arrays (JSON).
+
+Input policy (documented in docs/service.md):
+- Polarity is MNIST's: a light digit on a dark background. Nothing is inverted automatically; a dark-on-light
+  image must be inverted by the caller (`255 − x`).
+- Colour → grayscale with the ITU-R 601-2 luma weights (0.299 R + 0.587 G + 0.114 B). Transparency is composited
+  over black (the background colour), so a transparent pixel is background.
+- Size: a non-square image is padded with black to a centred square, then resized to 28×28 with a Lanczos
+  (anti-aliased) filter. 28×28 inputs are untouched.
+- Values: 8-bit images are divided by 255, 16-bit by 65535; float arrays must already lie in [0, 1] (or in
+  [0, 255] when the caller says `value_range=255`). NaN, infinity and out-of-range values are rejected, not clipped.
+- Limits: every image's pixel count is checked from its header before decoding (Pillow's decompression-bomb limit
+  is set to the same cap), and the number of images per request is capped.
+- Animated images: the first frame is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.lib.format as npformat
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+SIZE = 28
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a partly grey image
+
+
+class ImageError(ValueError):
+    """A bad input image; `status` is the HTTP status it maps to (400 malformed, 413 too large, 415 unsupported)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Pillow's decompression-bomb limit (process-wide); `decode_image` also checks the cap itself."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def sniff(data: bytes) -> str | None:
+    """The format from magic bytes: "PNG", "JPEG", "WEBP", "NPY", or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"\x93NUMPY"):
+        return "NPY"
+    return None
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+def _pil_to_gray(im: Image.Image) -> np.ndarray:
+    """A decoded Pillow image → float64 H×W grayscale in [0, 1] (alpha over black, luma for colour)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ImageError(f"{mode} image values outside the 16-bit range")
+        return a / 65535.0
+    if mode == "F":
+        return _check_range(np.asarray(im, dtype=np.float64), 1.0)
+    if mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+    if mode == "P" or mode == "PA":
+        im = im.convert("RGBA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in mode else "RGB")  # CMYK, YCbCr, LAB, HSV, La, RGBa, ...
+    a = np.asarray(im, dtype=np.float64) / 255.0
+    if a.ndim == 2:
+        return a
+    return _channels_to_gray(a)
+
+
+def _channels_to_gray(a: np.ndarray) -> np.ndarray:
+    """H×W×C (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) in [0, 1] → H×W: luma, then alpha over black."""
+    c = a.shape[-1]
+    if c in (1, 2):
+        gray = a[..., 0]
+    elif c in (3, 4):
+        gray = a[..., :3] @ LUMA
+    else:
+        raise ImageError(f"an image has {c} channels; expected 1, 2, 3 or 4")
+    if c in (2, 4):
+        gray = gray * a[..., -1]
+    return gray
+
+
+def _check_range(a: np.ndarray, top: float) -> np.ndarray:
+    if not np.isfinite(a).all():
+        raise ImageError("the image contains NaN or infinity")
+    if a.size and (a.min() < 0 or a.max() > top):
+        raise ImageError(f"image values must lie in [0, {top:g}], got [{a.min():.4g}, {a.max():.4g}]")
+    return a
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """PNG/JPEG/WebP bytes → float64 H×W grayscale in [0, 1]. Pixel count checked from the header first."""
+    fmt = sniff(data)
+    if fmt not in FORMATS:
+        raise ImageError("not a PNG, JPEG or WebP image (unrecognised bytes)", status=415)
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ImageError("the image has no pixels")
+            if w * h > max_pixels:
+                raise ImageError(f"the image has {w}×{h} = {w * h} pixels; the limit is {max_pixels}", status=413)
+            im.seek(0)
+            im.load()
+            return _pil_to_gray(im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"the image is too large: {exc}", status=413) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"the {fmt} image could not be decoded (truncated or corrupt header)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"the {fmt} image could not be decoded (truncated or corrupt): {exc}") from exc
+
+
+def decode_npy(data: bytes, max_pixels: int, max_images: int) -> np.ndarray:
+    """.npy bytes (no pickle) → a numeric array, size-checked before its data is read."""
+    buf = io.BytesIO(data)
+    try:
+        version = npformat.read_magic(buf)
+        read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, _, dtype = read_header(buf)  # the header only; the data is read after the size check
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise ImageError(f"not a valid .npy array: {exc}") from exc
+    if dtype.kind not in "buif" or dtype.hasobject:
+        raise ImageError(f"the .npy array has dtype {dtype}; expected a numeric one", status=415)
+    count = math.prod(shape)
+    if len(shape) > 4 or count > max_pixels * max_images:
+        raise ImageError(f"the .npy array of shape {shape} is too large", status=413)
+    if count * dtype.itemsize > len(data) - buf.tell():
+        raise ImageError(f"the .npy array is truncated: its header promises shape {shape} of {dtype}")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise ImageError(f"the .npy array could not be read (truncated?): {exc}") from exc
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 text (standard or URL-safe alphabet, optional `data:...;base64,` prefix) → bytes."""
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise ImageError("a data URL must be base64-encoded (data:<type>;base64,<data>)")
+    text = "".join(text.split())
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"invalid base64: {exc}") from exc
+
+
+# -- arrays → images --------------------------------------------------------------------------------
+def array_images(a: np.ndarray, value_range: float = 1.0) -> list[np.ndarray]:
+    """A numeric array → H×W grayscale images in [0, 1].
+
+    Shapes: H×W; H×W×C (C ∈ {1, 2, 3, 4}, channels last); N×H×W; N×C×H×W or N×H×W×C (C ∈ {1, 3, 4}).
+    uint8 arrays are scaled by 1/255 whatever `value_range` says; other integer and float arrays by 1/value_range,
+    after checking that every value is finite and in [0, value_range].
+    """
+    if a.dtype.kind not in "buif":
+        raise ImageError(f"expected a numeric array, got dtype {a.dtype}")
+    if a.dtype == np.uint8:
+        a, value_range = a.astype(np.float64), 255.0
+    a = _check_range(np.asarray(a, dtype=np.float64), value_range) / value_range
+    if a.ndim == 2:
+        images = [a]
+    elif a.ndim == 3 and a.shape[-1] in (1, 2, 3, 4) and a.shape[0] > 4:
+        images = [_channels_to_gray(a)]
+    elif a.ndim == 3:
+        images = list(a)
+    elif a.ndim == 4 and a.shape[1] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        images = [_channels_to_gray(np.moveaxis(x, 0, -1)) for x in a]
+    elif a.ndim == 4 and a.shape[-1] in (1, 3, 4):
+        images = [_channels_to_gray(x) for x in a]
+    else:
+        raise ImageError(f"cannot read an image batch from an array of shape {a.shape}")
+    if not images or any(x.size == 0 for x in images):
+        raise ImageError("the array holds no pixels")
+    return images
+
+
+def nested_array(value: Any, value_range: float = 1.0) -> list[np.ndarray]:
+    """A JSON nested list of numbers → images (see `array_images`); ragged or non-numeric lists are rejected."""
+    if not isinstance(value, list):
+        raise ImageError("`array` must be a nested list of numbers")
+    try:
+        a = np.array(value, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise ImageError(f"`array` must be a rectangular nested list of numbers: {exc}") from exc
+    return array_images(a, value_range)
+
+
+# -- policy: grayscale H×W → 28×28 ------------------------------------------------------------------
+def to_model_size(gray: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Pad to a centred square with black, then Lanczos-resize to size×size; values clipped back to [0, 1]."""
+    h, w = gray.shape
+    if (h, w) == (size, size):
+        return gray.astype(np.float32)
+    side = max(h, w)
+    if h != w:
+        sq = np.zeros((side, side), dtype=np.float64)
+        top, left = (side - h) // 2, (side - w) // 2
+        sq[top : top + h, left : left + w] = gray
+        gray = sq
+    im = Image.fromarray(gray.astype(np.float32)).resize((size, size), Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+
+
+def to_tensor(images: Sequence[np.ndarray], max_images: int) -> torch.Tensor:
+    """Grayscale images of any size → float32 tensor N×1×28×28 in [0, 1] (count capped)."""
+    if not images:
+        raise ImageError("no image in the request")
+    if len(images) > max_images:
+        raise ImageError(f"{len(images)} images in one request; the limit is {max_images}", status=413)
+    x = torch.from_numpy(np.stack([to_model_size(g) for g in images]))[:, None]
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:  # cannot happen after the checks; kept as a guard
+        raise ImageError("image values must be finite and lie in [0, 1]")
+    return x.contiguous()
+
+
+def load_bytes(data: bytes, max_pixels: int, max_images: int, value_range: float = 1.0) -> list[np.ndarray]:
+    """Any accepted file's bytes (image or .npy) → grayscale images."""
+    if not data:
+        raise ImageError("the upload is empty")
+    if sniff(data) == "NPY":
+        a = decode_npy(data, max_pixels, max_images)
+        images = array_images(a, value_range)
+        for g in images:
+            if g.size > max_pixels:
+                raise ImageError(f"an image has {g.size} pixels; the limit is {max_pixels}", status=413)
+        return images
+    return [decode_image(data, max_pixels)]
+
+
+def decode_files(files: Sequence[bytes], max_pixels: int, max_images: int, value_range: float = 1.0) -> torch.Tensor:
+    """Uploaded files → model input tensor."""
+    images: list[np.ndarray] = []
+    for data in files:
+        images.extend(load_bytes(data, max_pixels, max_images, value_range))
+        if len(images) > max_images:
+            break
+    return to_tensor(images, max_images)
+
+
+def decode_json(
+    image: str | None,
+    images: Sequence[str] | None,
+    array: Any,
+    max_pixels: int,
+    max_images: int,
+    value_range: float = 1.0,
+) -> torch.Tensor:
+    """The JSON forms (`image` base64, `images` list of base64, `array` nested list) → model input tensor."""
+    given = [name for name, v in (("image", image), ("images", images), ("array", array)) if v is not None]
+    if len(given) != 1:
+        raise ImageError(
+            "give exactly one of `image` (base64), `images` (list of base64) or `array` (nested list)", status=422
+        )
+    if array is not None:
+        decoded = nested_array(array, value_range)
+        for g in decoded:
+            if g.size > max_pixels:
+                raise ImageError(f"an image has {g.size} pixels; the limit is {max_pixels}", status=413)
+        return to_tensor(decoded, max_images)
+    texts = [image] if image is not None else list(images or [])
+    if len(texts) > max_images:
+        raise ImageError(f"{len(texts)} images in one request; the limit is {max_images}", status=413)
+    return decode_files([decode_base64(t) for t in texts], max_pixels, max_images, value_range)
+
+
+# -- encoding ---------------------------------------------------------------------------------------
+def encode_png(x: torch.Tensor | np.ndarray) -> bytes:
+    """One image (1×28×28, 28×28 or 1×1×28×28) in [0, 1] → 8-bit grayscale PNG bytes."""
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    a = np.squeeze(a)
+    if a.ndim != 2:
+        raise ValueError(f"encode_png takes one grayscale image, got shape {a.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_base64(x: torch.Tensor | np.ndarray) -> str:
+    return base64.b64encode(encode_png(x)).decode("ascii")
+
+
+def encode_npy(x: torch.Tensor | np.ndarray) -> bytes:
+    """Images as a float32 .npy (exact values, unlike 8-bit PNG)."""
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    buf = io.BytesIO()
+    np.save(buf, a.astype(np.float32), allow_pickle=False)
+    return buf.getvalue()
