@@ -24,6 +24,13 @@ class AttackSettings(BaseModel):
     max_restarts: int = 10
     max_eot_samples: int = 16
     max_search_steps: int = 9
+    # caps of POST /v1/attack (docs/attacks.md); a request above a cap is refused with 422, never trimmed
+    max_projection_steps: int = 200  # projection steps L of the defense an attack runs through
+    max_generator_evals: int = 100_000  # per request: attack passes through the defense × L × R (≈ 0.1–1 s per 1k)
+    max_concurrent: int = 1  # attacks computed at once; more wait their turn (up to timeout_s)
+    timeout_s: float = 300.0
+    adaptive_steps: int = 10  # BPDA/EOT iterations when the caller gives none (EOT: half as many)
+    substitute_arch: str = "E"  # the black-box substitute's architecture (E or B)
 
 
 class Upstream(BaseModel):
@@ -37,6 +44,7 @@ class Upstream(BaseModel):
     datatype: Literal["FP32", "UINT8"] = "FP32"
     value_range: Literal[1.0, 255.0] = 1.0  # 1.0 for [0, 1] inputs, 255.0 for [0, 255]
     dataset: str = "mnist"  # whose generator purifies it
+    binary_data: bool = True  # forward tensors with the binary extension (Triton, KServe); False: JSON only
 
 
 class ProxySettings(BaseModel):
