@@ -114,6 +114,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     fmt = sniff(data)
     if fmt not in FORMATS:
         raise ImageError("not a PNG, JPEG or WebP image (unrecognised bytes)", status=415)
+    if fmt == "PNG" and b"IEND\xaeB`\x82" not in data[-4096:]:
+        raise ImageError("the PNG image is truncated (no IEND chunk)")
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as im:
             w, h = im.size

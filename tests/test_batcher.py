@@ -1,0 +1,208 @@
+"""service.batcher: merging, batch caps, per-key separation, backpressure, timeouts, error isolation, worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from service.batcher import Batcher, DefendJob, PurifyJob, QueueFull, RequestTimeout
+from service.engine import Engine
+from service.metrics import Metrics
+from service.purify import ProjectionConfig
+from service.registry import Registry
+
+CFG = ProjectionConfig(steps=3, restarts=2)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_registry: Registry) -> Engine:
+    return Engine(tiny_registry, "cpu")
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def started(engine: Engine, **kw: Any) -> Batcher:
+    b = Batcher(engine, **{"max_batch_size": 32, "max_wait_ms": 20, "max_queue": 64, "timeout_s": 60, **kw})
+    await b.start()
+    return b
+
+
+async def block(b: Batcher) -> tuple[threading.Event, asyncio.Task[Any]]:
+    """Occupy the worker until the returned event is set."""
+    gate, running = threading.Event(), threading.Event()
+
+    def wait() -> None:
+        running.set()
+        gate.wait(30)
+
+    task = asyncio.create_task(b.call(wait))
+    while not running.is_set():
+        await asyncio.sleep(0.001)
+    return gate, task
+
+
+def test_concurrent_requests_merge_and_equal_direct_results(engine: Engine) -> None:
+    xs = [images(n, i) for i, n in enumerate((1, 2, 1, 3))]
+    job = DefendJob("mnist", "classifier_A", "defense-gan", CFG, seed=7)
+
+    async def main() -> list[Any]:
+        b = await started(engine, metrics=Metrics())
+        gate, blocker = await block(b)  # requests pile up behind the busy worker
+        pending = [asyncio.create_task(b.submit(job, x)) for x in xs]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        outs = await asyncio.gather(*pending)
+        text = b.metrics.render().decode()  # type: ignore[union-attr]
+        await b.stop()
+        assert 'mg_batch_size_count{op="defend"} 1.0' in text
+        return outs
+
+    outs = run(main())
+    assert [o.batch_requests for o in outs] == [4, 4, 4, 4] and outs[0].batch_images == 7
+    for x, o in zip(xs, outs, strict=True):
+        direct = engine.defend(x, "mnist", "classifier_A", "defense-gan", CFG, seed=7)
+        assert np.array_equal(o.value.labels, direct.labels)
+        assert np.allclose(o.value.probs, direct.probs, atol=1e-5)
+        assert torch.allclose(o.value.purified, direct.purified, atol=1e-5)
+        assert np.allclose(o.value.mse, direct.mse, atol=1e-6)
+
+
+def test_batch_size_cap_and_keys_kept_apart(engine: Engine) -> None:
+    a = DefendJob("mnist", "classifier_A", "none")
+    p = PurifyJob("mnist", CFG, seed=1)
+
+    async def main() -> list[Any]:
+        b = await started(engine, max_batch_size=4)
+        gate, blocker = await block(b)
+        tasks = [asyncio.create_task(b.submit(a, images(2, i))) for i in range(5)]
+        tasks += [asyncio.create_task(b.submit(p, images(1, 10 + i))) for i in range(3)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        outs = await asyncio.gather(*tasks)
+        await b.stop()
+        return outs
+
+    outs = run(main())
+    assert all(o.batch_images <= 4 for o in outs)
+    assert [o.batch_images for o in outs[:5]] == [4, 4, 4, 4, 2]
+    assert [o.batch_requests for o in outs[5:]] == [3, 3, 3]
+    assert outs[0].value.probs.shape == (2, 10) and outs[0].value.purified is None
+    pr = outs[5].value
+    assert pr.images.shape == (1, 1, 28, 28) and pr.mse.shape == (1,) and pr.restart_mse.shape == (1, 2)
+    assert pr.threshold == 0.05 and pr.flagged is not None
+    direct = engine.purify(images(1, 10), "mnist", CFG, seed=1)
+    assert torch.allclose(pr.images, direct.images, atol=1e-5)
+
+
+def test_queue_full_then_recovers(engine: Engine) -> None:
+    job = DefendJob("mnist", "classifier_A", "none")
+
+    async def main() -> None:
+        m = Metrics()
+        b = await started(engine, max_queue=2, metrics=m)
+        gate, blocker = await block(b)
+        waiting = [asyncio.create_task(b.submit(job, images(1, i))) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as e:
+            await b.submit(job, images(1, 9))
+        assert e.value.retry_after >= 1
+        assert "mg_queue_rejected_total 1.0" in m.render().decode()
+        gate.set()
+        await blocker
+        assert len(await asyncio.gather(*waiting)) == 2
+        assert (await b.submit(job, images(1, 3))).value.labels.shape == (1,)
+        await b.stop()
+
+    run(main())
+
+
+def test_timeout_and_the_timed_out_request_is_dropped(engine: Engine) -> None:
+    job = DefendJob("mnist", "classifier_A", "none")
+
+    async def main() -> None:
+        b = await started(engine)
+        gate, blocker = await block(b)
+        with pytest.raises(RequestTimeout):
+            await b.submit(job, images(1, 0), timeout=0.05)
+        gate.set()
+        await blocker
+        out = await b.submit(job, images(2, 1))
+        assert out.batch_images == 2  # the expired request was not run with it
+        await b.stop()
+
+    run(main())
+
+
+@dataclass(frozen=True)
+class Picky:
+    """A job that fails whenever a batch contains an all-zero image."""
+
+    op = "picky"
+
+    def run(self, engine: Engine, x: torch.Tensor) -> torch.Tensor:
+        if (x.flatten(1).amax(1) == 0).any():
+            raise ValueError("a blank image")
+        return x.mean(dim=(1, 2, 3))
+
+    def split(self, out: torch.Tensor, bounds: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return [out[i:j] for i, j in bounds]
+
+
+def test_one_bad_request_does_not_fail_its_batch(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine)
+        gate, blocker = await block(b)
+        good = asyncio.create_task(b.submit(Picky(), torch.full((1, 1, 28, 28), 0.5)))
+        bad = asyncio.create_task(b.submit(Picky(), torch.zeros(1, 1, 28, 28)))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        assert torch.allclose((await good).value, torch.tensor([0.5]))
+        with pytest.raises(ValueError, match="blank"):
+            await bad
+        await b.stop()
+
+    run(main())
+
+
+def test_work_runs_on_one_worker_thread_off_the_loop(engine: Engine) -> None:
+    async def main() -> set[str]:
+        b = await started(engine)
+        names = await asyncio.gather(*[b.call(lambda: threading.current_thread().name) for _ in range(4)])
+        await b.stop()
+        return set(names)
+
+    names = run(main())
+    assert len(names) == 1 and next(iter(names)).startswith("mg-engine-")
+    assert threading.current_thread().name not in names
+
+
+def test_stop_fails_waiting_requests_and_submit_needs_start(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine)
+        gate, blocker = await block(b)
+        waiting = asyncio.create_task(b.submit(DefendJob("mnist", "classifier_A", "none"), images(1, 0)))
+        await asyncio.sleep(0)
+        await b.stop()
+        gate.set()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await waiting
+        with pytest.raises(RuntimeError, match="not running"):
+            await b.submit(DefendJob("mnist", "classifier_A", "none"), images(1, 0))
+        blocker.cancel()
+
+    run(main())
