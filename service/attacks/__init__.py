@@ -35,21 +35,17 @@ class AttackSpec:
 
 
 ATTACKS: dict[str, AttackSpec] = {
-    "fgsm": AttackSpec(fgsm, "linf", ("eps", "targeted")),
-    "rand-fgsm": AttackSpec(rand_fgsm, "linf", ("eps", "alpha", "targeted")),
-    "pgd": AttackSpec(pgd, "linf", ("eps", "alpha", "steps", "random_start", "targeted")),
-    "pgd-l2": AttackSpec(pgd_l2, "l2", ("eps", "alpha", "steps", "random_start", "targeted")),
-    "cw": AttackSpec(cw, "l2", ("c", "kappa", "steps", "search_steps", "lr", "abort_early", "targeted")),
-    "cw-defensegan": AttackSpec(cw_defense_gan, "l2", ("c", "kappa", "steps", "search_steps", "lr", "targeted")),
+    "fgsm": AttackSpec(fgsm, "linf", ("eps",)),
+    "rand-fgsm": AttackSpec(rand_fgsm, "linf", ("eps", "alpha")),
+    "pgd": AttackSpec(pgd, "linf", ("eps", "alpha", "steps", "random_start")),
+    "pgd-l2": AttackSpec(pgd_l2, "l2", ("eps", "alpha", "steps", "random_start")),
+    "cw": AttackSpec(cw, "l2", ("c", "kappa", "steps", "search_steps", "lr", "abort_early")),
+    "cw-defensegan": AttackSpec(cw_defense_gan, "l2", ("c", "kappa", "steps", "search_steps", "lr")),
     "advgan": AttackSpec(advgan, "linf", (), needs="advgan"),
-    "substitute": AttackSpec(substitute, "linf", ("eps", "arch", "targeted"), needs="substitute"),
-    "bpda": AttackSpec(bpda, "linf", ("eps", "alpha", "steps", "norm", "random_start", "targeted", "seed"), True),
-    "eot": AttackSpec(
-        eot, "linf", ("eps", "alpha", "steps", "samples", "norm", "random_start", "targeted", "seed"), True
-    ),  # fmt: skip
-    "latent": AttackSpec(
-        latent, "linf", ("eps", "steps", "lr_z", "lr_delta", "c", "kappa", "check_every", "targeted"), True
-    ),  # fmt: skip
+    "substitute": AttackSpec(substitute, "linf", ("eps", "arch"), needs="substitute"),
+    "bpda": AttackSpec(bpda, "linf", ("eps", "alpha", "steps", "norm", "random_start", "seed"), True),
+    "eot": AttackSpec(eot, "linf", ("eps", "alpha", "steps", "samples", "norm", "random_start", "seed"), True),
+    "latent": AttackSpec(latent, "linf", ("eps", "steps", "lr_z", "lr_delta", "c", "kappa", "check_every"), True),
 }
 
 __all__ = [
