@@ -1,0 +1,247 @@
+"""The /v1 API in-process (TestClient, lifespan included) on the tiny random-weight registry."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service import imaging
+from service.api.app import create_app
+from service.config import Settings
+from service.engine import Engine
+from service.purify import ProjectionConfig
+from service.registry import ManifestError, Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+RNG = np.random.default_rng(1)
+DIGITS = RNG.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+
+
+def settings(models: Path, **kw: object) -> Settings:
+    base = dict(models_dir=models, device="cpu", default_steps=2, default_restarts=2, encoder_steps=2, max_steps=20,
+                max_restarts=4, max_upload_bytes=300_000, max_batch_images=8, max_wait_ms=1.0)  # fmt: skip
+    return Settings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def wait_ready(client: TestClient) -> None:
+    for _ in range(600):
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(client.get("/readyz").json())
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings(tiny_models))) as c:
+        wait_ready(c)
+        yield c
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a / 255.0).float().reshape(-1, 1, 28, 28)
+
+
+def test_classify_every_input_form_gives_the_same_answer(client: TestClient) -> None:
+    data = png(DIGITS[0])
+    q = {"seed": 3, "steps": 2, "restarts": 2}
+    answers = [
+        client.post("/v1/classify", params=q, files={"file": ("d.png", data, "image/png")}),
+        client.post("/v1/classify", params=q, content=data, headers={"content-type": "image/png"}),
+        client.post("/v1/classify", json={"image": b64(data), **q}),
+        client.post("/v1/classify", json={"array": (DIGITS[0] / 255.0).tolist(), **q}),
+        client.post("/v1/classify", json={"array": DIGITS[0].tolist(), "value_range": 255, **q}),
+    ]
+    bodies = [r.json() for r in answers]
+    assert all(r.status_code == 200 for r in answers), bodies
+    first = bodies[0]["predictions"][0]
+    for b in bodies:
+        p = b["predictions"][0]
+        assert p["label"] == first["label"] and np.allclose(p["probabilities"], first["probabilities"], atol=1e-6)
+        assert b["defense"] == "defense-gan" and b["steps"] == 2 and b["restarts"] == 2
+
+
+def test_classify_matches_the_engine(client: TestClient, tiny_registry: Registry) -> None:
+    engine = Engine(tiny_registry, "cpu")
+    r = client.post("/v1/classify", json={"images": [b64(png(d)) for d in DIGITS], "seed": 11, "steps": 3,
+                                          "restarts": 2, "return_purified": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = engine.defend(tensor(DIGITS), "mnist", "classifier_A", "defense-gan",
+                           ProjectionConfig(steps=3, restarts=2), seed=11)  # fmt: skip
+    assert [p["label"] for p in body["predictions"]] == direct.labels.tolist()
+    assert np.allclose([p["probabilities"] for p in body["predictions"]], direct.probs, atol=1e-5)
+    assert np.allclose([p["mse"] for p in body["predictions"]], direct.mse, atol=1e-6)
+    assert [p["flagged"] for p in body["predictions"]] == (direct.mse > 0.05).tolist()
+    assert body["threshold"] == 0.05 and body["model"] == "mnist/classifier_A"
+    purified = imaging.decode_files([base64.b64decode(body["predictions"][1]["purified_png"])], 10**6, 8)
+    assert torch.allclose(purified, direct.purified[1:2], atol=1 / 255)
+    assert {"decode_ms", "queue_ms", "purify_ms", "classify_ms", "total_ms"} <= set(body["timings_ms"])
+
+
+def test_undefended_and_invert_classify(client: TestClient, tiny_registry: Registry) -> None:
+    r = client.post("/v1/classify", params={"defense": "none"}, json={"array": (DIGITS / 255.0).tolist()})
+    body = r.json()
+    assert r.status_code == 200 and body["defense"] == "none" and body["steps"] == 0
+    labels, _ = Engine(tiny_registry, "cpu").classify(tensor(DIGITS), "mnist", "classifier_A")
+    assert [p["label"] for p in body["predictions"]] == labels.tolist()
+    assert all(p["mse"] is None and p["flagged"] is None for p in body["predictions"])
+    r = client.post("/v1/classify", json={"image": b64(png(DIGITS[0])), "defense": "invert-classify"})
+    assert r.status_code == 200 and r.json()["steps"] == 2 and r.json()["restarts"] == 1
+
+
+def test_purify_png_json_npy(client: TestClient, tiny_registry: Registry) -> None:
+    data = png(DIGITS[0])
+    direct = Engine(tiny_registry, "cpu").purify(tensor(DIGITS[:1]), "mnist", ProjectionConfig(steps=2, restarts=2),
+                                                 seed=5)  # fmt: skip
+    r = client.post("/v1/purify", params={"seed": 5}, content=data, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert float(r.headers["x-mg-mse"]) == pytest.approx(float(direct.mse[0]), rel=1e-4)
+    assert torch.allclose(imaging.decode_files([r.content], 10**6, 8), direct.images, atol=1 / 255)
+    r = client.post("/v1/purify", params={"seed": 5, "format": "npy"}, content=data,
+                    headers={"content-type": "image/png"})  # fmt: skip
+    arr = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert arr.dtype == np.float32 and np.allclose(arr, direct.images.numpy(), atol=1e-5)
+    r = client.post("/v1/purify", json={"images": [b64(data)] * 2, "format": "json", "seed": 5})
+    body = r.json()
+    assert r.status_code == 200 and len(body["images"]) == 2 and body["threshold"] == 0.05
+    assert body["images"][0]["mse"] == pytest.approx(float(direct.mse[0]), rel=1e-4)
+    r = client.post("/v1/purify", json={"images": [b64(data)] * 2})
+    assert r.status_code == 422 and "format=json" in r.json()["error"]
+
+
+def test_detect_score_is_the_reconstruction_error(client: TestClient) -> None:
+    r = client.post("/v1/detect", json={"images": [b64(png(d)) for d in DIGITS], "seed": 1})
+    body = r.json()
+    assert r.status_code == 200 and body["threshold"] == 0.05 and body["fpr"] == 0.05
+    for d in body["detections"]:
+        assert d["flagged"] == (d["score"] > 0.05)
+    r = client.post("/v1/detect", json={"image": b64(png(DIGITS[0])), "defense": "invert-classify"})
+    assert r.status_code == 200 and r.json()["threshold"] is None and r.json()["detections"][0]["flagged"] is None
+
+
+def test_models_lists_the_manifest(client: TestClient, tiny_models: Path) -> None:
+    body = client.get("/v1/models").json()
+    manifest = json.loads((tiny_models / "manifest.json").read_text())["artifacts"]
+    assert body["datasets"]["mnist"]["classifiers"] == ["classifier_A"]
+    assert body["datasets"]["mnist"]["generator"] and body["datasets"]["mnist"]["encoder"]
+    assert {a["key"]: a["files"] for a in body["artifacts"]} == {k: v["files"] for k, v in manifest.items()}
+    assert body["caps"]["max_steps"] == 20
+
+
+BAD = [
+    (b"not an image at all", "image/png", 415),
+    (png(DIGITS[0])[:60], "image/png", 400),
+    (b'{"image": ', "application/json", 400),
+    (b"[1, 2, 3]", "application/json", 422),
+    (b'{"nothing": 1}', "application/json", 422),
+    (json.dumps({"image": 5}).encode(), "application/json", 422),
+    (json.dumps({"image": "%%%"}).encode(), "application/json", 400),
+    (json.dumps({"array": [[0.5] * 28] * 27 + [[0.5] * 27]}).encode(), "application/json", 400),
+    (b'{"array": [[NaN, 0.5], [0.5, 0.5]]}', "application/json", 400),
+    (json.dumps({"array": [[1.5] * 28] * 28}).encode(), "application/json", 400),
+    (json.dumps({"array": [[0.5] * 28] * 28, "steps": 21}).encode(), "application/json", 422),
+    (json.dumps({"array": [[0.5] * 28] * 28, "restarts": 5}).encode(), "application/json", 422),
+    (json.dumps({"array": [[0.5] * 28] * 28, "restarts": 0}).encode(), "application/json", 422),
+    (json.dumps({"array": [[0.5] * 28] * 28, "steps": "many"}).encode(), "application/json", 422),
+    (json.dumps({"array": [[0.5] * 28] * 28, "defense": "magic"}).encode(), "application/json", 422),
+    (json.dumps({"array": [[0.5] * 28] * 28, "model": "mnist/classifier_Z"}).encode(), "application/json", 404),
+    (json.dumps({"array": [[0.5] * 28] * 28, "colour": "blue"}).encode(), "application/json", 422),
+    (json.dumps({"array": [[[0.5] * 28] * 28] * 9}).encode(), "application/json", 413),
+    (b"\x00" * 300_001, "image/png", 413),
+    (b"abc", "text/plain", 415),
+    (b"--xyz\r\nbroken", "multipart/form-data; boundary=xyz", 422),
+]
+
+
+@pytest.mark.parametrize(("body", "ctype", "status"), BAD)
+def test_bad_inputs_get_json_4xx(client: TestClient, body: bytes, ctype: str, status: int) -> None:
+    r = client.post("/v1/classify", content=body, headers={"content-type": ctype})
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+
+
+def test_no_content_type_and_empty_multipart(client: TestClient) -> None:
+    r = client.post("/v1/classify", content=b"")
+    assert r.status_code == 415 and "Content-Type" in r.json()["error"]
+    r = client.post("/v1/classify", data={"steps": "2"}, files={})
+    assert r.status_code in (415, 422)
+    r = client.post("/v1/classify", data={"defense": "none"}, files={"file": ("x.bin", b"\x00\x01", "x/y")})
+    assert r.status_code == 415
+
+
+def test_busy_and_timeout_are_503_and_504(client: TestClient) -> None:
+    batcher = client.app.state.batcher  # type: ignore[attr-defined]
+    data = {"image": b64(png(DIGITS[0])), "defense": "none"}
+    old = batcher.max_queue, batcher.timeout_s
+    try:
+        batcher.max_queue = 0
+        r = client.post("/v1/classify", json=data)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"]
+        batcher.max_queue, batcher.timeout_s = old[0], 1e-9
+        r = client.post("/v1/classify", json=data)
+        assert r.status_code == 504 and "longer than" in r.json()["error"]
+    finally:
+        batcher.max_queue, batcher.timeout_s = old
+    assert client.post("/v1/classify", json=data).status_code == 200
+
+
+def test_health_metrics_openapi(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    client.post("/v1/classify", json={"image": b64(png(DIGITS[0]))})
+    text = client.get("/metrics").text
+    for name in ("mg_http_requests_total{", "mg_http_request_duration_seconds_bucket", "mg_batch_size_bucket",
+                 "mg_queue_depth", "mg_purification_steps_total", "mg_detector_flags_total"):  # fmt: skip
+        assert name in text, name
+    assert 'route="/v1/classify"' in text
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/classify", "/v1/purify", "/v1/detect", "/v1/models", "/healthz", "/readyz", "/metrics"):
+        assert path in spec["paths"], path
+    content = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json", "image/png"} <= set(content)
+    assert "example" in content["application/json"]
+
+
+def corrupt_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    weights = dst / "mnist" / "classifier_A.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return dst
+
+
+def test_start_up_refuses_a_hash_mismatch(tiny_models: Path, tmp_path: Path) -> None:
+    bad = corrupt_copy(tiny_models, tmp_path / "models")
+    with pytest.raises(ManifestError, match="sha256"), TestClient(create_app(settings(bad))):
+        pass
+    env = {**os.environ, "MG_MODELS_DIR": str(bad), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "service", "--port", "1"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2
+    assert "refusing to start" in proc.stderr and "classifier_A" in proc.stderr and "sha256" in proc.stderr
