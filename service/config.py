@@ -45,6 +45,7 @@ class Upstream(BaseModel):
     value_range: Literal[1.0, 255.0] = 1.0  # 1.0 for [0, 1] inputs, 255.0 for [0, 255]
     dataset: str = "mnist"  # whose generator purifies it
     binary_data: bool = True  # forward tensors with the binary extension (Triton, KServe); False: JSON only
+    timeout_s: float | None = None  # this upstream's read timeout; None: proxy.timeout_s
 
 
 class ProxySettings(BaseModel):

@@ -101,11 +101,13 @@ class ProxyClient:
         model = quote(up.model or name, safe="")
         return up.url.rstrip("/") + "/".join(("", *(p.format(model=model) for p in parts)))
 
-    async def _send(self, method: str, url: str, content: bytes | None = None,
+    async def _send(self, up: Upstream, method: str, url: str, content: bytes | None = None,
                     headers: dict[str, str] | None = None) -> tuple[httpx.Response, bytes]:  # fmt: skip
         """(response, body) of one upstream call; transport failures become UpstreamError 502/504."""
+        s = self.settings
+        timeout = httpx.Timeout(up.timeout_s or s.timeout_s, connect=s.connect_timeout_s)
         try:
-            async with self._client.stream(method, url, content=content, headers=headers) as r:
+            async with self._client.stream(method, url, content=content, headers=headers, timeout=timeout) as r:
                 chunks, size = [], 0
                 async for chunk in r.aiter_raw():
                     size += len(chunk)
@@ -133,7 +135,7 @@ class ProxyClient:
         up = self._require(name, "v2")
         req = _for_upstream(req, up)
         body, h = oip.encode_request(req, binary_inputs=up.binary_data)
-        r, content = await self._send("POST", self._url(up, name, "v2", "models", "{model}", "infer"), body,
+        r, content = await self._send(up, "POST", self._url(up, name, "v2", "models", "{model}", "infer"), body,
                                       {**h, **_forwarded(headers)})  # fmt: skip
         if r.status_code != 200:
             raise self._failure(r, content)
@@ -148,7 +150,7 @@ class ProxyClient:
                           headers: dict[str, str] | None = None) -> tuple[bytes, str]:  # fmt: skip
         """POST image bytes to a raw (TorchServe-style) upstream; (reply body, reply content type)."""
         up = self._require(name, "raw")
-        r, content = await self._send("POST", self._url(up, name, "predictions", "{model}"), image,
+        r, content = await self._send(up, "POST", self._url(up, name, "predictions", "{model}"), image,
                                       {"Content-Type": content_type, **_forwarded(headers)})  # fmt: skip
         if not 200 <= r.status_code < 300:
             raise self._failure(r, content)
@@ -158,7 +160,7 @@ class ProxyClient:
         """Whether the upstream says the model is ready (False when it cannot be reached)."""
         up = self._require(name, "v2")
         try:
-            r, _ = await self._send("GET", self._url(up, name, "v2", "models", "{model}", "ready"))
+            r, _ = await self._send(up, "GET", self._url(up, name, "v2", "models", "{model}", "ready"))
         except UpstreamError:
             return False
         return r.status_code == 200
@@ -166,7 +168,7 @@ class ProxyClient:
     async def metadata(self, name: str) -> dict:
         """The upstream's model metadata, renamed to the proxied name."""
         up = self._require(name, "v2")
-        r, content = await self._send("GET", self._url(up, name, "v2", "models", "{model}"))
+        r, content = await self._send(up, "GET", self._url(up, name, "v2", "models", "{model}"))
         if r.status_code != 200:
             raise self._failure(r, content)
         try:

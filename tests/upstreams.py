@@ -22,6 +22,8 @@ import time
 import uuid
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 
 def _session(path: str):  # noqa: ANN202
@@ -74,8 +76,6 @@ def serve_faulty(port: int, sleep_s: float) -> None:
     import asyncio
 
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
 
     app = FastAPI()
 
@@ -103,8 +103,6 @@ def serve_faulty(port: int, sleep_s: float) -> None:
 
 def serve_raw(port: int, onnx: str) -> None:
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
     from PIL import Image
 
     app = FastAPI()
