@@ -23,7 +23,7 @@ from service.attacks.adaptive import Defended
 from service.attacks.substitute import as_oracle, train_substitute
 from service.config import AttackSettings
 from service.purify import ProjectionConfig
-from service.registry import Registry
+from service.registry import DEFAULT_ROOT, Registry
 
 SUBSTITUTE_SEED_IMAGES = 150  # the first 150 images of models/<ds>/test_slice.npz (cleverhans' holdout)
 SUBSTITUTE_QUERIES = 150 * 2**5  # oracle labels asked while training a substitute with 6 rounds
@@ -203,10 +203,14 @@ class SubstituteCache:
 
 
 def seed_images(registry: Registry, dataset: str) -> torch.Tensor:
-    """The committed evaluation slice of `dataset` as float N×1×28×28 (the substitute's held-out seed set)."""
-    with np.load(registry.root / dataset / "test_slice.npz", allow_pickle=False) as f:
-        x = f["x"]
-    return torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
+    """The evaluation slice of `dataset` (models/<ds>/test_slice.npz: the registry's, else the repository's) as
+    float N×1×28×28 — the first 150 are the substitute's held-out seed set."""
+    for root in (registry.root, DEFAULT_ROOT):
+        path = root / dataset / "test_slice.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as f:
+                return torch.from_numpy(f["x"].astype(np.float32) / 255.0)[:, None]
+    raise AttackRequestError(f"the substitute attack needs {dataset}/test_slice.npz (its held-out seed images)")
 
 
 def execute(
