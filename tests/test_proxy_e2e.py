@@ -281,3 +281,23 @@ def test_raw_predictions_forward_the_purified_png(servers: dict, images: np.ndar
     bad = httpx.post(f"http://{servers['mg']}/predictions/mnist-raw", content=b"not an image", timeout=30)
     assert bad.status_code == 415 and "error" in bad.json()
     assert httpx.post(f"http://{servers['mg']}/predictions/mnist-nchw", content=buf.getvalue()).status_code == 404
+
+
+def test_kserve_manifest_is_consistent(upstream_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/kserve: the transformer's env is valid settings, and Triton's config names the ONNX model's tensors."""
+    import onnxruntime as ort
+    import yaml
+
+    from service.config import Settings
+
+    isvc = yaml.safe_load((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    (container,) = isvc["spec"]["transformer"]["containers"]
+    for item in container["env"]:
+        monkeypatch.setenv(item["name"], item["value"])
+    up = Settings().proxy.upstreams["mnist"]
+    assert up.url.startswith(f"http://{isvc['metadata']['name']}-predictor.")
+    assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "v2"
+    config = (ROOT / "deploy" / "kserve" / "model-repository" / "mnist" / "config.pbtxt").read_text()
+    session = ort.InferenceSession(str(upstream_onnx), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == up.input_name and f'name: "{up.input_name}"' in config
+    assert f'name: "{session.get_outputs()[0].name}"' in config and f'name: "{up.model}"' in config
