@@ -1,0 +1,747 @@
+"""Robustness evaluation: regenerate docs/results.md (Defense-GAN Tables 1 and 4, detector AUC, adaptive attacks).
+
+    python -m training.evaluate --dataset mnist --n 1000            # the full tables (hours on CPU, see docs)
+    python -m training.evaluate --dataset mnist --quick             # smoke test: a few dozen images, reduced L/R
+
+For classifiers A–D, on the first n images of the committed test slice:
+- white-box attacks computed on each column's own classifier (oblivious to the projection, as in the paper):
+  FGSM ε=0.3, RAND+FGSM (ε=0.3, α=0.05), CW-L2 (Defense-GAN's cleverhans preset);
+- black-box substitute attacks (Papernot et al.) for the pairs of Defense-GAN Table 1 (classifier/substitute);
+- the MSE detector's ROC AUC per attack (reconstruction MSE of clean vs attacked inputs);
+- adaptive attacks at the same L∞ budget, printed next to the oblivious rows: BPDA+EOT through the projection
+  (PGD-40 on the classifiers that have no projection), and the latent-space ("overpowered") attack.
+Columns: No attack, No defense, Defense-GAN-Rec (L=200, R=10), encoder warm start (the generator's recorded L, R,
+else L=25, R=1), Enhanced Invert-and-Classify (classifier_<X>_enhanced behind the warm-start projection), and the
+adversarial-training baselines classifier_<X>_adv0.3 / _adv0.15 ("not shipped" where absent).
+
+Every accuracy is printed with n and a Wilson 95% interval as soon as it is measured. Projections are cached per
+(dataset, input images, L, R, init, seed) for the run (and on disk under --cache-dir), so an input set shared by
+several classifiers or columns is projected once. The defense is evaluated with a seed the attacker does not get
+(`seed + 1000`); the attacker's own pipeline uses `seed`. Headline figures go into models/manifest.json metrics
+(`eval_clean_accuracy`, `eval_robust_accuracy`, `evaluation`), which /v1/models reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import training.common as common
+from service.attacks import Defended, cw_defense_gan, eot, fgsm, latent, pgd, rand_fgsm, train_substitute
+from service.purify import ProjectionConfig, project, roc_auc
+from service.registry import Registry
+from training import data
+from training.common import command_line, git_commit, record_metrics
+from training.eval_generator import wilson
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSIFIERS = ("A", "B", "C", "D")
+PAIRS = (("A", "B"), ("A", "E"), ("B", "B"), ("B", "E"), ("C", "B"), ("C", "E"), ("D", "B"), ("D", "E"))
+EPS = 0.3
+# column id → (header, service defense name used in the manifest)
+COLUMNS: dict[str, tuple[str, str]] = {
+    "none": ("No defense", "none"),
+    "rec": ("Defense-GAN-Rec", "defense-gan"),
+    "warm": ("Encoder warm start", "invert-classify"),
+    "enhanced": ("Enhanced INC", "enhanced-invert-classify"),
+    "adv0.3": ("Adv. tr. ε=0.3", "none"),
+    "adv0.15": ("Adv. tr. ε=0.15", "none"),
+}
+# Figures quoted in issue 7 from Defense-GAN (Samangouei et al. 2018), MNIST: (No attack, No defense, Rec).
+# Extend from the paper's Tables 1 and 4; only these are transcribed here.
+PAPER: dict[tuple[str, str, str], tuple[float, ...]] = {
+    ("mnist", "fgsm", "A"): (0.997, 0.217, 0.988),
+    ("mnist", "substitute", "A/B"): (0.9970, 0.6343, 0.9312),
+}
+
+
+# -- bookkeeping ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """k correct out of n, with its Wilson 95% interval."""
+
+    k: int
+    n: int
+
+    @property
+    def acc(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson(self.k, self.n)
+
+    def fmt(self) -> str:
+        lo, hi = self.ci
+        return f"{self.acc:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    def as_json(self) -> dict:
+        lo, hi = self.ci
+        return {"k": self.k, "n": self.n, "acc": round(self.acc, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def auc_ci(auc: float, n_neg: int, n_pos: int, z: float = 1.96) -> tuple[float, float]:
+    """Hanley–McNeil (1982) 95% interval of a ROC AUC from n_neg negatives and n_pos positives."""
+    if n_neg == 0 or n_pos == 0:
+        return (0.0, 1.0)
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+    h = z * math.sqrt(max(var, 0.0))
+    return (max(0.0, auc - h), min(1.0, auc + h))
+
+
+@contextlib.contextmanager
+def models_dir_for_manifest(models_dir: Path) -> Iterator[None]:
+    """Point training.common's manifest helpers (update_manifest, record_metrics) at another models/ folder."""
+    saved = common.MODELS_DIR, common.MANIFEST
+    common.MODELS_DIR, common.MANIFEST = Path(models_dir), Path(models_dir) / "manifest.json"
+    try:
+        yield
+    finally:
+        common.MODELS_DIR, common.MANIFEST = saved
+
+
+def digest(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# -- settings ---------------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """Everything that sets the cost and the protocol; --quick shrinks it."""
+
+    n: int = 1000
+    adaptive_n: int = 100
+    rec: ProjectionConfig = field(default_factory=ProjectionConfig)
+    warm: ProjectionConfig = field(default_factory=lambda: ProjectionConfig(init="encoder", steps=25, restarts=1))
+    cw: dict = field(default_factory=dict)  # overrides of the Defense-GAN CW preset
+    substitute: dict = field(default_factory=lambda: {"rounds": 6, "epochs": 10, "holdout": 150})
+    pgd_steps: int = 40
+    pgd_alpha: float = 0.01
+    eot_samples: int = 8
+    latent_steps: int = 200
+    latent_check: int = 50
+    attacker_steps: int | None = None  # projection L the adaptive attacker runs in its own passes (None: defense's)
+    attacker_restarts: int | None = None
+    adaptive_classifiers: tuple[str, ...] = CLASSIFIERS
+    batch: int = 16
+
+
+def quick_settings() -> Settings:
+    return Settings(
+        n=24, adaptive_n=6, rec=ProjectionConfig(steps=10, restarts=2),
+        warm=ProjectionConfig(init="encoder", steps=5, restarts=1), cw={"steps": 10},
+        substitute={"rounds": 2, "epochs": 2, "holdout": 20}, pgd_steps=3, pgd_alpha=0.1, eot_samples=2,
+        latent_steps=4, latent_check=2, adaptive_classifiers=("A",), batch=24,
+    )  # fmt: skip
+
+
+def warm_config(reg: Registry, dataset: str) -> ProjectionConfig:
+    """The warm start's L, R as recorded on the generator's entry (eval_generator --init encoder), else 25, 1."""
+    raw = reg.get(f"{dataset}/generator").raw if reg.has(f"{dataset}/generator") else {}
+    m, ws = raw.get("metrics", {}), raw.get("warm_start", {})
+    steps = int(ws.get("steps", m.get("warm_steps", 25)))
+    restarts = int(ws.get("restarts", m.get("warm_restarts", 1)))
+    return ProjectionConfig(init="encoder", steps=steps, restarts=restarts)
+
+
+# -- the evaluator ----------------------------------------------------------------------------------------------
+class Evaluation:
+    """Holds the models, the images, the caches and the results of one run."""
+
+    def __init__(self, reg: Registry, dataset: str, s: Settings, seed: int = 0, cache_dir: Path | None = None,
+                 holdout: torch.Tensor | None = None) -> None:  # fmt: skip
+        self.reg, self.ds, self.s, self.seed = reg, dataset, s, seed
+        self.cache_dir = cache_dir
+        xs, ys = data.load_slice(dataset)
+        self.x = torch.from_numpy(data.to_float(xs[: s.n]))
+        self.y = torch.from_numpy(ys[: s.n].astype(np.int64))
+        self.holdout = holdout
+        self.G = reg.generator(dataset) if reg.has(f"{dataset}/generator") else None
+        self.E = reg.encoder(dataset)
+        self.proj_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.adv_cache: dict[tuple, torch.Tensor] = {}
+        self.sub_cache: dict[tuple, nn.Module] = {}
+        self.results: dict = {"clean": {}, "whitebox": {}, "blackbox": {}, "adaptive": {}, "detector": {},
+                              "cw_l2": {}, "substitutes": {}}  # fmt: skip
+        self.projections_run = 0
+        self.projections_reused = 0
+
+    # -- models ---------------------------------------------------------------------------------------------------
+    def key(self, arch: str, col: str) -> str | None:
+        """The classifier a column uses for row `arch`, or None when it is not shipped."""
+        name = {"adv0.3": f"classifier_{arch}_adv0.3", "adv0.15": f"classifier_{arch}_adv0.15",
+                "enhanced": f"classifier_{arch}_enhanced"}.get(col, f"classifier_{arch}")  # fmt: skip
+        return f"{self.ds}/{name}" if self.reg.has(f"{self.ds}/{name}") else None
+
+    def missing(self) -> list[str]:
+        """Models a column needs that the registry lacks."""
+        names = {"none": "classifier_{}", "adv0.3": "classifier_{}_adv0.3", "adv0.15": "classifier_{}_adv0.15",
+                 "enhanced": "classifier_{}_enhanced"}  # fmt: skip
+        out = [f"{self.ds}/{n.format(a)}" for a in CLASSIFIERS for c, n in names.items() if self.key(a, c) is None]
+        out += [f"{self.ds}/{k}" for k in ("generator", "encoder") if not self.reg.has(f"{self.ds}/{k}")]
+        return out
+
+    def projection(self, col: str) -> ProjectionConfig | None:
+        """The projection a column puts in front of its classifier (None: no projection)."""
+        if col == "rec":
+            return self.s.rec if self.G is not None else None
+        if col in ("warm", "enhanced"):
+            if self.G is None:
+                return None
+            return self.s.warm if self.E is not None else (self.s.rec if col == "enhanced" else None)
+        return None
+
+    def unavailable(self, arch: str, col: str) -> str | None:
+        """Why a column cannot be measured for this row, or None."""
+        if self.key(arch, col) is None:
+            return "not shipped"
+        if col in ("rec", "warm", "enhanced") and self.G is None:
+            return "no generator"
+        if col == "warm" and self.E is None:
+            return "no encoder"
+        return None
+
+    # -- projection with cache -----------------------------------------------------------------------------------
+    def project(self, x: torch.Tensor, cfg: ProjectionConfig, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G(z*), MSE) of x under the defense's projection (seed + 1000), cached in memory and on disk."""
+        assert self.G is not None
+        seed = self.seed + 1000
+        k = (self.ds, digest(x), cfg.steps, cfg.restarts, cfg.init, cfg.lr, seed)
+        if k in self.proj_cache:
+            self.projections_reused += 1
+            return self.proj_cache[k]
+        f = self.cache_dir / ("proj-" + hashlib.sha1(repr(k).encode()).hexdigest()[:20] + ".safetensors") \
+            if self.cache_dir else None  # fmt: skip
+        if f is not None and f.exists():
+            t = load_file(str(f))
+            self.proj_cache[k] = (t["images"], t["mse"])
+            self.projections_reused += 1
+            return self.proj_cache[k]
+        t0, imgs, mses = time.time(), [], []
+        for i in range(0, len(x), self.s.batch):
+            p = project(x[i : i + self.s.batch], self.G, cfg, encoder=self.E if cfg.init == "encoder" else None,
+                        seed=seed)  # fmt: skip
+            imgs.append(p.images)
+            mses.append(p.mse)
+            if len(x) > self.s.batch and (i // self.s.batch) % 8 == 7:
+                print(f"      projecting {what}: {i + len(p.images)}/{len(x)} ({time.time() - t0:.0f}s)", flush=True)
+        out = (torch.cat(imgs), torch.cat(mses))
+        self.projections_run += 1
+        self.proj_cache[k] = out
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"images": out[0].contiguous(), "mse": out[1].contiguous()}, str(f))
+        return out
+
+    @torch.no_grad()
+    def correct(self, clf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-image correctness (bool, N) of clf's argmax."""
+        return torch.cat([clf(x[i : i + 500]).argmax(1) == y[i : i + 500] for i in range(0, len(x), 500)])
+
+    def measure(self, arch: str, col: str, adv: torch.Tensor, y: torch.Tensor, label: str) -> dict:
+        """Accuracy of column `col` of row `arch` on `adv` (projected first where the column projects)."""
+        t0 = time.time()
+        clf = self.reg.module(self.key(arch, col))  # type: ignore[arg-type]
+        cfg = self.projection(col)
+        out: dict = {}
+        if cfg is not None:
+            images, mse = self.project(adv, cfg, f"{label} {COLUMNS[col][0]}")
+            out["mse"] = mse
+        else:
+            images = adv
+        correct = self.correct(clf, images, y)
+        cell = Cell(int(correct.sum()), len(y))
+        out["cell"], out["correct"] = cell, correct
+        print(f"    {label:<34} {COLUMNS[col][0]:<20} acc {cell.k:>4}/{cell.n:<4} = {cell.fmt()}  "
+              f"({time.time() - t0:.1f}s)", flush=True)  # fmt: skip
+        return out
+
+    # -- attacks --------------------------------------------------------------------------------------------------
+    def attack_model_key(self, arch: str, col: str) -> str:
+        """The classifier an oblivious attack differentiates for this column (its own bare classifier)."""
+        return self.key(arch, col) or ""
+
+    def whitebox_adv(self, attack: str, model_key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k = (attack, model_key, len(x))
+        if k not in self.adv_cache:
+            m = self.reg.module(model_key)
+            if attack == "fgsm":
+                adv = fgsm(m, x, y, eps=EPS)
+            elif attack == "rand-fgsm":
+                adv = rand_fgsm(m, x, y, eps=EPS, alpha=0.05, generator=torch.Generator().manual_seed(self.seed))
+            elif attack == "cw":
+                adv = torch.cat([cw_defense_gan(m, x[i : i + 250], y[i : i + 250], **self.s.cw)
+                                 for i in range(0, len(x), 250)])  # fmt: skip
+            elif attack == "pgd":
+                adv = pgd(m, x, y, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps,
+                          generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
+            else:
+                raise ValueError(attack)
+            self.adv_cache[k] = adv
+        return self.adv_cache[k]
+
+    def substitute_model(self, oracle_key: str, sub_arch: str) -> nn.Module:
+        k = (oracle_key, sub_arch)
+        if k not in self.sub_cache:
+            assert self.holdout is not None
+            t0 = time.time()
+            p = self.s.substitute
+            sub = train_substitute(self.reg.module(oracle_key), self.holdout, arch=sub_arch, rounds=p["rounds"],
+                                   epochs=p["epochs"], seed=self.seed)  # fmt: skip
+            self.sub_cache[k] = sub.model
+            self.results["substitutes"][f"{oracle_key}/{sub_arch}"] = {
+                "oracle_queries": sub.oracle_queries, "training_points": sub.training_points,
+                "agreement": round(sub.agreement, 4), "seconds": round(time.time() - t0, 1)}  # fmt: skip
+            print(f"    substitute {sub_arch} of {oracle_key}: {sub.training_points} points, {sub.oracle_queries} "
+                  f"queries, agreement {sub.agreement:.3f} ({time.time() - t0:.1f}s)", flush=True)  # fmt: skip
+        return self.sub_cache[k]
+
+    # -- sections -------------------------------------------------------------------------------------------------
+    def run_clean(self) -> None:
+        print("== clean accuracy (no attack)", flush=True)
+        for arch in CLASSIFIERS:
+            row: dict = {}
+            for col in COLUMNS:
+                why = self.unavailable(arch, col)
+                row[col] = why or self.measure(arch, col, self.x, self.y, f"clean {arch}")
+            self.results["clean"][arch] = row
+
+    def run_whitebox(self) -> None:
+        for attack in ("fgsm", "rand-fgsm", "cw"):
+            print(f"== white-box {ATTACK_NAMES[attack]} (oblivious)", flush=True)
+            for arch in CLASSIFIERS:
+                row: dict = {}
+                for col in COLUMNS:
+                    why = self.unavailable(arch, col)
+                    if why:
+                        row[col] = why
+                        continue
+                    t0 = time.time()
+                    adv = self.whitebox_adv(attack, self.attack_model_key(arch, col), self.x, self.y)
+                    row[col] = self.measure(arch, col, adv, self.y, f"{ATTACK_NAMES[attack]} {arch}")
+                    if attack == "cw":
+                        l2 = (adv - self.x).flatten(1).norm(dim=1)
+                        row[col]["mean_l2"] = float(l2.mean())
+                    row[col]["attack_seconds"] = round(time.time() - t0, 1)
+                self.results["whitebox"].setdefault(attack, {})[arch] = row
+
+    def run_blackbox(self) -> None:
+        if self.holdout is None:
+            print("== black-box: no held-out images, skipped", flush=True)
+            return
+        print(f"== black-box substitute FGSM ε={EPS} (Papernot et al.; {len(self.holdout)} held-out seeds)")
+        for arch, sub in PAIRS:
+            row: dict = {}
+            for col in COLUMNS:
+                why = self.unavailable(arch, col)
+                if why:
+                    row[col] = why
+                    continue
+                model = self.substitute_model(self.attack_model_key(arch, col), sub)
+                k = ("substitute", self.attack_model_key(arch, col), sub)
+                if k not in self.adv_cache:
+                    self.adv_cache[k] = fgsm(model, self.x, self.y, eps=EPS)
+                row[col] = self.measure(arch, col, self.adv_cache[k], self.y, f"substitute {arch}/{sub}")
+            self.results["blackbox"][f"{arch}/{sub}"] = row
+
+    def attacker_pipeline(self, arch: str, col: str) -> Defended:
+        cfg = self.projection(col)
+        assert cfg is not None and self.G is not None
+        cfg = cfg.with_(steps=self.s.attacker_steps, restarts=self.s.attacker_restarts)
+        return Defended(self.reg.module(self.key(arch, col)), self.G, cfg,  # type: ignore[arg-type]
+                        encoder=self.E if cfg.init == "encoder" else None, seed=self.seed)  # fmt: skip
+
+    def run_adaptive(self) -> None:
+        n = min(self.s.adaptive_n, len(self.x))
+        x, y = self.x[:n], self.y[:n]
+        for attack in ("eot", "latent"):
+            print(f"== adaptive {ATTACK_NAMES[attack]} (n={n})", flush=True)
+            for arch in self.s.adaptive_classifiers:
+                row: dict = {}
+                for col in COLUMNS:
+                    why = self.unavailable(arch, col)
+                    if why:
+                        row[col] = why
+                        continue
+                    t0 = time.time()
+                    if self.projection(col) is None:
+                        if attack == "latent":
+                            row[col] = "n/a"
+                            continue
+                        adv = self.whitebox_adv("pgd", self.attack_model_key(arch, col), x, y)
+                    else:
+                        model = self.attacker_pipeline(arch, col)
+                        if attack == "eot":
+                            deterministic = model.cfg.init == "encoder" and model.cfg.restarts == 1
+                            samples = 1 if deterministic else self.s.eot_samples
+                            adv = eot(model, x, y, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps,
+                                      samples=samples, seed=self.seed)  # fmt: skip
+                        else:
+                            adv = latent(model, x, y, eps=EPS, steps=self.s.latent_steps,
+                                         check_every=self.s.latent_check)  # fmt: skip
+                    row[col] = self.measure(arch, col, adv, y, f"{ATTACK_NAMES[attack]} {arch}")
+                    row[col]["attack_seconds"] = round(time.time() - t0, 1)
+                    self.adv_cache[("adaptive", attack, arch, col)] = adv
+                self.results["adaptive"].setdefault(attack, {})[arch] = row
+
+    def run_detector(self) -> None:
+        """ROC AUC of the reconstruction MSE, clean (negatives) vs attacked (positives), per attack and column."""
+        print("== detector ROC AUC", flush=True)
+        for col in ("rec", "warm"):
+            clean = self.results["clean"]
+            for arch in CLASSIFIERS:
+                neg = clean.get(arch, {}).get(col)
+                if not isinstance(neg, dict) or "mse" not in neg:
+                    continue
+                for group, attacks in (("whitebox", ("fgsm", "rand-fgsm", "cw")), ("blackbox", None),
+                                       ("adaptive", ("eot", "latent"))):  # fmt: skip
+                    src = self.results[group]
+                    rows = ({f"{arch}/{s}": src.get(f"{arch}/{s}") for s in "BE"} if attacks is None
+                            else {a: src.get(a, {}).get(arch) for a in attacks})  # fmt: skip
+                    for name, row in rows.items():
+                        pos = row.get(col) if row else None
+                        if not isinstance(pos, dict) or "mse" not in pos:
+                            continue
+                        nneg = neg["mse"][: len(pos["mse"])]
+                        auc = roc_auc(nneg, pos["mse"])
+                        label = name if attacks is None else f"{ATTACK_NAMES[name]} {arch}"
+                        ci = auc_ci(auc, len(nneg), len(pos["mse"]))
+                        self.results["detector"].setdefault(col, {})[label] = {
+                            "auc": round(auc, 4), "ci95": [round(v, 4) for v in ci],
+                            "n_clean": len(nneg), "n_attacked": len(pos["mse"])}  # fmt: skip
+                        print(f"    {COLUMNS[col][0]:<20} {label:<24} AUC {auc:.3f}", flush=True)
+
+
+ATTACK_NAMES = {"fgsm": f"FGSM ε={EPS}", "rand-fgsm": f"RAND+FGSM ε={EPS} α=0.05", "cw": "CW-L2",
+                "eot": f"BPDA+EOT ε={EPS}", "latent": f"Latent ε={EPS}", "pgd": f"PGD ε={EPS}"}  # fmt: skip
+
+
+# -- rendering --------------------------------------------------------------------------------------------------
+def cell_text(v: object) -> str:
+    if isinstance(v, dict) and "cell" in v:
+        return v["cell"].fmt()
+    return str(v) if v else "–"
+
+
+def row_n(row: dict) -> str:
+    ns = {v["cell"].n for v in row.values() if isinstance(v, dict) and "cell" in v}
+    return "/".join(str(n) for n in sorted(ns)) or "–"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(ev: Evaluation, info: dict) -> str:
+    """The dataset's section of the results page (Markdown)."""
+    r, ds, s = ev.results, ev.ds, ev.s
+    cols = list(COLUMNS)
+    quick = (
+        " — QUICK SMOKE RUN (reduced n, L, R and iterations; not comparable with the papers)" if info["quick"] else ""
+    )
+    out = [f"## {ds}{quick}", ""]
+    out += [f"- command: `{info['command']}`", f"- machine: {info['machine']}", f"- duration: {info['duration']}",
+            f"- git commit: `{info['commit']}`", f"- date: {info['date']}",
+            f"- images: first n of the committed test slice (models/{ds}/test_slice.npz); adaptive rows on the "
+            f"first {min(s.adaptive_n, s.n)}",
+            f"- Defense-GAN-Rec: L={s.rec.steps}, R={s.rec.restarts} ({s.rec.optimizer}, lr {s.rec.lr}); encoder warm "
+            f"start: L={s.warm.steps}, R={s.warm.restarts}; Enhanced INC projects with "
+            f"{'the warm start' if ev.E is not None else 'Defense-GAN-Rec'}",
+            f"- projections computed {ev.projections_run}, reused from the cache {ev.projections_reused}",
+            f"- not shipped (cells say so): {', '.join(ev.missing()) or 'nothing'}",
+            "- every accuracy: value [Wilson 95% interval]; n per row", ""]  # fmt: skip
+    if info.get("figure"):
+        out += [f"![clean, FGSM and their Defense-GAN-Rec reconstructions]({info['figure']})", ""]
+    head = ["Classifier", "n"] + [COLUMNS[c][0] for c in cols]
+    if r["clean"]:
+        out += ["### Clean accuracy (no attack)", ""]
+        out += table(head, [[a, row_n(row)] + [cell_text(row[c]) for c in cols] for a, row in r["clean"].items()])
+        out += [""]
+
+    def no_attack(arch: str, n: int | None = None) -> str:
+        """The bare classifier's clean accuracy, on the first n images when a row has fewer."""
+        v = r["clean"].get(arch, {}).get("none")
+        if isinstance(v, dict) and n is not None and n < v["cell"].n:
+            return Cell(int(v["correct"][:n].sum()), n).fmt()
+        return cell_text(v)
+
+    def measured(row: dict) -> bool:
+        return any(isinstance(v, dict) and "cell" in v for v in row.values())
+
+    def first_n(row: dict) -> int | None:
+        ns = [v["cell"].n for v in row.values() if isinstance(v, dict) and "cell" in v]
+        return min(ns) if ns else None
+
+    if r["whitebox"] or r["adaptive"]:
+        out += [f"### White-box L∞ ε={EPS}: oblivious attacks (Defense-GAN Table 4) and adaptive attacks", "",
+                "Oblivious: the attack is computed on the column's bare classifier, then the column's defense runs. "
+                "Adaptive: BPDA+EOT differentiates through the projection (straight-through) averaged over "
+                f"{s.eot_samples} random-restart draws ({s.pgd_steps} steps, α={s.pgd_alpha}; one draw where the "
+                "projection is deterministic); columns without a projection get PGD with the same budget. Latent: "
+                f"the overpowered attack ({s.latent_steps} steps). Attacker projection: "
+                f"L={s.attacker_steps or 'defense'}, R={s.attacker_restarts or 'defense'}.", ""]  # fmt: skip
+        rows = []
+        for arch in CLASSIFIERS:
+            for group, attack in (("whitebox", "fgsm"), ("whitebox", "rand-fgsm"), ("adaptive", "eot"),
+                                  ("adaptive", "latent")):  # fmt: skip
+                row = r[group].get(attack, {}).get(arch)
+                if row is None or not measured(row):
+                    continue
+                kind = "oblivious" if group == "whitebox" else "**adaptive**"
+                rows.append([f"{arch}", f"{ATTACK_NAMES[attack]} ({kind})", row_n(row), no_attack(arch, first_n(row))]
+                            + [cell_text(row[c]) for c in cols])  # fmt: skip
+        out += table(["Classifier", "Attack", "n", "No attack"] + [COLUMNS[c][0] for c in cols], rows) + [""]
+    if "cw" in r["whitebox"]:
+        out += ["### White-box CW-L2 (oblivious; Defense-GAN's cleverhans preset: 1 search step, "
+                f"{s.cw.get('steps', 100)} iterations, lr 10, c=100)", ""]  # fmt: skip
+        rows = []
+        for arch, row in r["whitebox"]["cw"].items():
+            if not measured(row):
+                continue
+            l2 = row.get("none", {}).get("mean_l2") if isinstance(row.get("none"), dict) else None
+            rows.append([arch, row_n(row), no_attack(arch)] + [cell_text(row[c]) for c in cols]
+                        + [f"{l2:.2f}" if l2 is not None else "–"])  # fmt: skip
+        out += table(["Classifier", "n", "No attack"] + [COLUMNS[c][0] for c in cols] + ["mean L2 (no def.)"], rows)
+        out += [""]
+    if r["blackbox"]:
+        p = s.substitute
+        out += [f"### Black-box substitute FGSM ε={EPS} (Defense-GAN Table 1)", "",
+                f"Substitute trained from {p['holdout']} held-out test images with {p['rounds']} rounds of Jacobian "
+                f"augmentation (λ=0.1), {p['epochs']} epochs per round, querying the column's bare classifier for "
+                "labels only; FGSM on the substitute, transferred.", ""]  # fmt: skip
+        rows = [[pair, row_n(row), no_attack(pair[0])] + [cell_text(row[c]) for c in cols]
+                for pair, row in r["blackbox"].items() if measured(row)]  # fmt: skip
+        out += table(["Classifier/substitute", "n", "No attack"] + [COLUMNS[c][0] for c in cols], rows) + [""]
+    if r["detector"]:
+        out += ["### MSE detector: ROC AUC per attack (clean vs attacked reconstruction MSE)", "",
+                "Value [Hanley–McNeil 95% interval]; n clean / n attacked.", ""]  # fmt: skip
+        rows = [[COLUMNS[col][0], label, f"{v['auc']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
+                 f"{v['n_clean']}/{v['n_attacked']}"]
+                for col, d in r["detector"].items() for label, v in d.items()]  # fmt: skip
+        out += table(["Projection", "Attack", "ROC AUC", "n"], rows) + [""]
+    paper = [(k, v) for k, v in PAPER.items() if k[0] == ds]
+    if paper:
+        out += ["### Paper figures for comparison (Defense-GAN, MNIST: No attack / No defense / Rec)", ""]
+        rows = []
+        for (_, attack, who), ref in paper:
+            arch = who.split("/")[0]
+            src = r["whitebox"].get(attack, {}).get(arch) if attack != "substitute" else r["blackbox"].get(who)
+            got = (" / ".join(f"{v['cell'].acc:.3f}" if isinstance(v, dict) else "–"
+                              for v in (r["clean"].get(arch, {}).get("none"), src.get("none"), src.get("rec")))
+                   if src else "not measured")  # fmt: skip
+            rows.append([ATTACK_NAMES.get(attack, "substitute FGSM"), who, " / ".join(map(str, ref)), got])
+        out += table(["Attack", "Classifier", "paper", "measured"], rows) + [""]
+    return "\n".join(out)
+
+
+def write_page(path: Path, dataset: str, section: str, quick: bool) -> None:
+    """Replace this dataset's block in the results page, keeping the other datasets' blocks."""
+    start, end = f"<!-- results:{dataset}:start -->", f"<!-- results:{dataset}:end -->"
+    title = "# Robustness results" + (" (QUICK SMOKE RUN)" if quick else "")
+    intro = (f"{title}\n\nGenerated by `python -m training.evaluate`; do not edit by hand (each dataset's block is "
+             "rewritten by its run). See training/evaluate.py for the protocol.\n")  # fmt: skip
+    text = path.read_text() if path.exists() else intro
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def to_json(ev: Evaluation, info: dict) -> dict:
+    def conv(v: object) -> object:
+        if isinstance(v, Cell):
+            return v.as_json()
+        if isinstance(v, torch.Tensor):
+            return None
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items() if not isinstance(x, torch.Tensor)}
+        return v
+
+    return {"info": info, "results": conv(ev.results)}
+
+
+# -- manifest -----------------------------------------------------------------------------------------------------
+def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
+    """Per classifier key: clean and robust accuracy per service defense, for models/manifest.json."""
+    out: dict[str, dict] = {}
+    linf = [("whitebox", "fgsm"), ("whitebox", "rand-fgsm"), ("adaptive", "eot"), ("adaptive", "latent")]
+    for arch in CLASSIFIERS:
+        for col, (_, defense) in COLUMNS.items():
+            key = ev.key(arch, col)
+            clean = ev.results["clean"].get(arch, {}).get(col)
+            if key is None or not isinstance(clean, dict):
+                continue
+            m = out.setdefault(key, {"eval_clean_accuracy": {}, "eval_robust_accuracy": {}, "evaluation": {}})
+            m["eval_clean_accuracy"][defense] = round(clean["cell"].acc, 4)
+            detail = m["evaluation"].setdefault(defense, {"clean": clean["cell"].as_json()})
+            worst: tuple[float, str] | None = None
+            for group, attack in [*linf, ("whitebox", "cw")]:
+                v = ev.results[group].get(attack, {}).get(arch, {}).get(col)
+                if isinstance(v, dict) and "cell" in v:
+                    detail[attack] = v["cell"].as_json()
+                    if (group, attack) in linf and (worst is None or v["cell"].acc < worst[0]):
+                        worst = (v["cell"].acc, attack)
+            if worst is not None:
+                m["eval_robust_accuracy"][defense] = {"linf_eps": EPS, "accuracy": round(worst[0], 4),
+                                                      "worst_attack": worst[1], "n": detail[worst[1]]["n"]}  # fmt: skip
+    for m in out.values():
+        m["evaluation"] = {**m["evaluation"], "n": ev.s.n, "quick": info["quick"], "commit": info["commit"],
+                           "date": info["date"], "command": info["command"], "page": info["page"]}  # fmt: skip
+    return out
+
+
+def record(ev: Evaluation, info: dict, models_dir: Path) -> None:
+    with models_dir_for_manifest(models_dir):
+        for key, metrics in headline(ev, info).items():
+            record_metrics(key, metrics)
+        if ev.G is not None and ev.results["detector"]:
+            record_metrics(f"{ev.ds}/generator", {"eval_detector_auc": ev.results["detector"]})
+    print(f"recorded headline metrics in {models_dir / 'manifest.json'}", flush=True)
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} CPUs, {dev}; torch {torch.__version__} with {torch.get_num_threads()} "
+            f"thread(s); Python {platform.python_version()}")  # fmt: skip
+
+
+def load_holdout(dataset: str, n_needed: int, size: int) -> torch.Tensor | None:
+    """The substitute's seed images: the last `size` test images (outside the slice), else the slice's tail."""
+    try:
+        x = data.load(dataset)["x_test"][-size:]
+    except data.DataError:
+        xs, _ = data.load_slice(dataset)
+        if n_needed + size > len(xs):
+            print(f"warning: data/{dataset}.npz missing and n + {size} > {len(xs)}: black-box rows skipped")
+            return None
+        x = xs[-size:]
+    return torch.from_numpy(data.to_float(x))
+
+
+def example_figure(ev: Evaluation, path: Path) -> bool:
+    """Clean images, FGSM on classifier A, and the Defense-GAN-Rec reconstructions of both (rows of 10)."""
+    adv = ev.adv_cache.get(("fgsm", ev.key("A", "none"), len(ev.x)))
+    if adv is None or ev.G is None:
+        return False
+    k = min(10, len(ev.x))
+    rec_clean, _ = ev.project(ev.x, ev.s.rec, "figure")
+    rec_adv, _ = ev.project(adv, ev.s.rec, "figure")
+    common.save_grid(torch.cat([ev.x[:k], rec_clean[:k], adv[:k], rec_adv[:k]]), path, nrow=k)
+    return True
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    reg = Registry(args.models_dir)
+    s = quick_settings() if args.quick else Settings()
+    if not args.quick and reg.has(f"{args.dataset}/generator"):
+        s.warm = warm_config(reg, args.dataset)
+    for name in ("n", "adaptive_n", "eot_samples", "pgd_steps", "latent_steps", "attacker_steps",
+                 "attacker_restarts", "batch"):  # fmt: skip
+        if getattr(args, name, None) is not None:
+            setattr(s, name, getattr(args, name))
+    if args.steps is not None or args.restarts is not None:
+        s.rec = s.rec.with_(steps=args.steps, restarts=args.restarts)
+    if args.adaptive_classifiers:
+        s.adaptive_classifiers = tuple(a.strip().upper() for a in args.adaptive_classifiers.split(",") if a.strip())
+    holdout = load_holdout(args.dataset, s.n, s.substitute["holdout"]) if "blackbox" in args.sections else None
+    cache_dir = None if args.quick or args.no_cache else (args.cache_dir or ROOT / "runs" / args.dataset / "eval_cache")
+    ev = Evaluation(reg, args.dataset, s, seed=args.seed, cache_dir=cache_dir, holdout=holdout)
+    print(
+        f"evaluating {args.dataset} on n={len(ev.x)} ({'quick' if args.quick else 'full'}); generator: "
+        f"{ev.G is not None}, encoder: {ev.E is not None}; classifiers: {reg.classifiers(args.dataset)}",
+        flush=True,
+    )
+    ev.run_clean()
+    if "whitebox" in args.sections:
+        ev.run_whitebox()
+    if "blackbox" in args.sections:
+        ev.run_blackbox()
+    if "adaptive" in args.sections and ev.G is not None:
+        ev.run_adaptive()
+    ev.run_detector()
+    out: Path = args.out or ROOT / "docs" / ("results-quick.md" if args.quick else "results.md")
+    fig = out.parent / "figures" / f"{out.stem}-{args.dataset}-examples.png"
+    has_fig = example_figure(ev, fig)
+    info = {
+        "command": command_line(), "machine": machine(), "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": bool(args.quick),
+        "duration": f"{(time.time() - t0) / 60:.1f} min ({time.time() - t0:.0f} s)", "n": s.n,
+        "figure": str(fig.relative_to(out.parent)) if has_fig else None,
+        "page": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+    }  # fmt: skip
+    write_page(out, args.dataset, render(ev, info), args.quick)
+    doc = to_json(ev, info)
+    out.with_name(f"{out.stem}-{args.dataset}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    if args.record if args.record is not None else not args.quick:
+        record(ev, info, args.models_dir)
+    print(f"wrote {out} in {info['duration']}", flush=True)
+    return doc
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--n", type=int, default=None, help="images from the test slice (default 1000; quick 24)")
+    p.add_argument("--quick", action="store_true", help="smoke run: few images, reduced L/R/iterations")
+    p.add_argument("--models-dir", type=Path, default=common.MODELS_DIR)
+    p.add_argument("--out", type=Path, default=None, help="results page (default docs/results.md, quick: "
+                   "docs/results-quick.md)")  # fmt: skip
+    p.add_argument(
+        "--sections",
+        type=lambda v: set(v.split(",")),
+        default={"whitebox", "blackbox", "adaptive"},
+        help="comma list of whitebox, blackbox, adaptive (clean and detector always run)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="Defense-GAN-Rec L (default 200)")
+    p.add_argument("--restarts", type=int, default=None, help="Defense-GAN-Rec R (default 10)")
+    p.add_argument("--adaptive-n", type=int, default=None, help="images for the adaptive rows (default 100)")
+    p.add_argument("--adaptive-classifiers", default=None, help="comma list (default A,B,C,D; quick A)")
+    p.add_argument("--eot-samples", type=int, default=None, help="EOT draws per step (default 8)")
+    p.add_argument("--pgd-steps", type=int, default=None, help="BPDA/PGD steps (default 40)")
+    p.add_argument("--latent-steps", type=int, default=None, help="latent attack steps (default 200)")
+    p.add_argument("--attacker-steps", type=int, default=None, help="projection L in the attacker's own passes "
+                   "(default: the defense's)")  # fmt: skip
+    p.add_argument("--attacker-restarts", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="images per projection batch (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=common.env_threads() or 1)
+    p.add_argument("--cache-dir", type=Path, default=None, help="projection cache (default runs/<ds>/eval_cache)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk projection cache")
+    rec = p.add_mutually_exclusive_group()
+    rec.add_argument("--record", dest="record", action="store_true", default=None,
+                     help="write headline metrics to the manifest (default for full runs)")  # fmt: skip
+    rec.add_argument("--no-record", dest="record", action="store_false")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run(parse())
