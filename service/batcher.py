@@ -7,9 +7,11 @@
 
 A job key is a frozen dataclass (`DefendJob`, `PurifyJob`, or your own with `op`, `run`, `split`): requests with
 equal keys are concatenated along the batch axis, up to `max_batch_size` images, waiting at most `max_wait_ms`
-after the oldest request arrived. The engine runs on ONE worker thread per batcher (one batcher per device), never
-in the event loop. At most `max_queue` requests wait; beyond that `submit` raises `QueueFull` (HTTP 503 with
-Retry-After). Each request has a timeout (queue wait + compute) and raises `RequestTimeout` past it.
+for a batch to fill (counted from the later of the oldest request's arrival and the worker becoming free, so
+that clients answered by one batch can join the next instead of forming a second, half-size cohort). The engine
+runs on ONE worker thread per batcher (one batcher per device), never in the event loop. At most `max_queue`
+requests wait; beyond that `submit` raises `QueueFull` (HTTP 503 with Retry-After). Each request has a timeout
+(queue wait + compute) and raises `RequestTimeout` past it.
 
 With a fixed seed, a batch gives exactly the per-request results: every image of a projection gets the same noise
 draws (see service.purify.initial_latents), so batching changes throughput, not answers.
@@ -239,6 +241,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._last_batch_s = 0.0
+        self._free_since = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -358,7 +361,9 @@ class Batcher:
                 continue
             head = self._queue[0]
             if not isinstance(head.job, _CallJob):
-                deadline = head.enqueued + self.max_wait_s
+                # wait for the batch to fill from the later of the oldest arrival and the worker becoming free:
+                # clients answered by the last batch get max_wait to send their next request and join this one
+                deadline = max(head.enqueued, self._free_since) + self.max_wait_s
                 while self._pending_images(head.job) < self.max_batch_size and not head.future.done():
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
@@ -371,6 +376,7 @@ class Batcher:
             batch = self._take(head.job)
             if batch:
                 await self._run(loop, head.job, batch)
+                self._free_since = time.perf_counter()
 
     async def _run(self, loop: asyncio.AbstractEventLoop, job: Any, batch: list[_Item]) -> None:
         assert self._executor is not None
