@@ -301,3 +301,27 @@ def test_kserve_manifest_is_consistent(upstream_onnx: Path, monkeypatch: pytest.
     session = ort.InferenceSession(str(upstream_onnx), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == up.input_name and f'name: "{up.input_name}"' in config
     assert f'name: "{session.get_outputs()[0].name}"' in config and f'name: "{up.model}"' in config
+
+
+def test_concurrent_proxied_requests_batch_without_changing_answers(servers: dict, images: np.ndarray) -> None:
+    """Requests that arrive together are purified as one batch; with a seed each still gets its own answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> np.ndarray:
+        c = tritonclient_http.InferenceServerClient(servers["mg"])
+        return c.infer("mnist-nchw", [_input(images[i : i + 1], True)], outputs=_outputs(True),
+                       parameters=PARAMS).as_numpy("logits")  # fmt: skip
+
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(one, range(3)))
+    mg = tritonclient_http.InferenceServerClient(servers["mg"])
+    alone = mg.infer("mnist-nchw", [_input(images, True)], outputs=_outputs(True), parameters=PARAMS)
+    np.testing.assert_allclose(np.concatenate(together), alone.as_numpy("logits"), rtol=0, atol=1e-5)
+
+
+def test_invert_and_classify_through_the_proxy(servers: dict, images: np.ndarray) -> None:
+    mg = tritonclient_http.InferenceServerClient(servers["mg"])
+    r = mg.infer("mnist-nchw", [_input(images, True)], parameters={"defense": "invert-classify", "steps": 0})
+    params = r.get_response()["parameters"]
+    assert (params["defense"], params["steps"], params["purified"]) == ("invert-classify", 0, True)
+    assert r.as_numpy("logits").shape == (3, 10)
