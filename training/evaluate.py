@@ -367,6 +367,39 @@ class Evaluation:
         return Defended(self.reg.module(self.key(arch, col)), self.G, cfg,  # type: ignore[arg-type]
                         encoder=self.E if cfg.init == "encoder" else None, seed=self.seed)  # fmt: skip
 
+    def adaptive_adv(self, attack: str, arch: str, col: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The adaptive attack's images, in chunks of `batch` images, each chunk cached on disk (resumable)."""
+        key = self.attack_model_key(arch, col)
+        if self.projection(col) is None:  # no projection to attack through: PGD with the same budget
+            return self.whitebox_adv("pgd", key, x, y)
+        model = self.attacker_pipeline(arch, col)
+        deterministic = model.cfg.init == "encoder" and model.cfg.restarts == 1
+        samples = 1 if deterministic else self.s.eot_samples
+        sha = self.reg.get(key).files["weights"]["sha256"][:16]
+        params = (attack, sha, model.cfg, self.s.pgd_steps, self.s.pgd_alpha, samples, self.s.latent_steps,
+                  self.s.latent_check, self.seed)  # fmt: skip
+        chunks, t0 = [], time.time()
+        for i in range(0, len(x), self.s.batch):
+            xb, yb = x[i : i + self.s.batch], y[i : i + self.s.batch]
+            f = self.cache_dir / ("adv-" + hashlib.sha1(repr((params, digest(xb))).encode()).hexdigest()[:20]
+                                  + ".safetensors") if self.cache_dir else None  # fmt: skip
+            if f is not None and f.exists():
+                chunks.append(load_file(str(f))["adv"])
+                continue
+            if attack == "eot":
+                adv = eot(model, xb, yb, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps, samples=samples,
+                          seed=self.seed)  # fmt: skip
+            else:
+                adv = latent(model, xb, yb, eps=EPS, steps=self.s.latent_steps, check_every=self.s.latent_check)
+            chunks.append(adv)
+            if f is not None:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"adv": adv.contiguous()}, str(f))
+            if len(x) > self.s.batch:
+                print(f"      {ATTACK_NAMES[attack]} {arch} {COLUMNS[col][0]}: {i + len(xb)}/{len(x)} "
+                      f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+        return torch.cat(chunks)
+
     def run_adaptive(self) -> None:
         n = min(self.s.adaptive_n, len(self.x))
         x, y = self.x[:n], self.y[:n]
@@ -380,21 +413,10 @@ class Evaluation:
                         row[col] = why
                         continue
                     t0 = time.time()
-                    if self.projection(col) is None:
-                        if attack == "latent":
-                            row[col] = "n/a"
-                            continue
-                        adv = self.whitebox_adv("pgd", self.attack_model_key(arch, col), x, y)
-                    else:
-                        model = self.attacker_pipeline(arch, col)
-                        if attack == "eot":
-                            deterministic = model.cfg.init == "encoder" and model.cfg.restarts == 1
-                            samples = 1 if deterministic else self.s.eot_samples
-                            adv = eot(model, x, y, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps,
-                                      samples=samples, seed=self.seed)  # fmt: skip
-                        else:
-                            adv = latent(model, x, y, eps=EPS, steps=self.s.latent_steps,
-                                         check_every=self.s.latent_check)  # fmt: skip
+                    if self.projection(col) is None and attack == "latent":
+                        row[col] = "n/a"
+                        continue
+                    adv = self.adaptive_adv(attack, arch, col, x, y)
                     row[col] = self.measure(arch, col, adv, y, f"{ATTACK_NAMES[attack]} {arch}")
                     row[col]["attack_seconds"] = round(time.time() - t0, 1)
                     self.adv_cache[("adaptive", attack, arch, col)] = adv

@@ -1,0 +1,169 @@
+"""The evaluation (issue 7): quick mode end to end, Wilson/accuracy bookkeeping, manifest metrics, train_enhanced."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_tiny_models
+from torch import nn
+
+from service.registry import Registry
+from training import data, evaluate, train_enhanced
+from training.eval_generator import wilson
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+CELL = re.compile(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]")
+
+
+@pytest.fixture(scope="module")
+def own_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private tiny registry: the evaluation writes metrics into its manifest."""
+    return write_tiny_models(tmp_path_factory.mktemp("eval_models"))
+
+
+def quick(models: Path, out: Path, *extra: str) -> dict:
+    threads = str(torch.get_num_threads())  # run() sets threads; keep the suite's setting
+    return evaluate.run(evaluate.parse(["--dataset", "mnist", "--quick", "--models-dir", str(models), "--out",
+                                        str(out), "--threads", threads, *extra]))  # fmt: skip
+
+
+def test_cell_and_wilson_bookkeeping() -> None:
+    c = evaluate.Cell(5, 10)
+    assert c.acc == 0.5
+    lo, hi = c.ci
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert c.fmt() == "0.500 [0.237, 0.763]"
+    assert evaluate.Cell(0, 10).ci[0] == 0.0 and evaluate.Cell(10, 10).ci[1] == 1.0
+    assert evaluate.Cell(0, 10).ci[1] == pytest.approx(0.2775, abs=1e-4)
+    assert evaluate.Cell(7, 9).as_json() == {"k": 7, "n": 9, "acc": 0.7778, "ci95": [round(v, 4) for v in wilson(7, 9)]}
+    # the AUC interval contains the estimate and narrows with more samples
+    lo1, hi1 = evaluate.auc_ci(0.8, 20, 20)
+    lo2, hi2 = evaluate.auc_ci(0.8, 2000, 2000)
+    assert lo1 < lo2 < 0.8 < hi2 < hi1
+
+
+def test_per_image_correctness_counts() -> None:
+    class Always(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float()
+
+    ev = evaluate.Evaluation.__new__(evaluate.Evaluation)
+    y = torch.tensor([3, 1, 3, 3, 0, 3, 9] * 150)  # 1050 labels: batches of 500 are joined correctly
+    ok = ev.correct(Always(), torch.zeros(len(y), 1, 28, 28), y)
+    assert ok.dtype == torch.bool and len(ok) == len(y) and int(ok.sum()) == 4 * 150
+
+
+def test_write_page_keeps_other_datasets(tmp_path: Path) -> None:
+    page = tmp_path / "results.md"
+    evaluate.write_page(page, "mnist", "## mnist\nfirst", quick=False)
+    evaluate.write_page(page, "fmnist", "## fmnist\nother", quick=False)
+    evaluate.write_page(page, "mnist", "## mnist\nsecond", quick=False)
+    text = page.read_text()
+    assert "second" in text and "first" not in text and "other" in text
+    assert text.count("<!-- results:mnist:start -->") == 1 and text.index("mnist\nsecond") < text.index("fmnist")
+
+
+def test_quick_mode_end_to_end_on_tiny_models(own_tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "results.md"
+    doc = quick(own_tiny, out, "--record")
+    text = out.read_text()
+    assert "QUICK SMOKE RUN" in text and "git commit" in text and "machine" in text and "duration" in text
+    for heading in ("Clean accuracy", "White-box L∞", "CW-L2", "Black-box substitute", "ROC AUC"):
+        assert heading in text
+    assert "(**adaptive**)" in text and "(oblivious)" in text and "not shipped" in text
+    assert len(CELL.findall(text)) >= 20
+    fig = out.parent / doc["info"]["figure"]
+    assert fig.exists() and fig.stat().st_size > 0
+    saved = json.loads(out.with_name("results-mnist.json").read_text())
+    assert saved["info"]["quick"] is True and saved["results"]["clean"]["A"]["none"]["cell"]["n"] == 24
+
+    # bookkeeping: the clean cell equals an independent count with the same classifier and images
+    reg = Registry(own_tiny)
+    xs, ys = data.load_slice("mnist")
+    x, y = torch.from_numpy(data.to_float(xs[:24])), torch.from_numpy(ys[:24].astype(np.int64))
+    with torch.no_grad():
+        k = int((reg.classifier("mnist", "classifier_A")(x).argmax(1) == y).sum())
+    clean = saved["results"]["clean"]["A"]["none"]["cell"]
+    assert clean["k"] == k and clean["ci95"] == [round(v, 4) for v in wilson(k, 24)]
+    # every measured cell is consistent: acc = k / n inside its interval
+    for group in ("whitebox", "adaptive"):
+        for rows in saved["results"][group].values():
+            for row in rows.values():
+                for v in row.values():
+                    if isinstance(v, dict) and "cell" in v:
+                        c = v["cell"]
+                        assert c["acc"] == round(c["k"] / c["n"], 4) and c["ci95"][0] <= c["acc"] <= c["ci95"][1]
+    # the attacks did something: FGSM on the bare classifier cannot leave more right than clean
+    assert saved["results"]["whitebox"]["fgsm"]["A"]["none"]["cell"]["k"] <= k
+
+    # headline metrics reach the manifest, which /v1/models serves
+    metrics = Registry(own_tiny).get("mnist/classifier_A").metrics
+    assert metrics["eval_clean_accuracy"]["none"] == round(k / 24, 4)
+    assert set(metrics["eval_clean_accuracy"]) == {"none", "defense-gan", "invert-classify"}
+    assert metrics["eval_robust_accuracy"]["defense-gan"]["linf_eps"] == 0.3
+    assert metrics["evaluation"]["quick"] is True
+    assert "eval_detector_auc" in Registry(own_tiny).get("mnist/generator").metrics
+
+
+def test_projection_cache_reuses_shared_inputs(own_tiny: Path) -> None:
+    s = evaluate.quick_settings()
+    s.n = 8
+    reg = Registry(own_tiny)
+    ev = evaluate.Evaluation(reg, "mnist", s)
+    a = ev.project(ev.x, s.rec, "clean")
+    b = ev.project(ev.x.clone(), s.rec, "clean again")
+    assert ev.projections_run == 1 and ev.projections_reused == 1 and torch.equal(a[0], b[0])
+    ev.project(ev.x, s.rec.with_(steps=s.rec.steps + 1), "other L")
+    assert ev.projections_run == 2
+
+
+def test_disk_cache_resumes_projections(own_tiny: Path, tmp_path: Path) -> None:
+    s = evaluate.quick_settings()
+    s.n = 4
+    first = evaluate.Evaluation(Registry(own_tiny), "mnist", s, cache_dir=tmp_path)
+    a = first.project(first.x, s.rec, "clean")
+    second = evaluate.Evaluation(Registry(own_tiny), "mnist", s, cache_dir=tmp_path)
+    b = second.project(second.x, s.rec, "clean")
+    assert second.projections_run == 0 and second.projections_reused == 1 and torch.equal(a[0], b[0])
+
+
+@pytest.mark.skipif(not (MODELS / "manifest.json").exists(), reason="no shipped models yet")
+def test_quick_mode_on_shipped_models(tmp_path: Path) -> None:
+    reg = Registry(MODELS)
+    if not reg.has("mnist/classifier_A"):
+        pytest.skip("mnist classifier A not shipped yet")
+    out = tmp_path / "results.md"
+    doc = quick(MODELS, out, "--no-record")
+    clean = doc["results"]["clean"]["A"]["none"]["cell"]
+    assert clean["acc"] >= 0.9  # a trained model A on 24 MNIST test images
+    fgsm = doc["results"]["whitebox"]["fgsm"]["A"]["none"]["cell"]
+    assert fgsm["k"] < clean["k"]  # FGSM ε=0.3 hurts the undefended model
+    assert "QUICK SMOKE RUN" in out.read_text()
+
+
+def test_train_enhanced_smoke_loss_decreases(own_tiny: Path, tmp_path: Path) -> None:
+    args = train_enhanced.parse(["--dataset", "mnist", "--data", "slice", "--iters", "16", "--batch", "16",
+                                 "--init", "scratch", "--lr", "2e-3", "--latent-steps", "2", "--img-steps", "2",
+                                 "--models-dir", str(own_tiny), "--log-every", "100"])  # fmt: skip
+    model, history = train_enhanced.train(args)
+    assert len(history) == 16 and all(np.isfinite(history))
+    assert np.mean(history[-4:]) < np.mean(history[:4])
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_train_enhanced_ships_a_verified_classifier(tmp_path: Path) -> None:
+    models = write_tiny_models(tmp_path / "models")
+    args = train_enhanced.parse(["--dataset", "mnist", "--data", "slice", "--iters", "2", "--batch", "8",
+                                 "--latent-steps", "1", "--img-steps", "1", "--models-dir", str(models)])  # fmt: skip
+    model, _ = train_enhanced.train(args)
+    metrics = train_enhanced.ship(args, model)
+    reg = Registry(models)  # verifies every sha256, the new files included
+    art = reg.get("mnist/classifier_A_enhanced")
+    assert art.kind == "classifier" and art.arch == "A" and art.path(models, "onnx").exists()
+    assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-4 and 0 <= metrics["slice200_acc_G_z0"] <= 1
+    assert "classifier_A_enhanced" in reg.classifiers("mnist")
