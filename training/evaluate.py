@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSIFIERS = ("A", "B", "C", "D")
 PAIRS = (("A", "B"), ("A", "E"), ("B", "B"), ("B", "E"), ("C", "B"), ("C", "E"), ("D", "B"), ("D", "E"))
 EPS = 0.3
+HOLDOUT = 150  # the substitute's seed images: the last test images, never evaluated
 # column id → (header, service defense name used in the manifest)
 COLUMNS: dict[str, tuple[str, str]] = {
     "none": ("No defense", "none"),
@@ -130,7 +131,7 @@ class Settings:
     rec: ProjectionConfig = field(default_factory=ProjectionConfig)
     warm: ProjectionConfig = field(default_factory=lambda: ProjectionConfig(init="encoder", steps=25, restarts=1))
     cw: dict = field(default_factory=dict)  # overrides of the Defense-GAN CW preset
-    substitute: dict = field(default_factory=lambda: {"rounds": 6, "epochs": 10, "holdout": 150})
+    substitute: dict = field(default_factory=lambda: {"rounds": 6, "epochs": 10, "holdout": HOLDOUT})
     pgd_steps: int = 40
     pgd_alpha: float = 0.01
     eot_samples: int = 8
@@ -169,6 +170,10 @@ class Evaluation:
         self.reg, self.ds, self.s, self.seed = reg, dataset, s, seed
         self.cache_dir = cache_dir
         xs, ys = data.load_slice(dataset)
+        if s.n > len(xs):  # the slice is the first 1,000 test images; beyond it, the test set minus the 150 seeds
+            a = data.load(dataset)
+            s.n = min(s.n, len(a["x_test"]) - HOLDOUT)
+            xs, ys = a["x_test"], a["y_test"]
         self.x = torch.from_numpy(data.to_float(xs[: s.n]))
         self.y = torch.from_numpy(ys[: s.n].astype(np.int64))
         self.holdout = holdout
@@ -480,7 +485,8 @@ def render(ev: Evaluation, info: dict) -> str:
     out = [f"## {ds}{quick}", ""]
     out += [f"- command: `{info['command']}`", f"- machine: {info['machine']}", f"- duration: {info['duration']}",
             f"- git commit: `{info['commit']}`", f"- date: {info['date']}",
-            f"- images: first n of the committed test slice (models/{ds}/test_slice.npz); adaptive rows on the "
+            f"- images: the first n test images (n ≤ 1000: the committed slice models/{ds}/test_slice.npz); "
+            "adaptive rows on the "
             f"first {min(s.adaptive_n, s.n)}",
             f"- Defense-GAN-Rec: L={s.rec.steps}, R={s.rec.restarts} ({s.rec.optimizer}, lr {s.rec.lr}); encoder warm "
             f"start: L={s.warm.steps}, R={s.warm.restarts}; Enhanced INC projects with "
@@ -732,7 +738,12 @@ def run(args: argparse.Namespace) -> dict:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
-    p.add_argument("--n", type=int, default=None, help="images from the test slice (default 1000; quick 24)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="first n test images (default 1000 = the slice; up to 9850 needs data/<ds>.npz; quick 24)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: few images, reduced L/R/iterations")
     p.add_argument("--models-dir", type=Path, default=common.MODELS_DIR)
     p.add_argument("--out", type=Path, default=None, help="results page (default docs/results.md, quick: "
