@@ -47,6 +47,10 @@ class QueueFull(RuntimeError):
         self.retry_after = retry_after
 
 
+class NotRunning(RuntimeError):
+    """The batcher is not started, or is shutting down (HTTP 503)."""
+
+
 class RequestTimeout(TimeoutError):
     """A request waited and ran longer than its timeout."""
 
@@ -261,7 +265,7 @@ class Batcher:
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
-                item.future.set_exception(RuntimeError("the service is shutting down"))
+                item.future.set_exception(NotRunning("the service is shutting down"))
         self._set_depth()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -280,7 +284,7 @@ class Batcher:
     async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None) -> Outcome:
         """Queue `x` (N×1×28×28) under `job`; wait for this request's share of its batch."""
         if not self.running or self._wake is None:
-            raise RuntimeError("the batcher is not running")
+            raise NotRunning("the batcher is not running")
         if len(self._queue) >= self.max_queue:
             if self.metrics:
                 self.metrics.rejected.inc()

@@ -158,6 +158,8 @@ BAD = [
     (png(DIGITS[0])[:60], "image/png", 400),
     (b'{"image": ', "application/json", 400),
     (b"[1, 2, 3]", "application/json", 422),
+    (b"[" * 100_000, "application/json", 400),
+    (b"\xff\xfe{}", "application/json", 400),
     (b'{"nothing": 1}', "application/json", 422),
     (json.dumps({"image": 5}).encode(), "application/json", 422),
     (json.dumps({"image": "%%%"}).encode(), "application/json", 400),

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batcher import Batcher, QueueFull, RequestTimeout
+from service.batcher import Batcher, NotRunning, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
 from service.engine import Engine
 from service.imaging import ImageError, set_pixel_limit
@@ -117,6 +117,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
         return error(503, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))})
+
+    @app.exception_handler(NotRunning)
+    async def not_running(_: Request, exc: NotRunning) -> JSONResponse:
+        return error(503, str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(RequestTimeout)
     async def timeout(_: Request, exc: RequestTimeout) -> JSONResponse:

@@ -197,8 +197,8 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
     elif ctype == "application/json" or ctype.endswith("+json"):
         try:
             doc = await run_in_threadpool(json.loads, body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HTTPException(400, f"the body is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise HTTPException(400, f"the body is not valid JSON: {str(exc)[:200]}") from exc
         if not isinstance(doc, dict):
             raise HTTPException(422, "the JSON body must be an object with `image`, `images` or `array`")
         inputs = {k: doc.pop(k) for k in IMAGE_KEYS if k in doc}
