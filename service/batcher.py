@@ -7,11 +7,11 @@
 
 A job key is a frozen dataclass (`DefendJob`, `PurifyJob`, or your own with `op`, `run`, `split`): requests with
 equal keys are concatenated along the batch axis, up to `max_batch_size` images, waiting at most `max_wait_ms`
-for a batch to fill (counted from the later of the oldest request's arrival and the worker becoming free, so
-that clients answered by one batch can join the next instead of forming a second, half-size cohort). The engine
-runs on ONE worker thread per batcher (one batcher per device), never in the event loop. At most `max_queue`
-requests wait; beyond that `submit` raises `QueueFull` (HTTP 503 with Retry-After). Each request has a timeout
-(queue wait + compute) and raises `RequestTimeout` past it.
+for a batch to fill (or 10 % of the previous batch's compute time when that is longer), counted from the later of
+the oldest request's arrival and the worker becoming free, so that clients answered by one batch can join the next
+instead of forming a second, half-size cohort. The engine runs on ONE worker thread per batcher (one batcher per
+device), never in the event loop. At most `max_queue` requests wait; beyond that `submit` raises `QueueFull` (HTTP 503
+with Retry-After). Each request has a timeout (queue wait + compute) and raises `RequestTimeout` past it.
 
 With a fixed seed, a batch gives exactly the per-request results: every image of a projection gets the same noise
 draws (see service.purify.initial_latents), so batching changes throughput, not answers.
@@ -37,6 +37,8 @@ from service.metrics import Metrics
 from service.purify import ProjectionConfig
 
 log = logging.getLogger(__name__)
+
+FILL_FRACTION = 0.1  # a batch may wait this fraction of the previous batch's compute time to fill
 
 
 class QueueFull(RuntimeError):
@@ -367,7 +369,9 @@ class Batcher:
             if not isinstance(head.job, _CallJob):
                 # wait for the batch to fill from the later of the oldest arrival and the worker becoming free:
                 # clients answered by the last batch get max_wait to send their next request and join this one
-                deadline = max(head.enqueued, self._free_since) + self.max_wait_s
+                # (adaptive: up to 10 % of the last batch's compute time when that is longer than max_wait)
+                window = max(self.max_wait_s, FILL_FRACTION * self._last_batch_s)
+                deadline = max(head.enqueued, self._free_since) + window
                 while self._pending_images(head.job) < self.max_batch_size and not head.future.done():
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
