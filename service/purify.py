@@ -32,7 +32,8 @@ class ProjectionConfig:
     init: Literal["random", "encoder"] = "random"
     init_std: float | None = None  # random init std; None: 1/sqrt(latent_dim) as in Defense-GAN
     encoder_noise: float = 0.1  # std of the noise added to E(x) for restarts after the first
-    z_max_norm: float | None = None  # optional constraint: project each z onto the ball of this L2 radius
+    z_max_norm: float | None = None  # optional constraint: keep each ‖z‖₂ at most this
+    z_min_norm: float | None = None  # optional constraint: keep each ‖z‖₂ at least this (with max: a shell)
 
     def with_(self, **changes: object) -> ProjectionConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
@@ -124,9 +125,10 @@ def project(
         loss = (generator(z) - target).pow(2).mean(dim=(1, 2, 3)).sum()
         (z.grad,) = torch.autograd.grad(loss, z)
         opt.step()
-        if cfg.z_max_norm is not None:
+        if cfg.z_max_norm is not None or cfg.z_min_norm is not None:
             with torch.no_grad():
-                z.mul_((cfg.z_max_norm / z.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+                norm = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                z.mul_(norm.clamp(min=cfg.z_min_norm, max=cfg.z_max_norm) / norm)
     with torch.no_grad():
         z = z.detach()
         recon = generator(z)

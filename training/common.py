@@ -55,8 +55,9 @@ def batches(n: int, batch: int, rng: np.random.Generator, shuffle: bool = True) 
         yield idx[i : i + batch]
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int = 10, pad: int = 2) -> None:
+def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, nrow: int = 10, pad: int = 2) -> None:
     """Save N×1×H×W images in [0, 1] as one PNG grid."""
+    path = Path(path)
     x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     x = x.reshape(len(x), x.shape[-2], x.shape[-1])
     n, h, w = x.shape

@@ -70,7 +70,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     x = torch.from_numpy(data.to_float(xs[: args.n]))
     y = torch.from_numpy(ys[: args.n].astype("int64"))
     cfg = ProjectionConfig(steps=args.steps, restarts=args.restarts, init=args.init, init_std=args.init_std,
-                           z_max_norm=args.z_max_norm, lr=args.lr)  # fmt: skip
+                           z_max_norm=args.z_max_norm, z_min_norm=args.z_min_norm, lr=args.lr)  # fmt: skip
     adv = fgsm(clf, x, y, eps=args.eps)
     t0 = time.time()
     rec_clean, mse_clean = project_batched(x, G, cfg, enc, args.batch)
@@ -83,7 +83,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     out = {
         "dataset": args.dataset, "tag": args.tag, "generator": args.ckpt or "shipped", "n": n,
         "steps": cfg.steps, "restarts": cfg.restarts, "init": cfg.init, "init_std": args.init_std,
-        "z_max_norm": args.z_max_norm, "lr": cfg.lr, "eps": args.eps,
+        "z_max_norm": args.z_max_norm, "z_min_norm": args.z_min_norm, "lr": cfg.lr, "eps": args.eps,
         "acc_clean_no_defense": acc["x"] / n, "acc_fgsm_no_defense": acc["adv"] / n,
         "acc_clean_defended": acc["G_clean"] / n, "acc_clean_defended_ci95": wilson(acc["G_clean"], n),
         "acc_fgsm_defended": acc["G_adv"] / n, "acc_fgsm_defended_ci95": wilson(acc["G_adv"], n),
@@ -119,6 +119,38 @@ def record(args: argparse.Namespace, out: dict, G: Generator, enc: torch.nn.Modu
     print("recorded", metrics, calibration)
 
 
+def report(dataset: str, out: Path) -> None:
+    """Render every recorded attempt of `dataset` (runs/<dataset>/generator_experiments.jsonl) as a markdown table."""
+    rows = [json.loads(line) for line in (RUNS_DIR / dataset / "generator_experiments.jsonl").read_text().splitlines()]
+    lines = [f"### {dataset}: every attempt ({len(rows)} runs)", "",
+             "| tag | generator | n | L | R | init | z constraint | clean on G(z*) | FGSM ε=0.3 on G(z*) [95% CI] "
+             "| MSE clean / FGSM | detector AUC | s/img |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lo, hi = r["acc_fgsm_defended_ci95"]
+        gen = Path(r["generator"]).name if r["generator"] != "shipped" else "shipped"
+        init = r["init"] + ("" if r.get("init_std") is None else f" σ={r['init_std']:g}")
+        lo_z, hi_z = r.get("z_min_norm"), r.get("z_max_norm")
+        zc = "–" if not (lo_z or hi_z) else f"{lo_z or 0}≤‖z‖≤{hi_z or '∞'}"
+        lines.append(
+            f"| {r['tag']} | {gen} | {r['n']} | {r['steps']} | {r['restarts']} | {init} | {zc} "
+            f"| {r['acc_clean_defended']:.3f} | {r['acc_fgsm_defended']:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"| {r['mse_clean']:.4f} / {r['mse_fgsm']:.4f} | {r['detector_auc_fgsm']:.3f} "
+            f"| {r['seconds_per_image']:.2f} |"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = out.read_text() if out.exists() else ""
+    start = text.find(f"### {dataset}: every attempt")
+    block = "\n".join(lines) + "\n"
+    if start >= 0:
+        end = text.find("### ", start + 4)
+        text = text[:start] + block + ("\n" + text[end:] if end >= 0 else "")
+    else:
+        text = text + ("\n" if text else "") + block
+    out.write_text(text)
+    print(block)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
@@ -131,6 +163,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", choices=["random", "encoder"], default="random")
     p.add_argument("--init-std", type=float, default=None)
     p.add_argument("--z-max-norm", type=float, default=None)
+    p.add_argument("--z-min-norm", type=float, default=None)
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -139,8 +172,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="write figures + detector calibration to the manifest")
     p.add_argument("--fpr", type=float, default=0.05, help="detector target false-positive rate")
     p.add_argument("--n-calibration", type=int, default=300)
+    p.add_argument("--report", metavar="MD", help="only render all recorded attempts into this markdown file")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    evaluate(parse())
+    a = parse()
+    if a.report:
+        report(a.dataset, Path(a.report))
+    else:
+        evaluate(a)

@@ -179,7 +179,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
     p.add_argument("--target", default="classifier_A", help="the shipped classifier to attack")
-    p.add_argument("--eps", type=float, default=0.3, help="L∞ bound of the perturbation")
+    p.add_argument("--eps", type=float, default=0.3, help="L∞ bound (the registry loads ε = 0.3; others: --no-ship)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--minutes", type=float, default=35.0, help="wall-clock budget; stops after the current batch")
     p.add_argument("--batch", type=int, default=128)
@@ -193,7 +193,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-ship", action="store_true", help="train and report only")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.eps != AdvGANGenerator().eps and not a.no_ship:
+        p.error("the registry builds AdvGANGenerator with its default ε = 0.3; train other bounds with --no-ship")
+    return a
 
 
 if __name__ == "__main__":
