@@ -1,7 +1,7 @@
 """Benchmark of the attacks (issue 5) on the shipped MNIST classifier A. Prints one table, measured in one run.
 
-    python bench/attacks.py                        # the table on 300 slice images, timings on 1,000
-    python bench/attacks.py --full                 # AdvGAN figures on the full 10,000-image test set (data/)
+    python -m bench.attacks                        # the table on 300 slice images, timings on 1,000
+    python -m bench.attacks --full --cw-images 20  # + AdvGAN and FGSM on the full 10,000-image test set (data/)
 
 Per attack: success rate on the undefended classifier (prediction ≠ true label, over all images, as AdvGAN's
 paper reports it), mean L2 and L∞ perturbation, and generation time per 1,000 images — every attack timed in the

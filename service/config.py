@@ -31,6 +31,7 @@ class AttackSettings(BaseModel):
     timeout_s: float = 300.0
     adaptive_steps: int = 10  # BPDA/EOT iterations when the caller gives none (EOT: half as many)
     substitute_arch: str = "E"  # the black-box substitute's architecture (E or B)
+    substitute_rounds: int = 6  # its substitute-training rounds (150·2^(rounds−1) oracle queries; the paper: 6)
 
 
 class Upstream(BaseModel):

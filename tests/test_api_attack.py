@@ -25,7 +25,7 @@ XS, YS = data.load_slice("mnist")
 
 def settings(models: Path, **attack: object) -> Settings:
     caps = {"enabled": True, "api_keys": [KEY, "other-key"], "max_iterations": 20, "max_generator_evals": 400,
-            "max_eot_samples": 2, "adaptive_steps": 2}  # fmt: skip
+            "max_eot_samples": 2, "adaptive_steps": 2, "substitute_rounds": 3}  # fmt: skip
     return Settings(models_dir=models, device="cpu", default_steps=2, default_restarts=2, encoder_steps=2,
                     max_steps=20, max_restarts=4, max_wait_ms=1.0,
                     attack=AttackSettings(**{**caps, **attack}))  # fmt: skip

@@ -178,7 +178,7 @@ def test_pgd_targeted_reaches_the_target(victim: Victim) -> None:
 
 def test_cw_l2_reaches_full_success_with_small_perturbations(victim: Victim, capsys: pytest.CaptureFixture) -> None:
     x, y = victim.x[:6], victim.y[:6]
-    adv = A.cw(victim.model, x, y, search_steps=4)
+    adv = A.cw(victim.model, x, y, search_steps=3)
     assert_valid(adv, x)
     assert success(victim.model, adv, y) == 1.0
     l2 = (adv - x).flatten(1).norm(dim=1)
@@ -193,9 +193,9 @@ def test_cw_l2_reaches_full_success_with_small_perturbations(victim: Victim, cap
 
 
 def test_cw_targeted(victim: Victim) -> None:
-    x, y = victim.x[:5], victim.y[:5]
+    x, y = victim.x[:4], victim.y[:4]
     target = (y + 5) % 10
-    adv = A.cw(victim.model, x, target, targeted=True, search_steps=3)
+    adv = A.cw(victim.model, x, target, targeted=True, search_steps=2)
     assert_valid(adv, x)
     assert success(victim.model, adv, target, targeted=True) == 1.0
 
@@ -291,12 +291,13 @@ def test_bpda_beats_the_defense_with_shipped_models(victim: Victim) -> None:
     reg = Registry(MODELS)
     if not reg.has("mnist/generator"):
         pytest.skip("no shipped generator")
-    cfg = ProjectionConfig(steps=25, restarts=1)
+    cfg = ProjectionConfig(steps=20, restarts=1)
     d = A.Defended(victim.model, reg.generator("mnist"), cfg, seed=0)
-    x, y = victim.x[:8], victim.y[:8]
-    adv = A.bpda(d, x, y, eps=0.3, alpha=0.05, steps=10)
+    x, y = victim.x[:6], victim.y[:6]
+    adv = A.bpda(d, x, y, eps=0.3, alpha=0.1, steps=5)
     assert_valid(adv, x, 0.3)
-    assert success(d, adv, y) > success(d, A.fgsm(victim.model, x, y), y)
+    # knowing the defense beats transferring FGSM from the bare classifier
+    assert success(d, adv, y) >= max(0.5, success(d, A.fgsm(victim.model, x, y), y))
 
 
 # -- the service's planner: caps and parameters ----------------------------------------------------------

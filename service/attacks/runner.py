@@ -26,7 +26,6 @@ from service.purify import ProjectionConfig
 from service.registry import DEFAULT_ROOT, Registry
 
 SUBSTITUTE_SEED_IMAGES = 150  # the first 150 images of models/<ds>/test_slice.npz (cleverhans' holdout)
-SUBSTITUTE_QUERIES = 150 * 2**5  # oracle labels asked while training a substitute with 6 rounds
 
 PARAM_TYPES: dict[str, type] = {
     "eps": float, "alpha": float, "steps": int, "random_start": bool, "c": float, "kappa": float,
@@ -114,6 +113,8 @@ def plan(
             notes.append("alpha defaults to 2.5·eps/steps")
     if "targeted" in defaults(spec):
         p["targeted"] = targeted
+    if method == "substitute":
+        p["rounds"] = caps.substitute_rounds
     if "arch" in spec.params:
         p["arch"] = str(raw.get("arch", caps.substitute_arch)).upper()
         if p["arch"] not in ("E", "B"):
@@ -154,7 +155,7 @@ def _passes(method: str, p: dict[str, Any]) -> int:
     if method == "latent":
         return 1 + math.ceil(p["steps"] / p["check_every"])
     if method == "substitute":
-        return SUBSTITUTE_QUERIES
+        return SUBSTITUTE_SEED_IMAGES * 2 ** (p["rounds"] - 1)
     return 0  # advgan: one pass of its own generator, never through the defense
 
 
@@ -189,16 +190,17 @@ class SubstituteCache:
     """One trained substitute per (dataset, classifier, arch), trained on first use (thread-safe)."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str, str], nn.Module] = {}
+        self._models: dict[tuple[str, str, str, int], nn.Module] = {}
         self._lock = threading.Lock()
 
-    def get(self, registry: Registry, dataset: str, classifier: str, arch: str, device: torch.device) -> nn.Module:
-        key = (dataset, classifier, arch)
+    def get(self, registry: Registry, dataset: str, classifier: str, arch: str, device: torch.device,
+            rounds: int = 6) -> nn.Module:  # fmt: skip
+        key = (dataset, classifier, arch, rounds)
         with self._lock:
             if key not in self._models:
                 seeds = seed_images(registry, dataset)[:SUBSTITUTE_SEED_IMAGES].to(device)
                 oracle = as_oracle(registry.classifier(dataset, classifier, device))  # labels only
-                self._models[key] = train_substitute(oracle, seeds, arch=arch).model
+                self._models[key] = train_substitute(oracle, seeds, arch=arch, rounds=rounds).model
             return self._models[key]
 
 
@@ -240,12 +242,12 @@ def execute(
             raise AttackRequestError(f"no AdvGAN generator trained against {dataset}/{classifier} is shipped ({key})")
         kwargs["generator"] = registry.module(key, device)
     if p.method == "substitute":
-        arch = kwargs.pop("arch")
+        arch, rounds = kwargs.pop("arch"), kwargs["rounds"]
         if p.target == "defended":
             oracle = as_oracle(model)
             seeds = seed_images(registry, dataset)[:SUBSTITUTE_SEED_IMAGES].to(device)
-            kwargs["substitute_model"] = train_substitute(oracle, seeds, arch=arch).model
+            kwargs["substitute_model"] = train_substitute(oracle, seeds, arch=arch, rounds=rounds).model
         else:
-            kwargs["substitute_model"] = substitutes.get(registry, dataset, classifier, arch, device)
+            kwargs["substitute_model"] = substitutes.get(registry, dataset, classifier, arch, device, rounds)
     adv = p.spec.fn(model, x, labels, **kwargs)
     return adv.detach().cpu()
