@@ -90,16 +90,23 @@ def assert_valid(adv: torch.Tensor, x: torch.Tensor, eps: float | None = None, n
 
 # -- cross-check against torchattacks ----------------------------------------------------------------
 def _torchattacks() -> types.ModuleType:
+    if "torchattacks" in sys.modules:
+        return sys.modules["torchattacks"]
     try:
         importlib.import_module("scipy")
-    except ImportError:  # torchattacks' package __init__ imports scipy for attacks we never call
-        for name, attrs in (("scipy", {}), ("scipy.stats", {}), ("scipy._lib", {}),
-                            ("scipy._lib._util", {"check_random_state": None}),
-                            ("scipy.optimize", {"OptimizeResult": dict, "minimize": None})):  # fmt: skip
-            mod = sys.modules.setdefault(name, types.ModuleType(name))
-            for k, v in attrs.items():
-                setattr(mod, k, v)
-        sys.modules["scipy"].stats = sys.modules["scipy.stats"]  # type: ignore[attr-defined]
+    except ImportError:  # torchattacks' package __init__ imports scipy for attacks we never call: stub it meanwhile
+        stubs = {name: types.ModuleType(name) for name in ("scipy", "scipy.stats", "scipy._lib", "scipy._lib._util",
+                                                            "scipy.optimize")}  # fmt: skip
+        stubs["scipy"].stats = stubs["scipy.stats"]  # type: ignore[attr-defined]
+        stubs["scipy._lib._util"].check_random_state = None  # type: ignore[attr-defined]
+        stubs["scipy.optimize"].OptimizeResult = dict  # type: ignore[attr-defined]
+        stubs["scipy.optimize"].minimize = None  # type: ignore[attr-defined]
+        sys.modules.update(stubs)
+        try:
+            return pytest.importorskip("torchattacks")
+        finally:  # never leave a fake scipy behind for other tests
+            for name in stubs:
+                sys.modules.pop(name, None)
     return pytest.importorskip("torchattacks")
 
 
