@@ -49,17 +49,17 @@ def train(args: argparse.Namespace) -> Encoder:
 
 @torch.no_grad()
 def slice_recon_mse(E: Encoder, dataset: str) -> float:
-    reg = Registry(MODELS_DIR)
-    G = reg.generator(dataset)
+    """Mean ‖G(E(x)) − x‖² over the committed slice (computed before the new file replaces the shipped one)."""
+    G = Registry(MODELS_DIR).generator(dataset)
     x = torch.from_numpy(data.to_float(data.load_slice(dataset)[0]))
     return float((G(E(x)) - x).pow(2).mean())
 
 
 def ship(args: argparse.Namespace, E: Encoder) -> None:
     rel = f"{args.dataset}/encoder.safetensors"
-    save_weights(E, MODELS_DIR / rel)
-    gen_sha = json.loads((MODELS_DIR / "manifest.json").read_text())["artifacts"][f"{args.dataset}/generator"]
     metrics = {"slice_mse_G_of_E_x": round(slice_recon_mse(E, args.dataset), 6)}
+    gen_sha = json.loads((MODELS_DIR / "manifest.json").read_text())["artifacts"][f"{args.dataset}/generator"]
+    save_weights(E, MODELS_DIR / rel)
     update_manifest(f"{args.dataset}/encoder", {
         "kind": "encoder", "arch": "defensegan-encoder", "dataset": args.dataset, "command": command_line(),
         "files": {"weights": {"path": rel}}, "metrics": metrics,
