@@ -80,15 +80,20 @@ class Encoder(nn.Module):
         return self.body(x)
 
 
-def classifier_a() -> nn.Sequential:
-    """Model A: Conv64 5×5 same, ReLU, Conv64 5×5 s2 valid, ReLU, Dropout .25, FC128, ReLU, Dropout .5, FC10."""
+def _conv_pair_fc(first_channels: int, first_kernel: int) -> nn.Sequential:
+    """Conv{first} {k}×{k} same, ReLU, Conv64 5×5 s2 valid, ReLU, Dropout .25, FC128, ReLU, Dropout .5, FC10."""
     return nn.Sequential(
-        nn.Conv2d(1, 64, 5, padding=2), nn.ReLU(),
-        nn.Conv2d(64, 64, 5, stride=2), nn.ReLU(),
+        nn.Conv2d(1, first_channels, first_kernel, padding=first_kernel // 2), nn.ReLU(),
+        nn.Conv2d(first_channels, 64, 5, stride=2), nn.ReLU(),
         nn.Flatten(), nn.Dropout(0.25),
         nn.Linear(64 * 12 * 12, 128), nn.ReLU(), nn.Dropout(0.5),
         nn.Linear(128, 10),
     )  # fmt: skip
+
+
+def classifier_a() -> nn.Sequential:
+    """Model A: Conv64 5×5 same, ReLU, Conv64 5×5 s2 valid, ReLU, Dropout .25, FC128, ReLU, Dropout .5, FC10."""
+    return _conv_pair_fc(64, 5)
 
 
 def classifier_b() -> nn.Sequential:
@@ -106,13 +111,7 @@ def classifier_b() -> nn.Sequential:
 
 def classifier_c() -> nn.Sequential:
     """Model C: Conv128 3×3 same, ReLU, Conv64 5×5 s2 valid, ReLU, Dropout .25, FC128, ReLU, Dropout .5, FC10."""
-    return nn.Sequential(
-        nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(128, 64, 5, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Dropout(0.25),
-        nn.Linear(64 * 12 * 12, 128), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(128, 10),
-    )  # fmt: skip
+    return _conv_pair_fc(128, 3)
 
 
 def classifier_d() -> nn.Sequential:

@@ -26,7 +26,7 @@ def test_slices_load_with_expected_shapes_and_labels(dataset: str) -> None:
     assert x.shape == (1000, 28, 28) and x.dtype == np.uint8
     assert y.shape == (1000,) and set(np.unique(y)) == set(range(10))
     f = data.to_float(x[:3])
-    assert f.shape == (3, 1, 28, 28) and f.dtype == np.float32 and 0 <= f.min() and f.max() <= 1
+    assert f.shape == (3, 1, 28, 28) and f.dtype == np.float32 and f.min() >= 0 and f.max() <= 1
     # MNIST test set starts with 7, 2, 1, 0; Fashion-MNIST's with ankle boot, pullover, trouser
     assert list(y[:3]) == ([7, 2, 1] if dataset == "mnist" else [9, 2, 1])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+from service.registry import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
@@ -76,14 +77,6 @@ def save_weights(module: torch.nn.Module, path: Path) -> str:
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(path))
     return sha256_file(path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def update_manifest(key: str, entry: dict) -> None:
