@@ -1,6 +1,6 @@
 """Print the shipped models and their recorded figures as markdown, straight from models/manifest.json.
 
-    python -m training.report            # the README's "Shipped models" tables are this command's output
+python -m training.report            # the README's "Shipped models" tables are this command's output
 """
 
 from __future__ import annotations
