@@ -37,21 +37,22 @@ class Generator(nn.Module):
         return torch.sigmoid(self.up3(h))
 
 
+def _conv_trunk(width: int) -> list[nn.Module]:
+    """Conv 5×5 s2 1→w→2w→4w with LeakyReLU 0.2, flattened (28×28 → 4·4·4w): the critic's and encoder's body."""
+    return [
+        nn.Conv2d(1, width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
+        nn.Conv2d(width, 2 * width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
+        nn.Conv2d(2 * width, 4 * width, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
+        nn.Flatten(),
+    ]  # fmt: skip
+
+
 class Critic(nn.Module):
     """Defense-GAN critic: Conv 5×5 s2 64→128→256 with LeakyReLU 0.2, Linear → 1 (a score, no sigmoid)."""
 
     def __init__(self, width: int = 64) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, 5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-            nn.Linear(4 * 4 * 4 * width, 1),
-        )
+        self.body = nn.Sequential(*_conv_trunk(width), nn.Linear(4 * 4 * 4 * width, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).squeeze(1)
@@ -65,16 +66,7 @@ class Encoder(nn.Module):
 
     def __init__(self, latent_dim: int = LATENT_DIM, width: int = 64) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, 5, stride=2, padding=2),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-            nn.Linear(4 * 4 * 4 * width, latent_dim),
-        )
+        self.body = nn.Sequential(*_conv_trunk(width), nn.Linear(4 * 4 * 4 * width, latent_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
