@@ -7,7 +7,7 @@
 For the first n slice images: classifier A's accuracy on x, on G(z*) of x (clean), and on G(z*) of FGSM(x)
 computed on classifier A alone (ε = 0.3, the Defense-GAN white-box setting), with Wilson 95% intervals; the mean
 reconstruction MSE; the MSE detector's ROC AUC (clean vs adversarial). Every run is appended to
-runs/<dataset>/generator_experiments.jsonl so that attempts can be compared.
+docs/experiments/generator_<dataset>.jsonl (committed) so that attempts can be compared.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from service.nets import Generator
 from service.purify import Detector, ProjectionConfig, freeze, project, roc_auc
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, RUNS_DIR, command_line, record_metrics, setup
+from training.common import MODELS_DIR, ROOT, command_line, record_metrics, setup
+
+EXPERIMENTS = ROOT / "docs" / "experiments"
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -92,7 +94,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "seconds_per_image": t_clean / n, "threads": torch.get_num_threads(), "command": command_line(),
     }  # fmt: skip
     print(json.dumps(out, indent=1))
-    log = RUNS_DIR / args.dataset / "generator_experiments.jsonl"
+    log = EXPERIMENTS / f"generator_{args.dataset}.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(json.dumps(out) + "\n")
@@ -120,8 +122,8 @@ def record(args: argparse.Namespace, out: dict, G: Generator, enc: torch.nn.Modu
 
 
 def report(dataset: str, out: Path) -> None:
-    """Render every recorded attempt of `dataset` (runs/<dataset>/generator_experiments.jsonl) as a markdown table."""
-    rows = [json.loads(line) for line in (RUNS_DIR / dataset / "generator_experiments.jsonl").read_text().splitlines()]
+    """Render every recorded attempt of `dataset` (docs/experiments/generator_<dataset>.jsonl) as a markdown table."""
+    rows = [json.loads(line) for line in (EXPERIMENTS / f"generator_{dataset}.jsonl").read_text().splitlines()]
     lines = [f"### {dataset}: every attempt ({len(rows)} runs)", "",
              "| tag | generator | n | L | R | init | z constraint | clean on G(z*) | FGSM ε=0.3 on G(z*) [95% CI] "
              "| MSE clean / FGSM | detector AUC | s/img |",
