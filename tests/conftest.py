@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from service import nets
@@ -60,3 +62,12 @@ def tiny_registry(tiny_models: Path) -> Registry:
 def registry() -> Registry:
     """The shipped models, hash-verified."""
     return Registry(MODELS)
+
+
+def wait_ready(client: TestClient) -> None:
+    """Poll /readyz of an in-process app until it answers 200 (warm-up runs in the background)."""
+    for _ in range(600):
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(client.get("/readyz").json())

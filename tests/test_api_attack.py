@@ -6,12 +6,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_ready
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -29,14 +29,6 @@ def settings(models: Path, **attack: object) -> Settings:
     return Settings(models_dir=models, device="cpu", default_steps=2, default_restarts=2, encoder_steps=2,
                     max_steps=20, max_restarts=4, max_wait_ms=1.0,
                     attack=AttackSettings(**{**caps, **attack}))  # fmt: skip
-
-
-def wait_ready(client: TestClient) -> None:
-    for _ in range(600):
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(client.get("/readyz").json())
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import wait_ready
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -35,14 +35,6 @@ def settings(models: Path, **kw: object) -> Settings:
     base = dict(models_dir=models, device="cpu", default_steps=2, default_restarts=2, encoder_steps=2, max_steps=20,
                 max_restarts=4, max_upload_bytes=300_000, max_batch_images=8, max_wait_ms=1.0)  # fmt: skip
     return Settings(**{**base, **kw})  # type: ignore[arg-type]
-
-
-def wait_ready(client: TestClient) -> None:
-    for _ in range(600):
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(client.get("/readyz").json())
 
 
 @pytest.fixture(scope="module")
