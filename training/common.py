@@ -79,34 +79,36 @@ def save_weights(module: torch.nn.Module, path: Path) -> str:
     return sha256_file(path)
 
 
-def update_manifest(key: str, entry: dict) -> None:
+def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR) -> None:
     """Insert or replace `artifacts[key]` in models/manifest.json, hashing each of its files.
 
     `entry["files"]` maps a role ("weights", "onnx", "data") to {"path": relative to models/}; sha256, the git
     commit and the date are filled in. Metrics already recorded for the entry are merged, not dropped.
     """
-    man = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {"schema": 1, "artifacts": {}}
+    manifest = Path(models_dir) / "manifest.json"
+    man = json.loads(manifest.read_text()) if manifest.exists() else {"schema": 1, "artifacts": {}}
     old = man["artifacts"].get(key, {})
     merged = {**old, **entry}
     merged["metrics"] = {**old.get("metrics", {}), **entry.get("metrics", {})}
-    merged["files"] = {role: {"path": f["path"], "sha256": sha256_file(MODELS_DIR / f["path"])}
+    merged["files"] = {role: {"path": f["path"], "sha256": sha256_file(Path(models_dir) / f["path"])}
                        for role, f in entry["files"].items()}  # fmt: skip
     merged["commit"] = entry.get("commit") or git_commit()
     merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     man["artifacts"][key] = dict(sorted(merged.items()))
     man["artifacts"] = dict(sorted(man["artifacts"].items()))
-    MANIFEST.parent.mkdir(parents=True, exist_ok=True)
-    MANIFEST.write_text(json.dumps(man, indent=2) + "\n")
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(man, indent=2) + "\n")
 
 
-def record_metrics(key: str, metrics: dict, **fields: object) -> None:
+def record_metrics(key: str, metrics: dict, models_dir: Path = MODELS_DIR, **fields: object) -> None:
     """Merge measured metrics (and top-level `fields`) into an existing manifest entry; files stay as they are."""
-    man = json.loads(MANIFEST.read_text())
+    manifest = Path(models_dir) / "manifest.json"
+    man = json.loads(manifest.read_text())
     entry = man["artifacts"][key]
     entry.setdefault("metrics", {}).update(metrics)
     for name, value in fields.items():
         entry[name] = {**entry.get(name, {}), **value} if isinstance(value, dict) else value
-    MANIFEST.write_text(json.dumps(man, indent=2) + "\n")
+    manifest.write_text(json.dumps(man, indent=2) + "\n")
 
 
 class Progress:

@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,17 +103,6 @@ def auc_ci(auc: float, n_neg: int, n_pos: int, z: float = 1.96) -> tuple[float, 
     var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
     h = z * math.sqrt(max(var, 0.0))
     return (max(0.0, auc - h), min(1.0, auc + h))
-
-
-@contextlib.contextmanager
-def models_dir_for_manifest(models_dir: Path) -> Iterator[None]:
-    """Point training.common's manifest helpers (update_manifest, record_metrics) at another models/ folder."""
-    saved = common.MODELS_DIR, common.MANIFEST
-    common.MODELS_DIR, common.MANIFEST = Path(models_dir), Path(models_dir) / "manifest.json"
-    try:
-        yield
-    finally:
-        common.MODELS_DIR, common.MANIFEST = saved
 
 
 def digest(x: torch.Tensor) -> str:
@@ -638,11 +626,10 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
 
 
 def record(ev: Evaluation, info: dict, models_dir: Path) -> None:
-    with models_dir_for_manifest(models_dir):
-        for key, metrics in headline(ev, info).items():
-            record_metrics(key, metrics)
-        if ev.G is not None and ev.results["detector"]:
-            record_metrics(f"{ev.ds}/generator", {"eval_detector_auc": ev.results["detector"]})
+    for key, metrics in headline(ev, info).items():
+        record_metrics(key, metrics, models_dir)
+    if ev.G is not None and ev.results["detector"]:
+        record_metrics(f"{ev.ds}/generator", {"eval_detector_auc": ev.results["detector"]}, models_dir)
     print(f"recorded headline metrics in {models_dir / 'manifest.json'}", flush=True)
 
 

@@ -36,7 +36,6 @@ from service.purify import ProjectionConfig, project
 from service.registry import Registry
 from training import data
 from training.common import MODELS_DIR, Progress, command_line, save_weights, setup, update_manifest
-from training.evaluate import models_dir_for_manifest
 from training.train_classifier import accuracy, export_onnx, onnx_max_diff
 
 
@@ -180,8 +179,7 @@ def ship(args: argparse.Namespace, clf: nn.Module) -> dict:
                   "onnx": {"path": str(rel.with_suffix(".onnx"))}},
         "metrics": metrics,
     }  # fmt: skip
-    with models_dir_for_manifest(root):
-        update_manifest(f"{args.dataset}/{name}", entry)
+    update_manifest(f"{args.dataset}/{name}", entry, root)
     print(f"shipped {rel}: {metrics}", flush=True)
     return metrics
 
