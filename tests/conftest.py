@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from service import nets
 from service.registry import Registry, sha256_file
+from training.train_classifier import export_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -35,9 +36,7 @@ def write_tiny_models(root: Path, datasets: tuple[str, ...] = ("mnist",), seed: 
             files = {"weights": {"path": f"{ds}/{name}.safetensors", "sha256": sha256_file(w)}}
             if kind == "classifier":
                 o = root / ds / f"{name}.onnx"
-                torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), str(o), input_names=["input"],
-                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                                  opset_version=17, dynamo=False)  # fmt: skip
+                export_onnx(net, o)
                 files["onnx"] = {"path": f"{ds}/{name}.onnx", "sha256": sha256_file(o)}
             entry = {"kind": kind, "arch": arch, "dataset": ds, "files": files, "metrics": {}, "command": "tests"}
             if kind == "generator":
