@@ -132,6 +132,25 @@ def test_disk_cache_resumes_projections(own_tiny: Path, tmp_path: Path) -> None:
     assert second.projections_run == 0 and second.projections_reused == 1 and torch.equal(a[0], b[0])
 
 
+def test_second_run_reuses_every_cached_attack_and_projection(own_tiny: Path, tmp_path: Path) -> None:
+    """A resumed run recomputes nothing (attacks, substitutes, projections) and reports the same figures."""
+    cache = str(tmp_path / "cache")
+    first = quick(own_tiny, tmp_path / "a" / "results.md", "--no-record", "--cache-dir", cache)
+    second = quick(own_tiny, tmp_path / "b" / "results.md", "--no-record", "--cache-dir", cache)
+    assert first["info"]["projections_run"] > 0 and first["info"]["cached_seconds"] == 0
+    assert second["info"]["projections_run"] == 0 and second["info"]["projections_reused"] >= first["info"][
+        "projections_run"] and second["info"]["cached_seconds"] > 0  # fmt: skip
+    assert "reused from earlier runs" in second["info"]["duration"]
+    assert untimed(first["results"]) == untimed(second["results"])
+
+
+def untimed(v: object) -> object:
+    """v without its wall-clock fields."""
+    if isinstance(v, dict):
+        return {k: untimed(x) for k, x in v.items() if k not in ("seconds", "attack_seconds")}
+    return v
+
+
 @pytest.mark.skipif(not (MODELS / "manifest.json").exists(), reason="no shipped models yet")
 def test_quick_mode_on_shipped_models(tmp_path: Path) -> None:
     reg = Registry(MODELS)

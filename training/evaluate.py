@@ -32,12 +32,14 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 import training.common as common
@@ -169,7 +171,7 @@ class Evaluation:
         self.E = reg.encoder(dataset)
         self.proj_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.adv_cache: dict[tuple, torch.Tensor] = {}
-        self.sub_cache: dict[tuple, nn.Module] = {}
+        self.cached_seconds = 0.0  # compute time of the cache entries this run reused
         self.results: dict = {"clean": {}, "whitebox": {}, "blackbox": {}, "adaptive": {}, "detector": {},
                               "cw_l2": {}, "substitutes": {}}  # fmt: skip
         self.projections_run = 0
@@ -211,36 +213,57 @@ class Evaluation:
         return None
 
     # -- projection with cache -----------------------------------------------------------------------------------
+    def cached(self, kind: str, key: tuple, compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+        """compute() → (tensors, metadata) once per key, kept on disk under --cache-dir with the seconds it took;
+        a reuse adds those seconds to `cached_seconds`, so the page can state the whole run's compute time."""
+        f = self.cache_dir / f"{kind}-{hashlib.sha1(repr(key).encode()).hexdigest()[:20]}.safetensors" \
+            if self.cache_dir else None  # fmt: skip
+        if f is not None and f.exists():
+            with safe_open(str(f), "pt") as h:
+                meta = dict(h.metadata() or {})
+                tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            self.cached_seconds += float(meta.get("seconds", 0))
+            return tensors, meta
+        t0 = time.time()
+        tensors, meta = compute()
+        meta = {**meta, "seconds": f"{time.time() - t0:.1f}"}
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(f), metadata=meta)
+        return tensors, meta
+
     def project(self, x: torch.Tensor, cfg: ProjectionConfig, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(G(z*), MSE) of x under the defense's projection (seed + 1000), cached in memory and on disk."""
         assert self.G is not None
+        G = self.G
         seed = self.seed + 1000
         k = (self.ds, digest(x), cfg.steps, cfg.restarts, cfg.init, cfg.lr, seed)
         if k in self.proj_cache:
             self.projections_reused += 1
             return self.proj_cache[k]
-        f = self.cache_dir / ("proj-" + hashlib.sha1(repr(k).encode()).hexdigest()[:20] + ".safetensors") \
-            if self.cache_dir else None  # fmt: skip
-        if f is not None and f.exists():
-            t = load_file(str(f))
-            self.proj_cache[k] = (t["images"], t["mse"])
+
+        def compute() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            t0, imgs, mses = time.time(), [], []
+            for i in range(0, len(x), self.s.batch):
+                p = project(x[i : i + self.s.batch], G, cfg, encoder=self.E if cfg.init == "encoder" else None,
+                            seed=seed)  # fmt: skip
+                imgs.append(p.images)
+                mses.append(p.mse)
+                if len(x) > self.s.batch and (i // self.s.batch) % 8 == 7:
+                    print(f"      projecting {what}: {i + len(p.images)}/{len(x)} ({time.time() - t0:.0f}s)",
+                          flush=True)  # fmt: skip
+            computed.append(True)
+            return {"images": torch.cat(imgs), "mse": torch.cat(mses)}, {}
+
+        computed: list[bool] = []
+        t, _ = self.cached("proj", k, compute)
+        if computed:
+            self.projections_run += 1
+        else:
             self.projections_reused += 1
-            return self.proj_cache[k]
-        t0, imgs, mses = time.time(), [], []
-        for i in range(0, len(x), self.s.batch):
-            p = project(x[i : i + self.s.batch], self.G, cfg, encoder=self.E if cfg.init == "encoder" else None,
-                        seed=seed)  # fmt: skip
-            imgs.append(p.images)
-            mses.append(p.mse)
-            if len(x) > self.s.batch and (i // self.s.batch) % 8 == 7:
-                print(f"      projecting {what}: {i + len(p.images)}/{len(x)} ({time.time() - t0:.0f}s)", flush=True)
-        out = (torch.cat(imgs), torch.cat(mses))
-        self.projections_run += 1
-        self.proj_cache[k] = out
-        if f is not None:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"images": out[0].contiguous(), "mse": out[1].contiguous()}, str(f))
-        return out
+        self.proj_cache[k] = (t["images"], t["mse"])
+        return self.proj_cache[k]
 
     @torch.no_grad()
     def correct(self, clf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -270,40 +293,60 @@ class Evaluation:
         """The classifier an oblivious attack differentiates for this column (its own bare classifier)."""
         return self.key(arch, col) or ""
 
+    def model_sha(self, model_key: str) -> str:
+        return self.reg.get(model_key).files["weights"]["sha256"][:16]
+
     def whitebox_adv(self, attack: str, model_key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         k = (attack, model_key, len(x))
-        if k not in self.adv_cache:
-            m = self.reg.module(model_key)
+        if k in self.adv_cache:
+            return self.adv_cache[k]
+        m = self.reg.module(model_key)
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def compute() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             if attack == "fgsm":
                 adv = fgsm(m, x, y, eps=EPS)
             elif attack == "rand-fgsm":
-                adv = rand_fgsm(m, x, y, eps=EPS, alpha=0.05, generator=torch.Generator().manual_seed(self.seed))
+                adv = rand_fgsm(m, x, y, eps=EPS, alpha=0.05, generator=gen)
             elif attack == "cw":
                 adv = torch.cat([cw_defense_gan(m, x[i : i + 250], y[i : i + 250], **self.s.cw)
                                  for i in range(0, len(x), 250)])  # fmt: skip
             elif attack == "pgd":
-                adv = pgd(m, x, y, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps,
-                          generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
+                adv = pgd(m, x, y, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps, generator=gen)
             else:
                 raise ValueError(attack)
-            self.adv_cache[k] = adv
+            return {"adv": adv}, {}
+
+        params = (attack, self.model_sha(model_key), sorted(self.s.cw.items()), self.s.pgd_steps, self.s.pgd_alpha,
+                  self.seed, digest(x), digest(y))  # fmt: skip
+        self.adv_cache[k] = self.cached("whitebox", params, compute)[0]["adv"]
         return self.adv_cache[k]
 
-    def substitute_model(self, oracle_key: str, sub_arch: str) -> nn.Module:
-        k = (oracle_key, sub_arch)
-        if k not in self.sub_cache:
-            assert self.holdout is not None
-            t0 = time.time()
-            p = self.s.substitute
-            sub = train_substitute(self.reg.module(oracle_key), self.holdout, arch=sub_arch, rounds=p["rounds"],
+    def substitute_adv(self, oracle_key: str, sub_arch: str) -> torch.Tensor:
+        """FGSM on a substitute of `sub_arch` trained by querying `oracle_key` (Papernot et al.), cached on disk."""
+        k = ("substitute", oracle_key, sub_arch)
+        if k in self.adv_cache:
+            return self.adv_cache[k]
+        assert self.holdout is not None
+        holdout, p = self.holdout, self.s.substitute
+
+        def compute() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            sub = train_substitute(self.reg.module(oracle_key), holdout, arch=sub_arch, rounds=p["rounds"],
                                    epochs=p["epochs"], seed=self.seed)  # fmt: skip
-            self.sub_cache[k] = sub.model
-            self.results["substitutes"][f"{oracle_key}/{sub_arch}"] = {
-                "oracle_queries": sub.oracle_queries, "training_points": sub.training_points,
-                "agreement": round(sub.agreement, 4), "seconds": round(time.time() - t0, 1)}  # fmt: skip
-            print(f"    substitute {sub_arch} of {oracle_key}: {sub.training_points} points, {sub.oracle_queries} "
-                  f"queries, agreement {sub.agreement:.3f} ({time.time() - t0:.1f}s)", flush=True)  # fmt: skip
-        return self.sub_cache[k]
+            stats = {"oracle_queries": sub.oracle_queries, "training_points": sub.training_points,
+                     "agreement": round(sub.agreement, 4)}  # fmt: skip
+            return {"adv": fgsm(sub.model, self.x, self.y, eps=EPS)}, {"stats": json.dumps(stats)}
+
+        params = ("substitute", self.model_sha(oracle_key), sub_arch, sorted(p.items()), self.seed, digest(holdout),
+                  digest(self.x), digest(self.y))  # fmt: skip
+        tensors, meta = self.cached("substitute", params, compute)
+        stats = {**json.loads(meta["stats"]), "seconds": float(meta["seconds"])}
+        self.results["substitutes"][f"{oracle_key}/{sub_arch}"] = stats
+        print(f"    substitute {sub_arch} of {oracle_key}: {stats['training_points']} points, "
+              f"{stats['oracle_queries']} queries, agreement {stats['agreement']:.3f} ({stats['seconds']:.1f}s)",
+              flush=True)  # fmt: skip
+        self.adv_cache[k] = tensors["adv"]
+        return self.adv_cache[k]
 
     # -- sections -------------------------------------------------------------------------------------------------
     def run_clean(self) -> None:
@@ -346,11 +389,8 @@ class Evaluation:
                 if why:
                     row[col] = why
                     continue
-                model = self.substitute_model(self.attack_model_key(arch, col), sub)
-                k = ("substitute", self.attack_model_key(arch, col), sub)
-                if k not in self.adv_cache:
-                    self.adv_cache[k] = fgsm(model, self.x, self.y, eps=EPS)
-                row[col] = self.measure(arch, col, self.adv_cache[k], self.y, f"substitute {arch}/{sub}")
+                adv = self.substitute_adv(self.attack_model_key(arch, col), sub)
+                row[col] = self.measure(arch, col, adv, self.y, f"substitute {arch}/{sub}")
             self.results["blackbox"][f"{arch}/{sub}"] = row
 
     def attacker_pipeline(self, arch: str, col: str) -> Defended:
@@ -368,26 +408,20 @@ class Evaluation:
         model = self.attacker_pipeline(arch, col)
         deterministic = model.cfg.init == "encoder" and model.cfg.restarts == 1
         samples = 1 if deterministic else self.s.eot_samples
-        sha = self.reg.get(key).files["weights"]["sha256"][:16]
-        params = (attack, sha, model.cfg, self.s.pgd_steps, self.s.pgd_alpha, samples, self.s.latent_steps,
-                  self.s.latent_check, self.seed)  # fmt: skip
+        params = (attack, self.model_sha(key), model.cfg, self.s.pgd_steps, self.s.pgd_alpha, samples,
+                  self.s.latent_steps, self.s.latent_check, self.seed)  # fmt: skip
         chunks, t0 = [], time.time()
         for i in range(0, len(x), self.s.batch):
             xb, yb = x[i : i + self.s.batch], y[i : i + self.s.batch]
-            f = self.cache_dir / ("adv-" + hashlib.sha1(repr((params, digest(xb))).encode()).hexdigest()[:20]
-                                  + ".safetensors") if self.cache_dir else None  # fmt: skip
-            if f is not None and f.exists():
-                chunks.append(load_file(str(f))["adv"])
-                continue
-            if attack == "eot":
-                adv = eot(model, xb, yb, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps, samples=samples,
-                          seed=self.seed)  # fmt: skip
-            else:
-                adv = latent(model, xb, yb, eps=EPS, steps=self.s.latent_steps, check_every=self.s.latent_check)
-            chunks.append(adv)
-            if f is not None:
-                f.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"adv": adv.contiguous()}, str(f))
+
+            def compute(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                if attack == "eot":
+                    return {"adv": eot(model, xb, yb, eps=EPS, alpha=self.s.pgd_alpha, steps=self.s.pgd_steps,
+                                       samples=samples, seed=self.seed)}, {}  # fmt: skip
+                return {"adv": latent(model, xb, yb, eps=EPS, steps=self.s.latent_steps,
+                                      check_every=self.s.latent_check)}, {}  # fmt: skip
+
+            chunks.append(self.cached("adv", (params, digest(xb)), compute)[0]["adv"])
             if len(x) > self.s.batch:
                 print(f"      {ATTACK_NAMES[attack]} {arch} {COLUMNS[col][0]}: {i + len(xb)}/{len(x)} "
                       f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
@@ -688,7 +722,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.adaptive_classifiers:
         s.adaptive_classifiers = tuple(a.strip().upper() for a in args.adaptive_classifiers.split(",") if a.strip())
     holdout = load_holdout(args.dataset, s.n, s.substitute["holdout"]) if "blackbox" in args.sections else None
-    cache_dir = None if args.quick or args.no_cache else (args.cache_dir or ROOT / "runs" / args.dataset / "eval_cache")
+    cache_dir = args.cache_dir or (None if args.quick or args.no_cache else ROOT / "runs" / args.dataset / "eval_cache")
     ev = Evaluation(reg, args.dataset, s, seed=args.seed, cache_dir=cache_dir, holdout=holdout)
     print(
         f"evaluating {args.dataset} on n={len(ev.x)} ({'quick' if args.quick else 'full'}); generator: "
@@ -709,7 +743,11 @@ def run(args: argparse.Namespace) -> dict:
     info = {
         "command": command_line(), "machine": machine(), "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": bool(args.quick),
-        "duration": f"{(time.time() - t0) / 60:.1f} min ({time.time() - t0:.0f} s)", "n": s.n,
+        "duration": f"{(time.time() - t0) / 60:.1f} min this run"
+                    + (f", plus {ev.cached_seconds / 60:.1f} min of work reused from earlier runs' cache (total "
+                       f"{(time.time() - t0 + ev.cached_seconds) / 60:.1f} min)" if ev.cached_seconds else ""),
+        "n": s.n, "projections_run": ev.projections_run, "projections_reused": ev.projections_reused,
+        "cached_seconds": round(ev.cached_seconds, 1),
         "figure": str(fig.relative_to(out.parent)) if has_fig else None,
         "page": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
     }  # fmt: skip
@@ -754,8 +792,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="images per projection batch (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=common.env_threads() or 1)
-    p.add_argument("--cache-dir", type=Path, default=None, help="projection cache (default runs/<ds>/eval_cache)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk projection cache")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache of projections and attacks (default runs/<ds>/eval_cache; quick: none unless given)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk cache")
     rec = p.add_mutually_exclusive_group()
     rec.add_argument("--record", dest="record", action="store_true", default=None,
                      help="write headline metrics to the manifest (default for full runs)")  # fmt: skip
