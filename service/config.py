@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     # serving (python -m service; the /v1 API)
     host: str = "127.0.0.1"
     port: int = 8000
-    default_defense: Literal["none", "defense-gan", "invert-classify"] = "defense-gan"
+    default_defense: Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify"] = "defense-gan"
     warm_up: bool = True  # run every model once at start-up; /readyz answers 200 after it
 
     attack: AttackSettings = Field(default_factory=AttackSettings)

@@ -19,8 +19,27 @@ from service.classify import OnnxClassifier, labels_and_probs
 from service.purify import Projection, ProjectionConfig, check_images, project
 from service.registry import Registry
 
-Defense = Literal["none", "defense-gan", "invert-classify"]
-DEFENSES: tuple[str, ...] = ("none", "defense-gan", "invert-classify")
+Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify"]
+DEFENSES: tuple[str, ...] = ("none", "defense-gan", "invert-classify", "enhanced-invert-classify")
+WARM_START: tuple[str, ...] = ("invert-classify", "enhanced-invert-classify")  # project from E(x)
+ENHANCED = "_enhanced"  # classifier_X_enhanced: classifier_X adversarially fine-tuned on G's range
+
+
+def enhanced_classifier(registry: Registry, dataset: str, classifier: str) -> str | None:
+    """The Enhanced Invert-and-Classify counterpart of `classifier` (itself if it is one), or None if not shipped."""
+    name = classifier if classifier.endswith(ENHANCED) else classifier + ENHANCED
+    return name if registry.has(f"{dataset}/{name}") else None
+
+
+def projection_config(defense: str, steps: int | None, restarts: int | None, default_steps: int,
+                      default_restarts: int, encoder_steps: int, encoder_restarts: int
+                      ) -> ProjectionConfig:  # fmt: skip
+    """The projection a defense name implies, with the caller's overrides (None: the defaults given)."""
+    if defense in WARM_START:
+        return ProjectionConfig(init="encoder").with_(steps=steps if steps is not None else encoder_steps,
+                                                      restarts=restarts or encoder_restarts)  # fmt: skip
+    return ProjectionConfig().with_(steps=steps if steps is not None else default_steps,
+                                    restarts=restarts or default_restarts)  # fmt: skip
 
 
 @dataclass
@@ -89,21 +108,17 @@ class Engine:
         """(labels, probabilities) of x through the ONNX classifier."""
         return labels_and_probs(self.onnx(dataset, classifier).logits(x))
 
-    def projection_config(self, defense: str, steps: int | None, restarts: int | None,
-                          default_steps: int, default_restarts: int,
-                          encoder_steps: int, encoder_restarts: int) -> ProjectionConfig:  # fmt: skip
-        """The projection a defense name implies, with the caller's overrides."""
-        if defense == "invert-classify":
-            return ProjectionConfig(init="encoder").with_(steps=steps if steps is not None else encoder_steps,
-                                                          restarts=restarts or encoder_restarts)  # fmt: skip
-        return ProjectionConfig().with_(steps=steps if steps is not None else default_steps,
-                                        restarts=restarts or default_restarts)  # fmt: skip
-
     def defend(self, x: torch.Tensor, dataset: str, classifier: str, defense: str,
                cfg: ProjectionConfig | None = None, seed: int | None = None) -> DefendResult:  # fmt: skip
-        """Classify x, purifying it first unless defense == "none"; detector flags for defended calls."""
+        """Classify x, purifying it first unless defense == "none"; detector flags for defended calls.
+        enhanced-invert-classify classifies with `classifier`'s enhanced counterpart (ValueError if not shipped)."""
         if defense not in DEFENSES:
             raise ValueError(f"unknown defense {defense!r}; expected one of {DEFENSES}")
+        if defense == "enhanced-invert-classify":
+            enhanced = enhanced_classifier(self.registry, dataset, classifier)
+            if enhanced is None:
+                raise ValueError(f"no enhanced classifier is shipped for {dataset}/{classifier}")
+            classifier = enhanced
         check_images(x)
         timings: dict[str, float] = {}
         if defense == "none":
@@ -111,7 +126,7 @@ class Engine:
             labels, probs = self.classify(x, dataset, classifier)
             timings["classify_ms"] = (time.perf_counter() - t) * 1e3
             return DefendResult(labels, probs, None, None, None, None, timings, 0, 0)
-        cfg = cfg or ProjectionConfig(init="encoder" if defense == "invert-classify" else "random")
+        cfg = cfg or ProjectionConfig(init="encoder" if defense in WARM_START else "random")
         t = time.perf_counter()
         proj = self.purify(x, dataset, cfg, seed=seed)
         timings["purify_ms"] = (time.perf_counter() - t) * 1e3

@@ -22,14 +22,17 @@ MODELS = ROOT / "models"
 torch.set_num_threads(int(os.environ.get("MG_TEST_THREADS", "2")))
 
 
-def write_tiny_models(root: Path, datasets: tuple[str, ...] = ("mnist",), seed: int = 0) -> Path:
-    """A models/ folder with random-weight generator, encoder and classifier A (+ ONNX) and its manifest."""
+def write_tiny_models(root: Path, datasets: tuple[str, ...] = ("mnist",), seed: int = 0,
+                      enhanced: bool = False) -> Path:  # fmt: skip
+    """A models/ folder with random-weight generator, encoder and classifier A (+ ONNX; with `enhanced` also a
+    classifier_A_enhanced) and its manifest."""
     torch.manual_seed(seed)
     artifacts: dict[str, dict] = {}
+    names = [("generator", "generator", None), ("encoder", "encoder", None), ("classifier_A", "classifier", "A")]
+    names += [("classifier_A_enhanced", "classifier", "A")] if enhanced else []
     for ds in datasets:
         (root / ds).mkdir(parents=True, exist_ok=True)
-        for name, kind, arch in (("generator", "generator", None), ("encoder", "encoder", None),
-                                 ("classifier_A", "classifier", "A")):  # fmt: skip
+        for name, kind, arch in names:
             net = nets.build(kind, arch).eval()
             w = root / ds / f"{name}.safetensors"
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(w))

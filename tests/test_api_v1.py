@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import wait_ready
+from conftest import wait_ready, write_tiny_models
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -239,3 +239,39 @@ def test_start_up_refuses_a_hash_mismatch(tiny_models: Path, tmp_path: Path) -> 
                           timeout=120, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2
     assert "refusing to start" in proc.stderr and "classifier_A" in proc.stderr and "sha256" in proc.stderr
+
+
+def test_enhanced_invert_classify_uses_the_enhanced_twin(tmp_path: Path, client: TestClient) -> None:
+    """enhanced-invert-classify = the warm-start projection, then classifier_X_enhanced; 404 where none is shipped."""
+    r = client.post("/v1/classify", json={"image": b64(png(DIGITS[0])), "defense": "enhanced-invert-classify"})
+    assert r.status_code == 404 and "enhanced" in r.json()["error"]
+    assert "enhanced-invert-classify" not in client.get("/v1/models").json()["datasets"]["mnist"]["defenses"]
+    models = write_tiny_models(tmp_path / "models", enhanced=True)
+    reg = Registry(models)
+    with TestClient(create_app(settings(models))) as c:
+        wait_ready(c)
+        info = c.get("/v1/models").json()["datasets"]["mnist"]
+        assert info["defenses"] == ["none", "defense-gan", "invert-classify", "enhanced-invert-classify"]
+        assert set(info["measured"]) == {"classifier_A", "classifier_A_enhanced"}
+        r = c.post("/v1/classify", params={"seed": 3},
+                   json={"images": [b64(png(d)) for d in DIGITS], "defense": "enhanced-invert-classify"})  # fmt: skip
+        body = r.json()
+        assert r.status_code == 200 and body["model"] == "mnist/classifier_A_enhanced"
+        assert body["steps"] == 2 and body["restarts"] == 1
+        engine = Engine(reg, "cpu")
+        warm = ProjectionConfig(init="encoder", steps=2, restarts=1)
+        direct = engine.defend(tensor(DIGITS), "mnist", "classifier_A", "enhanced-invert-classify", warm, seed=3)
+        twin = engine.defend(tensor(DIGITS), "mnist", "classifier_A_enhanced", "invert-classify", warm, seed=3)
+        plain = engine.defend(tensor(DIGITS), "mnist", "classifier_A", "invert-classify", warm, seed=3)
+        assert np.allclose([p["probabilities"] for p in body["predictions"]], direct.probs, atol=1e-5)
+        assert np.array_equal(direct.probs, twin.probs) and not np.allclose(direct.probs, plain.probs)
+        # over the Open Inference Protocol too
+        req = {"inputs": [{"name": "images", "shape": [3, 1, 28, 28], "datatype": "FP32",
+                           "data": (DIGITS / 255.0).ravel().tolist()}],
+               "parameters": {"defense": "enhanced-invert-classify", "seed": 3}}  # fmt: skip
+        r = c.post("/v2/models/mnist-classifier_A/infer", json=req)
+        assert r.status_code == 200, r.text
+        probs = next(o for o in r.json()["outputs"] if o["name"] == "probabilities")["data"]
+        assert np.allclose(np.reshape(probs, (3, 10)), direct.probs, atol=1e-5)
+    r = client.post("/v2/models/mnist-classifier_A/infer", json=req)
+    assert r.status_code == 404 and "enhanced" in r.json()["error"]

@@ -23,7 +23,7 @@ from service import imaging
 from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
 from service.batcher import Batcher, DefendJob, PurifyJob, PurifyResult
 from service.config import Settings
-from service.engine import DefendResult
+from service.engine import ENHANCED, WARM_START, DefendResult, Defense, enhanced_classifier, projection_config
 from service.metrics import Metrics
 from service.purify import ProjectionConfig
 from service.registry import Registry
@@ -61,8 +61,10 @@ class _Params(BaseModel):
 
 class ClassifyParams(_Params):
     model: str | None = Field(None, description='"<dataset>/<classifier>" or "<dataset>", e.g. "mnist/classifier_A"')
-    defense: Literal["none", "defense-gan", "invert-classify"] | None = Field(
-        None, description="none | defense-gan (random restarts) | invert-classify (encoder warm start)"
+    defense: Defense | None = Field(
+        None,
+        description="none | defense-gan (random restarts) | invert-classify (encoder warm start) | "
+        "enhanced-invert-classify (warm start, then the classifier's adversarially fine-tuned `_enhanced` twin)",
     )
     return_purified: bool = Field(False, description="include each purified image as base64 PNG")
 
@@ -259,13 +261,10 @@ def projection(defense: str, dataset: str, p: _Params, registry: Registry, s: Se
             404,
             f"no generator is shipped for {dataset!r}: defended calls are unavailable (defense=none still classifies)",
         )
-    if defense == "invert-classify" and not registry.has(f"{dataset}/encoder"):
+    if defense in WARM_START and not registry.has(f"{dataset}/encoder"):
         raise HTTPException(404, f"no encoder is shipped for {dataset!r}: use defense=defense-gan")
-    warm = defense == "invert-classify"
-    return ProjectionConfig(init="encoder" if warm else "random").with_(
-        steps=p.steps if p.steps is not None else (s.encoder_steps if warm else s.default_steps),
-        restarts=p.restarts or (s.encoder_restarts if warm else s.default_restarts),
-    )
+    return projection_config(defense, p.steps, p.restarts, s.default_steps, s.default_restarts, s.encoder_steps,
+                             s.encoder_restarts)  # fmt: skip
 
 
 def _dataset(name: str | None, registry: Registry, s: Settings) -> str:
@@ -308,6 +307,12 @@ async def classify(
     p: ClassifyParams = parse_params(ClassifyParams, raw, settings)
     ds, clf = resolve_classifier(p.model, registry, settings)
     defense = p.defense or settings.default_defense
+    if defense == "enhanced-invert-classify":
+        enhanced = enhanced_classifier(registry, ds, clf)
+        if enhanced is None:
+            have = [c for c in registry.classifiers(ds) if c.endswith(ENHANCED)]
+            raise HTTPException(404, f"no enhanced classifier is shipped for {ds}/{clf}; shipped: {have or 'none'}")
+        clf = enhanced
     cfg = projection(defense, ds, p, registry, settings) if defense != "none" else None
     job = DefendJob(ds, clf, defense, cfg, p.seed if cfg else None)
     out = await batcher.submit(job, x)
@@ -463,12 +468,24 @@ async def models(registry: Registry = Depends(get_registry), settings: Settings 
             if registry.has(f"{ds}/generator")
             else {}
         )
+        clfs = registry.classifiers(ds)
+        gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
+        defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
+        if gen and enc and any(c.endswith(ENHANCED) for c in clfs):
+            defenses.append("enhanced-invert-classify")
         datasets[ds] = {
             "classes": _class_names(registry, ds),
-            "classifiers": registry.classifiers(ds),
-            "generator": registry.has(f"{ds}/generator"),
-            "encoder": registry.has(f"{ds}/encoder"),
+            "classifiers": clfs,
+            "generator": gen,
+            "encoder": enc,
+            "defenses": defenses,
             "detector": det,
+            # per classifier: test-set accuracy and the evaluation's clean / worst-case L∞ accuracy per defense
+            "measured": {
+                c: {k: m[k] for k in ("clean_test_accuracy", "eval_clean_accuracy", "eval_robust_accuracy") if k in m}
+                for c in clfs
+                for m in [registry.get(f"{ds}/{c}").metrics]
+            },  # fmt: skip
         }
     artifacts = [
         {

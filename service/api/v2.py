@@ -2,7 +2,8 @@
 
 Model names:
 - `{dataset}-{classifier}` (e.g. `mnist-classifier_A`): our classifier over the protocol, defended per request
-  parameters `defense` ("defense-gan" by default, "invert-classify", "none"), `steps`, `restarts`, `seed`.
+  parameters `defense` ("defense-gan" by default, "invert-classify", "enhanced-invert-classify" (the warm start,
+  then the classifier's `_enhanced` counterpart), "none"), `steps`, `restarts`, `seed`.
 - every name in `settings.proxy.upstreams`: the image input is purified with the dataset's generator (same
   parameters), forwarded to the allow-listed upstream, and the upstream's response comes back with the
   purification's parameters added (`purified`, `defense`, `steps`, `restarts`, `purify_ms`, ...).
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from service import imaging, oip
 from service.batcher import Batcher, PurifyResult, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
-from service.engine import DEFENSES, DefendResult
+from service.engine import DEFENSES, WARM_START, DefendResult, enhanced_classifier, projection_config
 from service.proxy import ProxyClient, UpstreamError, purify_and_forward
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def _purification(params: dict[str, Any], st: _State, proxied: bool) -> _Purific
     """Our request parameters, checked and capped; they are removed from `params` (never forwarded)."""
     s = st.settings
     defense = params.pop("defense", "defense-gan")
-    allowed = tuple(d for d in DEFENSES if not (proxied and d == "none")) if proxied else DEFENSES
+    # a proxied model classifies upstream: neither "none" nor our enhanced classifiers apply to it
+    allowed = tuple(d for d in DEFENSES if d not in ("none", "enhanced-invert-classify")) if proxied else DEFENSES
     if defense not in allowed:
         raise oip.OIPError(f"parameter 'defense' must be one of {list(allowed)}, got {defense!r}")
     values: dict[str, int | None] = {}
@@ -165,14 +167,14 @@ def _purification(params: dict[str, Any], st: _State, proxied: bool) -> _Purific
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high):
             raise oip.OIPError(f"parameter {key!r} must be an integer in [{low}, {high}], got {v!r}")
         values[key] = v
-    if values["steps"] == 0 and defense != "invert-classify":
+    if values["steps"] == 0 and defense not in WARM_START:
         raise oip.OIPError("parameter 'steps' must be at least 1 for defense-gan")
     return _Purification(defense, values["steps"], values["restarts"], values["seed"])
 
 
 def _config(p: _Purification, st: _State):  # noqa: ANN202 - ProjectionConfig
     s = st.settings
-    return st.batcher.engine.projection_config(
+    return projection_config(
         p.defense, p.steps, p.restarts, s.default_steps, s.default_restarts, s.encoder_steps, s.encoder_restarts
     )
 
@@ -311,6 +313,8 @@ async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.Infer
     x = _images(req.inputs[0], st.settings.max_batch_images)
     params = dict(req.parameters)
     p = _purification(params, st, proxied=False)
+    if p.defense == "enhanced-invert-classify" and enhanced_classifier(st.batcher.engine.registry, ds, clf) is None:
+        raise oip.OIPError(f"no enhanced classifier is shipped for {ds}/{clf}", status=404)
     cfg = None if p.defense == "none" else _config(p, st)
     r = await st.batcher.defend(x, ds, clf, p.defense, cfg, p.seed)
     wanted = [o.name for o in req.outputs] if req.outputs is not None else None
