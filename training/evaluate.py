@@ -791,9 +791,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eot-samples", type=int, default=None, help="EOT draws per step (default 8)")
     p.add_argument("--pgd-steps", type=int, default=None, help="BPDA/PGD steps (default 40)")
     p.add_argument("--latent-steps", type=int, default=None, help="latent attack steps (default 200)")
-    p.add_argument("--attacker-steps", type=int, default=None, help="projection L in the attacker's own passes "
-                   "(default: the defense's)")  # fmt: skip
-    p.add_argument("--attacker-restarts", type=int, default=None)
+    p.add_argument("--attacker-steps", type=int, default=None, help="L of the adaptive attacker's own passes "
+                   "through Defense-GAN-Rec (default: the defense's)")  # fmt: skip
+    p.add_argument("--attacker-restarts", type=int, default=None, help="R of those passes (default: the defense's)")
     p.add_argument("--batch", type=int, default=None, help="images per projection batch (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=common.env_threads() or 1)
