@@ -186,3 +186,12 @@ def test_train_enhanced_ships_a_verified_classifier(tmp_path: Path) -> None:
     assert art.kind == "classifier" and art.arch == "A" and art.path(models, "onnx").exists()
     assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-4 and 0 <= metrics["slice200_acc_G_z0"] <= 1
     assert "classifier_A_enhanced" in reg.classifiers("mnist")
+
+
+def test_cheaper_attacker_projection_applies_to_defense_gan_only(own_tiny: Path) -> None:
+    s = evaluate.quick_settings()
+    s.n, s.attacker_steps, s.attacker_restarts = 4, 3, 1
+    ev = evaluate.Evaluation(Registry(own_tiny), "mnist", s)
+    rec, warm = ev.attacker_pipeline("A", "rec").cfg, ev.attacker_pipeline("A", "warm").cfg
+    assert (rec.steps, rec.restarts, rec.init) == (3, 1, "random")
+    assert warm == s.warm
