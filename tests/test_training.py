@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from service.classify import OnnxClassifier
+from service.nets import build_classifier
 from service.registry import ManifestError, Registry
 from training import data, train_classifier, train_gan
 from training.common import sha256_file
@@ -153,3 +154,19 @@ def test_gan_training_smoke_critic_learns_and_resumes(tmp_path: Path) -> None:
     train_gan.train(args2, xs[:256])
     assert len(args2.history) == 2  # resumed at iteration 6 and ran 7, 8
     assert any((tmp_path / "mnist" / "smoke").glob("samples_000008.png"))
+
+
+def test_ship_keeps_dotted_names_apart(tmp_path: Path) -> None:
+    """classifier_A_adv0.3 and classifier_A_adv0.15 are two artifacts with their own files (a suffix swap would
+    make both write classifier_A_adv0.*)."""
+    torch.manual_seed(0)
+    for eps in ("0.3", "0.15"):
+        model = build_classifier("A").eval()
+        m = train_classifier.ship_classifier(model, "mnist", f"classifier_A_adv{eps}", {"arch": "A"}, {},
+                                             models_dir=tmp_path)  # fmt: skip
+        assert m["onnx_vs_torch_max_abs_diff"] < 1e-4
+    reg = Registry(tmp_path)  # verifies every file against its recorded sha256
+    assert reg.classifiers("mnist") == ["classifier_A_adv0.15", "classifier_A_adv0.3"]
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == [
+        "classifier_A_adv0.15.onnx", "classifier_A_adv0.15.safetensors",
+        "classifier_A_adv0.3.onnx", "classifier_A_adv0.3.safetensors"]  # fmt: skip

@@ -88,31 +88,37 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     return model
 
 
-def ship(args: argparse.Namespace, model: nn.Module) -> dict:
-    name = f"classifier_{args.model}" + (f"_adv{args.adv_eps:g}" if args.adv_eps > 0 else "")
-    rel = Path(args.dataset) / name
-    save_weights(model, MODELS_DIR / rel.with_suffix(".safetensors"))
-    export_onnx(model, MODELS_DIR / rel.with_suffix(".onnx"))
-    arrays = data.load(args.dataset)
-    x_te = torch.from_numpy(data.to_float(arrays["x_test"]))
-    y_te = torch.from_numpy(arrays["y_test"].astype(np.int64))
-    xs, _ = data.load_slice(args.dataset)
+def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metrics: dict | None = None,
+                    models_dir: Path = MODELS_DIR) -> dict:  # fmt: skip
+    """Write models_dir/<dataset>/<name>.safetensors and .onnx, measure clean test accuracy (full test set, when
+    the dataset cache is there) and ONNX-vs-torch agreement (slice), and record `entry` in the manifest."""
+    rel = {role: f"{dataset}/{name}.{ext}" for role, ext in (("weights", "safetensors"), ("onnx", "onnx"))}
+    save_weights(model, models_dir / rel["weights"])
+    export_onnx(model, models_dir / rel["onnx"])
+    xs, _ = data.load_slice(dataset)
     metrics = {
-        "clean_test_accuracy": round(accuracy(model, x_te, y_te), 4),
-        "test_images": len(x_te),
-        "onnx_vs_torch_max_abs_diff": onnx_max_diff(model, MODELS_DIR / rel.with_suffix(".onnx"), data.to_float(xs)),
+        **(metrics or {}),
+        "onnx_vs_torch_max_abs_diff": onnx_max_diff(model, models_dir / rel["onnx"], data.to_float(xs)),
     }
-    common = {"kind": "classifier", "arch": args.model.upper(), "dataset": args.dataset,
-              "classes": data.CLASS_NAMES[args.dataset], "command": command_line(),
-              "training": {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "adv_eps": args.adv_eps,
-                           "seed": args.seed}}  # fmt: skip
-    files = {
-        "weights": {"path": str(rel.with_suffix(".safetensors"))},
-        "onnx": {"path": str(rel.with_suffix(".onnx"))},
-    }
-    update_manifest(f"{args.dataset}/{name}", {**common, "files": files, "metrics": metrics})
-    print(f"shipped {rel}: {metrics}")
+    try:
+        a = data.load(dataset)
+        x_te = torch.from_numpy(data.to_float(a["x_test"]))
+        y_te = torch.from_numpy(a["y_test"].astype(np.int64))
+        metrics |= {"clean_test_accuracy": round(accuracy(model, x_te, y_te), 4), "test_images": len(x_te)}
+    except data.DataError:
+        pass
+    files = {role: {"path": path} for role, path in rel.items()}
+    full = {"kind": "classifier", "dataset": dataset, "classes": data.CLASS_NAMES[dataset], "command": command_line(),
+            **entry, "files": files, "metrics": metrics}  # fmt: skip
+    update_manifest(f"{dataset}/{name}", full, models_dir)
+    print(f"shipped {dataset}/{name}: {metrics}", flush=True)
     return metrics
+
+
+def ship(args: argparse.Namespace, model: nn.Module) -> dict:
+    name = f"classifier_{args.model.upper()}" + (f"_adv{args.adv_eps:g}" if args.adv_eps > 0 else "")
+    training = {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "adv_eps": args.adv_eps, "seed": args.seed}
+    return ship_classifier(model, args.dataset, name, {"arch": args.model.upper(), "training": training})
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,8 +35,8 @@ from service.nets import build_classifier
 from service.purify import ProjectionConfig, project
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, Progress, command_line, save_weights, setup, update_manifest
-from training.train_classifier import accuracy, export_onnx, onnx_max_diff
+from training.common import MODELS_DIR, Progress, setup
+from training.train_classifier import accuracy, ship_classifier
 
 
 def invert(x: torch.Tensor, G: nn.Module, E: nn.Module | None, steps: int) -> torch.Tensor:
@@ -151,37 +151,14 @@ def manifold_metrics(args: argparse.Namespace, clf: nn.Module, n: int = 200) -> 
 
 def ship(args: argparse.Namespace, clf: nn.Module) -> dict:
     root = Path(args.models_dir)
-    name = f"classifier_{args.arch.upper()}_enhanced"
-    rel = Path(args.dataset) / name
-    save_weights(clf, root / rel.with_suffix(".safetensors"))
-    export_onnx(clf, root / rel.with_suffix(".onnx"))
-    xs, _ = data.load_slice(args.dataset)
-    metrics = {
-        **manifold_metrics(args, clf),
-        "onnx_vs_torch_max_abs_diff": onnx_max_diff(clf, root / rel.with_suffix(".onnx"), data.to_float(xs)),
-    }
-    try:
-        a = data.load(args.dataset)
-        x_te = torch.from_numpy(data.to_float(a["x_test"]))
-        y_te = torch.from_numpy(a["y_test"].astype(np.int64))
-        metrics |= {"clean_test_accuracy": round(accuracy(clf, x_te, y_te), 4), "test_images": len(x_te)}
-    except data.DataError:
-        pass
-    reg = Registry(root, verify=False)
-    gen_sha = reg.get(f"{args.dataset}/generator").files["weights"]["sha256"]
+    gen_sha = Registry(root, verify=False).get(f"{args.dataset}/generator").files["weights"]["sha256"]
     entry = {
-        "kind": "classifier", "arch": args.arch.upper(), "dataset": args.dataset,
-        "classes": data.CLASS_NAMES[args.dataset], "command": command_line(), "generator_sha256": gen_sha,
-        "defense": "enhanced-invert-classify",
+        "arch": args.arch.upper(), "generator_sha256": gen_sha, "defense": "enhanced-invert-classify",
         "training": {k: getattr(args, k) for k in ("iters", "batch", "lr", "latent_eps", "latent_steps", "img_eps",
                                                    "img_steps", "img_alpha", "invert_steps", "init", "data", "seed")},
-        "files": {"weights": {"path": str(rel.with_suffix(".safetensors"))},
-                  "onnx": {"path": str(rel.with_suffix(".onnx"))}},
-        "metrics": metrics,
     }  # fmt: skip
-    update_manifest(f"{args.dataset}/{name}", entry, root)
-    print(f"shipped {rel}: {metrics}", flush=True)
-    return metrics
+    return ship_classifier(clf, args.dataset, f"classifier_{args.arch.upper()}_enhanced", entry,
+                           manifold_metrics(args, clf), root)  # fmt: skip
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
