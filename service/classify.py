@@ -25,16 +25,17 @@ class OnnxClassifier:
     unusable; this is checked, not assumed).
     """
 
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: Path | bytes, providers: list[str] | None = None, threads: int | None = None) -> None:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         wanted = providers or preferred_providers()
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=opts,
+                                            providers=wanted)  # fmt: skip
         self.providers = self.session.get_providers()
         if wanted[0] not in self.providers:
-            log.warning("ONNX Runtime wanted %s for %s but loaded %s", wanted[0], path.name, self.providers)
+            log.warning("ONNX Runtime wanted %s but loaded %s", wanted[0], self.providers)
         self.input_name = self.session.get_inputs()[0].name
 
     def logits(self, x: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -78,9 +77,7 @@ class Engine:
         key = f"{dataset}/{classifier}"
         with self._lock:
             if key not in self._sessions:
-                art = self.registry.get(key)
-                self._sessions[key] = OnnxClassifier(Path(art.path(self.registry.root, "onnx")),
-                                                     threads=self._ort_threads)  # fmt: skip
+                self._sessions[key] = OnnxClassifier(self.registry.read(key, "onnx"), threads=self._ort_threads)
             return self._sessions[key]
 
     def warm_up(self) -> None:

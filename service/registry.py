@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import nn
 
 from service import nets
@@ -78,6 +78,7 @@ class Registry:
             raise ManifestError(f"{manifest} is malformed: {exc!r}") from exc
         self._cache: dict[str, nn.Module] = {}
         self._lock = threading.Lock()
+        self._verify = verify
         if verify:
             self.verify()
 
@@ -111,6 +112,16 @@ class Registry:
         return key in self.artifacts
 
     # -- loading ------------------------------------------------------------------------------------
+    def read(self, key: str, role: str = "weights") -> bytes:
+        """The bytes of an artifact's file, checked against the manifest's sha256 as they are read (a file replaced
+        after start-up is refused, not silently served)."""
+        art = self.get(key)
+        path = art.path(self.root, role)
+        raw = path.read_bytes()
+        if self._verify and hashlib.sha256(raw).hexdigest() != art.files[role]["sha256"]:
+            raise ManifestError(f"{key} [{role}]: {path} changed since the manifest was read (sha256 mismatch)")
+        return raw
+
     def module(self, key: str, device: torch.device | str = "cpu") -> nn.Module:
         """The network of artifact `key`, in eval mode with frozen weights (cached per key and device)."""
         cache_key = f"{key}@{device}"
@@ -119,7 +130,7 @@ class Registry:
                 art = self.get(key)
                 kind = "classifier" if art.kind == "classifier" else art.kind
                 net = nets.build(kind, art.arch) if kind == "classifier" else nets.build(kind)
-                state = load_file(str(art.path(self.root)), device="cpu")
+                state = load(self.read(key))
                 net.load_state_dict(state)
                 self._cache[cache_key] = freeze(net.to(device))
             return self._cache[cache_key]

@@ -241,6 +241,22 @@ def test_start_up_refuses_a_hash_mismatch(tiny_models: Path, tmp_path: Path) -> 
     assert "refusing to start" in proc.stderr and "classifier_A" in proc.stderr and "sha256" in proc.stderr
 
 
+def test_a_file_swapped_after_start_up_is_refused_when_loaded(tiny_models: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    reg = Registry(models)  # verified now
+    corrupt_copy(tiny_models, tmp_path / "other")
+    for name in ("classifier_A.safetensors", "classifier_A.onnx"):
+        shutil.copy(tmp_path / "other" / "mnist" / name, models / "mnist" / name)
+    onnx = models / "mnist" / "classifier_A.onnx"
+    onnx.write_bytes(b"swapped" + onnx.read_bytes())
+    with pytest.raises(ManifestError, match="changed since"):
+        reg.classifier("mnist", "classifier_A")
+    with pytest.raises(ManifestError, match="changed since"):
+        Engine(reg, "cpu").onnx("mnist", "classifier_A")
+    assert reg.generator("mnist") is not None  # the untouched files still load
+
+
 def test_enhanced_invert_classify_uses_the_enhanced_twin(tmp_path: Path, client: TestClient) -> None:
     """enhanced-invert-classify = the warm-start projection, then classifier_X_enhanced; 404 where none is shipped."""
     r = client.post("/v1/classify", json={"image": b64(png(DIGITS[0])), "defense": "enhanced-invert-classify"})
