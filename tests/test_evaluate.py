@@ -98,6 +98,8 @@ def test_quick_mode_end_to_end_on_tiny_models(own_tiny: Path, tmp_path: Path) ->
                     if isinstance(v, dict) and "cell" in v:
                         c = v["cell"]
                         assert c["acc"] == round(c["k"] / c["n"], 4) and c["ci95"][0] <= c["acc"] <= c["ci95"][1]
+                        if "defended" in v:  # correct-or-flagged counts at least the correct ones
+                            assert v["defended"]["k"] >= c["k"] and v["defended"]["n"] == c["n"]
     # the attacks did something: FGSM on the bare classifier cannot leave more right than clean
     assert saved["results"]["whitebox"]["fgsm"]["A"]["none"]["cell"]["k"] <= k
 
@@ -105,7 +107,9 @@ def test_quick_mode_end_to_end_on_tiny_models(own_tiny: Path, tmp_path: Path) ->
     metrics = Registry(own_tiny).get("mnist/classifier_A").metrics
     assert metrics["eval_clean_accuracy"]["none"] == round(k / 24, 4)
     assert set(metrics["eval_clean_accuracy"]) == {"none", "defense-gan", "invert-classify"}
-    assert metrics["eval_robust_accuracy"]["defense-gan"]["linf_eps"] == 0.3
+    rob = metrics["eval_robust_accuracy"]["defense-gan"]
+    assert rob["linf_eps"] == 0.3 and rob["correct_or_flagged"] >= rob["accuracy"]
+    assert "Detect or correct" in text
     assert metrics["evaluation"]["quick"] is True
     assert "eval_detector_auc" in Registry(own_tiny).get("mnist/generator").metrics
 
