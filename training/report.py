@@ -1,6 +1,8 @@
 """Print the shipped models and their recorded figures as markdown, straight from models/manifest.json.
 
-python -m training.report            # the README's "Shipped models" tables are this command's output
+python -m training.report            # the README's measured tables are this command's output
+
+The robustness table reads what `python -m training.evaluate` recorded on each classifier's entry.
 """
 
 from __future__ import annotations
@@ -41,6 +43,38 @@ def main() -> None:
                   f"| {m[f'{prefix}_acc_fgsm_defended']:.3f}{_ci(m.get(f'{prefix}_acc_fgsm_defended_ci95'))} "
                   f"| {m[f'{prefix}_mse_clean']:.4f} | {m[f'{prefix}_detector_auc_fgsm']:.3f} "
                   f"| {m.get(f'{prefix}_detector_fpr_on_slice', float('nan')):.3f} ({fpr}) |")  # fmt: skip
+
+    robustness(arts)
+
+
+def robustness(arts: dict) -> None:
+    """Per evaluated classifier and defense: clean, oblivious FGSM, adaptive, worst L∞ and detect-or-correct."""
+    rows = []
+    for key, e in arts.items():
+        ev = e.get("metrics", {}).get("evaluation")
+        if e["kind"] != "classifier" or not ev or ev.get("quick"):
+            continue
+        for defense, cells in ev.items():
+            if not isinstance(cells, dict) or "clean" not in cells:
+                continue
+            rob = e["metrics"].get("eval_robust_accuracy", {}).get(defense, {})
+
+            def acc(attack: str, cells: dict = cells) -> str:
+                c = cells.get(attack)
+                return f"{c['acc']:.2f} ({c['n']})" if c else "–"
+
+            doc = rob.get("correct_or_flagged")
+            rows.append(f"| {e['dataset']} | {key.split('/')[1]} | {defense} | {acc('clean')} | {acc('fgsm')} "
+                        f"| {acc('eot')} | {acc('latent')} | {rob.get('accuracy', float('nan')):.2f} "
+                        f"({rob.get('worst_attack', '–')}) | {'–' if doc is None else f'{doc:.2f}'} |")  # fmt: skip
+    if rows:
+        print()
+        print(
+            "| dataset | classifier | defense | clean (n) | FGSM ε=0.3, oblivious | BPDA+EOT (PGD-40 without "
+            "projection), adaptive | latent, adaptive | worst L∞ ε=0.3 (attack) | worst correct-or-flagged |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
