@@ -13,7 +13,7 @@ from conftest import write_tiny_models
 from torch import nn
 
 from service.registry import Registry
-from training import data, evaluate, train_enhanced
+from training import data, evaluate, report, train_enhanced
 from training.eval_generator import wilson
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -199,3 +199,20 @@ def test_cheaper_attacker_projection_applies_to_defense_gan_only(own_tiny: Path)
     rec, warm = ev.attacker_pipeline("A", "rec").cfg, ev.attacker_pipeline("A", "warm").cfg
     assert (rec.steps, rec.restarts, rec.init) == (3, 1, "random")
     assert warm == s.warm
+
+
+def test_report_prints_the_recorded_robustness(own_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """training.report's robustness table shows what a (non-quick) evaluation recorded, and skips quick runs."""
+    quick(own_tiny, tmp_path / "results.md", "--record")
+    capsys.readouterr()
+    arts = json.loads((own_tiny / "manifest.json").read_text())["artifacts"]
+    report.robustness(arts)
+    assert capsys.readouterr().out == ""  # the recorded run was a quick one
+    ev = arts["mnist/classifier_A"]["metrics"]["evaluation"]
+    ev["quick"] = False
+    report.robustness(arts)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist | classifier_A |")]
+    rob = arts["mnist/classifier_A"]["metrics"]["eval_robust_accuracy"]["defense-gan"]
+    row = next(line for line in lines if "| defense-gan |" in line)
+    assert f"{ev['defense-gan']['clean']['acc']:.2f} (24)" in row
+    assert f"{rob['accuracy']:.2f} ({rob['worst_attack']})" in row
