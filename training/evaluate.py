@@ -701,8 +701,10 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
                         if (group, attack) in linf and (worst_doc is None or v["defended"].acc < worst_doc[0]):
                             worst_doc = (v["defended"].acc, attack)
             if worst is not None:
+                # the adaptive "eot" row is PGD-40 where the column has no projection to attack through
+                name = "pgd" if worst[1] == "eot" and ev.projection(col) is None else worst[1]
                 m["eval_robust_accuracy"][defense] = {"linf_eps": EPS, "accuracy": round(worst[0], 4),
-                                                      "worst_attack": worst[1], "n": detail[worst[1]]["n"]}  # fmt: skip
+                                                      "worst_attack": name, "n": detail[worst[1]]["n"]}  # fmt: skip
                 if worst_doc is not None:
                     m["eval_robust_accuracy"][defense] |= {"correct_or_flagged": round(worst_doc[0], 4),
                                                            "correct_or_flagged_worst_attack": worst_doc[1]}  # fmt: skip
