@@ -16,7 +16,7 @@ from service.classify import OnnxClassifier
 from service.nets import build_classifier
 from service.registry import ManifestError, Registry
 from training import data, train_classifier, train_gan
-from training.common import sha256_file
+from training.common import record_metrics, sha256_file, update_manifest
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -170,3 +170,20 @@ def test_ship_keeps_dotted_names_apart(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == [
         "classifier_A_adv0.15.onnx", "classifier_A_adv0.15.safetensors",
         "classifier_A_adv0.3.onnx", "classifier_A_adv0.3.safetensors"]  # fmt: skip
+
+
+def test_retraining_drops_figures_measured_on_the_old_weights(tmp_path: Path) -> None:
+    w = tmp_path / "mnist" / "m.safetensors"
+    w.parent.mkdir(parents=True)
+    w.write_bytes(b"one")
+    entry = {"kind": "classifier", "dataset": "mnist", "files": {"weights": {"path": "mnist/m.safetensors"}}}
+    update_manifest("mnist/m", {**entry, "metrics": {"clean_test_accuracy": 0.9}}, tmp_path)
+    record_metrics("mnist/m", {"eval_robust_accuracy": {"none": 0.1}}, tmp_path, detector={"random": {}})
+    update_manifest("mnist/m", {**entry, "metrics": {"onnx_vs_torch_max_abs_diff": 0.0}}, tmp_path)  # same bytes
+    e = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]["mnist/m"]
+    assert set(e["metrics"]) == {"clean_test_accuracy", "eval_robust_accuracy", "onnx_vs_torch_max_abs_diff"}
+    assert "detector" in e
+    w.write_bytes(b"two")  # retrained
+    update_manifest("mnist/m", {**entry, "metrics": {"clean_test_accuracy": 0.95}}, tmp_path)
+    e = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]["mnist/m"]
+    assert e["metrics"] == {"clean_test_accuracy": 0.95} and "detector" not in e

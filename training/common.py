@@ -83,15 +83,18 @@ def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR) -> Non
     """Insert or replace `artifacts[key]` in models/manifest.json, hashing each of its files.
 
     `entry["files"]` maps a role ("weights", "onnx", "data") to {"path": relative to models/}; sha256, the git
-    commit and the date are filled in. Metrics already recorded for the entry are merged, not dropped.
+    commit and the date are filled in. What was recorded on the entry (metrics, a detector calibration) is kept while
+    its files are the same; new files (a retrained model) drop it, since it describes other weights.
     """
     manifest = Path(models_dir) / "manifest.json"
     man = json.loads(manifest.read_text()) if manifest.exists() else {"schema": 1, "artifacts": {}}
     old = man["artifacts"].get(key, {})
-    merged = {**old, **entry}
-    merged["metrics"] = {**old.get("metrics", {}), **entry.get("metrics", {})}
-    merged["files"] = {role: {"path": f["path"], "sha256": sha256_file(Path(models_dir) / f["path"])}
-                       for role, f in entry["files"].items()}  # fmt: skip
+    files = {role: {"path": f["path"], "sha256": sha256_file(Path(models_dir) / f["path"])}
+             for role, f in entry["files"].items()}  # fmt: skip
+    kept = old if old.get("files") == files else {}  # measured fields (metrics, detector calibration) of old files
+    merged = {**kept, **entry}
+    merged["metrics"] = {**kept.get("metrics", {}), **entry.get("metrics", {})}
+    merged["files"] = files
     merged["commit"] = entry.get("commit") or git_commit()
     merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     man["artifacts"][key] = dict(sorted(merged.items()))
