@@ -18,12 +18,14 @@ def _ci(v: object) -> str:
 
 def main() -> None:
     arts = json.loads(MANIFEST.read_text())["artifacts"]
-    print("| dataset | classifier | clean test accuracy (10,000) | epochs | ONNX vs torch max diff |")
+    print("| dataset | classifier | clean test accuracy (10,000) | training | ONNX vs torch max diff |")
     print("|---|---|---|---|---|")
     for key, e in arts.items():
         if e["kind"] == "classifier":
             m, t = e["metrics"], e.get("training", {})
-            print(f"| {e['dataset']} | {key.split('/')[1]} | {m.get('clean_test_accuracy', '–')} | {t.get('epochs')} "
+            how = (f"{t['iters']} iterations from {t['init']}" if "iters" in t else f"{t.get('epochs')} epochs"
+                   + (f", FGSM ε={t['adv_eps']:g}" if t.get("adv_eps") else ""))  # fmt: skip
+            print(f"| {e['dataset']} | {key.split('/')[1]} | {m.get('clean_test_accuracy', '–')} | {how} "
                   f"| {m.get('onnx_vs_torch_max_abs_diff', 0):.1e} |")  # fmt: skip
     print()
     print("| dataset | generator iterations | projection | n | classifier A on G(z*), clean | FGSM ε=0.3 (on A) then "
