@@ -227,9 +227,10 @@ class Evaluation:
 
     # -- projection with cache -----------------------------------------------------------------------------------
     def cached(self, kind: str, key: tuple, compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]]
-               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:  # fmt: skip
         """compute() → (tensors, metadata) once per key, kept on disk under --cache-dir with the seconds it took;
-        a reuse adds those seconds to `cached_seconds`, so the page can state the whole run's compute time."""
+        returns them and whether they were reused. A reuse adds its seconds to `cached_seconds`, so the page can
+        state the whole run's compute time."""
         f = self.cache_dir / f"{kind}-{hashlib.sha1(repr(key).encode()).hexdigest()[:20]}.safetensors" \
             if self.cache_dir else None  # fmt: skip
         if f is not None and f.exists():
@@ -237,14 +238,14 @@ class Evaluation:
                 meta = dict(h.metadata() or {})
                 tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
             self.cached_seconds += float(meta.get("seconds", 0))
-            return tensors, meta
+            return tensors, meta, True
         t0 = time.time()
         tensors, meta = compute()
         meta = {**meta, "seconds": f"{time.time() - t0:.1f}"}
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(f), metadata=meta)
-        return tensors, meta
+        return tensors, meta, False
 
     def project(self, x: torch.Tensor, cfg: ProjectionConfig, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(G(z*), MSE) of x under the defense's projection (seed + 1000), cached in memory and on disk."""
@@ -266,15 +267,13 @@ class Evaluation:
                 if len(x) > self.s.batch and (i // self.s.batch) % 8 == 7:
                     print(f"      projecting {what}: {i + len(p.images)}/{len(x)} ({time.time() - t0:.0f}s)",
                           flush=True)  # fmt: skip
-            computed.append(True)
             return {"images": torch.cat(imgs), "mse": torch.cat(mses)}, {}
 
-        computed: list[bool] = []
-        t, _ = self.cached("proj", k, compute)
-        if computed:
-            self.projections_run += 1
-        else:
+        t, _, reused = self.cached("proj", k, compute)
+        if reused:
             self.projections_reused += 1
+        else:
+            self.projections_run += 1
         self.proj_cache[k] = (t["images"], t["mse"])
         return self.proj_cache[k]
 
@@ -358,7 +357,7 @@ class Evaluation:
 
         params = ("substitute", self.model_sha(oracle_key), sub_arch, sorted(p.items()), self.seed, digest(holdout),
                   digest(self.x), digest(self.y))  # fmt: skip
-        tensors, meta = self.cached("substitute", params, compute)
+        tensors, meta, _ = self.cached("substitute", params, compute)
         stats = {**json.loads(meta["stats"]), "seconds": float(meta["seconds"])}
         self.results["substitutes"][f"{oracle_key}/{sub_arch}"] = stats
         print(f"    substitute {sub_arch} of {oracle_key}: {stats['training_points']} points, "
@@ -613,11 +612,11 @@ def render(ev: Evaluation, info: dict) -> str:
                           ("adaptive", "eot"), ("adaptive", "latent")):  # fmt: skip
         for arch in CLASSIFIERS:
             row = r["clean"].get(arch) if attack is None else r[group].get(attack, {}).get(arch)
-            if not row or not any(isinstance(row.get(c), dict) and "defended" in row[c] for c in proj_cols):
+            docs = [v if isinstance(v := (row or {}).get(c), dict) and "defended" in v else None for c in proj_cols]
+            if not any(docs):
                 continue
             name = "clean (flagged = false positives)" if attack is None else ATTACK_NAMES[attack]
-            cells = [f"{row[c]['flagged'].acc:.2f} / {row[c]['defended'].fmt()}"
-                     if isinstance(row.get(c), dict) and "defended" in row[c] else "–" for c in proj_cols]  # fmt: skip
+            cells = [f"{v['flagged'].acc:.2f} / {v['defended'].fmt()}" if v else "–" for v in docs]
             rows.append([arch, name + (" (**adaptive**)" if group == "adaptive" else ""), row_n(row), *cells])
     if rows:
         out += ["### Detect or correct: the service's detector at its calibrated threshold", "",
@@ -679,6 +678,7 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
     """Per classifier key: clean and robust accuracy per service defense, for models/manifest.json."""
     out: dict[str, dict] = {}
     linf = [("whitebox", "fgsm"), ("whitebox", "rand-fgsm"), ("adaptive", "eot"), ("adaptive", "latent")]
+    linf_attacks = {attack for _, attack in linf}
     for arch in CLASSIFIERS:
         for col, (_, defense) in COLUMNS.items():
             key = ev.key(arch, col)
@@ -688,26 +688,25 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
             m = out.setdefault(key, {"eval_clean_accuracy": {}, "eval_robust_accuracy": {}, "evaluation": {}})
             m["eval_clean_accuracy"][defense] = round(clean["cell"].acc, 4)
             detail = m["evaluation"].setdefault(defense, {"clean": clean["cell"].as_json()})
-            worst: tuple[float, str] | None = None
-            worst_doc: tuple[float, str] | None = None  # correct-or-flagged by the detector
-            for group, attack in [*linf, ("whitebox", "cw")]:
-                v = ev.results[group].get(attack, {}).get(arch, {}).get(col)
-                if isinstance(v, dict) and "cell" in v:
-                    detail[attack] = v["cell"].as_json()
-                    if (group, attack) in linf and (worst is None or v["cell"].acc < worst[0]):
-                        worst = (v["cell"].acc, attack)
-                    if "defended" in v:
-                        detail[attack]["correct_or_flagged"] = v["defended"].as_json()
-                        if (group, attack) in linf and (worst_doc is None or v["defended"].acc < worst_doc[0]):
-                            worst_doc = (v["defended"].acc, attack)
-            if worst is not None:
+            cells = {attack: v for group, attack in [*linf, ("whitebox", "cw")]
+                     if isinstance(v := ev.results[group].get(attack, {}).get(arch, {}).get(col), dict)
+                     and "cell" in v}  # fmt: skip
+            for attack, v in cells.items():
+                detail[attack] = v["cell"].as_json()
+                if "defended" in v:  # correct-or-flagged by the detector
+                    detail[attack]["correct_or_flagged"] = v["defended"].as_json()
+            scored = [(v["cell"].acc, a) for a, v in cells.items() if a in linf_attacks]
+            if scored:
+                acc, attack = min(scored, key=lambda t: t[0])  # the first of equals, in `linf` order
                 # the adaptive "eot" row is PGD-40 where the column has no projection to attack through
-                name = "pgd" if worst[1] == "eot" and ev.projection(col) is None else worst[1]
-                m["eval_robust_accuracy"][defense] = {"linf_eps": EPS, "accuracy": round(worst[0], 4),
-                                                      "worst_attack": name, "n": detail[worst[1]]["n"]}  # fmt: skip
-                if worst_doc is not None:
-                    m["eval_robust_accuracy"][defense] |= {"correct_or_flagged": round(worst_doc[0], 4),
-                                                           "correct_or_flagged_worst_attack": worst_doc[1]}  # fmt: skip
+                name = "pgd" if attack == "eot" and ev.projection(col) is None else attack
+                m["eval_robust_accuracy"][defense] = {"linf_eps": EPS, "accuracy": round(acc, 4),
+                                                      "worst_attack": name, "n": detail[attack]["n"]}  # fmt: skip
+                doc = [(v["defended"].acc, a) for a, v in cells.items() if a in linf_attacks and "defended" in v]
+                if doc:
+                    doc_acc, doc_attack = min(doc, key=lambda t: t[0])
+                    m["eval_robust_accuracy"][defense] |= {"correct_or_flagged": round(doc_acc, 4),
+                                                           "correct_or_flagged_worst_attack": doc_attack}  # fmt: skip
     for m in out.values():
         m["evaluation"] = {**m["evaluation"], "n": ev.s.n, "quick": info["quick"], "commit": info["commit"],
                            "date": info["date"], "command": info["command"], "page": info["page"]}  # fmt: skip
