@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from safetensors.numpy import load as load_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +22,22 @@ def preferred_providers() -> list[str]:
 class OnnxClassifier:
     """An ONNX classifier session: N×1×28×28 float32 in [0, 1] → logits N×10.
 
-    `providers` lists what the session actually loaded (onnxruntime-gpu falls back to CPU silently when CUDA is
-    unusable; this is checked, not assumed).
+    `model` is the ONNX graph (a path, or its bytes); the shipped graphs keep their weights as external data in the
+    model's safetensors file (`training.onnx_export`). From a path ONNX Runtime reads them beside the graph; with
+    `weights` (the safetensors bytes) the initializers are handed over from memory, which is how the service runs
+    exactly the bytes it verified. `providers` lists what the session actually loaded (onnxruntime-gpu falls back to
+    CPU silently when CUDA is unusable; this is checked, not assumed).
     """
 
-    def __init__(self, model: Path | bytes, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: Path | bytes, weights: bytes | None = None, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:  # fmt: skip
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if weights is not None:
+            # the OrtValues must outlive the session: keep them on it
+            self._initializers = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in load_safetensors(weights).items()}
+            opts.add_external_initializers(list(self._initializers), list(self._initializers.values()))
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         wanted = providers or preferred_providers()
         self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=opts,

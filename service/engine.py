@@ -77,7 +77,8 @@ class Engine:
         key = f"{dataset}/{classifier}"
         with self._lock:
             if key not in self._sessions:
-                self._sessions[key] = OnnxClassifier(self.registry.read(key, "onnx"), threads=self._ort_threads)
+                graph, weights = self.registry.read(key, "onnx"), self.registry.read(key, "weights")
+                self._sessions[key] = OnnxClassifier(graph, weights, threads=self._ort_threads)
             return self._sessions[key]
 
     def warm_up(self) -> None:

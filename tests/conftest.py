@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from service import nets
 from service.registry import Registry, sha256_file
-from training.train_classifier import export_onnx
+from training.onnx_export import export_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -39,7 +39,7 @@ def write_tiny_models(root: Path, datasets: tuple[str, ...] = ("mnist",), seed: 
             files = {"weights": {"path": f"{ds}/{name}.safetensors", "sha256": sha256_file(w)}}
             if kind == "classifier":
                 o = root / ds / f"{name}.onnx"
-                export_onnx(net, o)
+                export_onnx(net, o, w)
                 files["onnx"] = {"path": f"{ds}/{name}.onnx", "sha256": sha256_file(o)}
             entry = {"kind": kind, "arch": arch, "dataset": ds, "files": files, "metrics": {}, "command": "tests"}
             if kind == "generator":

@@ -15,8 +15,8 @@ import torch
 from service.classify import OnnxClassifier
 from service.nets import build_classifier
 from service.registry import ManifestError, Registry
-from training import data, train_classifier, train_gan
-from training.common import record_metrics, sha256_file, update_manifest
+from training import data, onnx_export, train_classifier, train_gan
+from training.common import record_metrics, save_weights, sha256_file, update_manifest
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -128,6 +128,66 @@ def test_onnx_equals_torch_and_slice_agrees_with_record(registry: Registry, data
         assert np.abs(got - ref).max() < 1e-4, name
         # the slice's accuracy agrees with the recorded full-test-set figure (1,000 of the same 10,000 images)
         assert abs((got.argmax(1) == ys).mean() - art.metrics["clean_test_accuracy"]) < 0.04, name
+
+
+def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Registry) -> None:
+    """One copy of each classifier's weights (issue 2's size budget): the .onnx is a graph whose initializers are
+    external data at the safetensors tensors' byte ranges, and models/ stays under 80 MB."""
+    import onnx
+
+    for ds in registry.datasets():
+        for name in registry.classifiers(ds):
+            art = registry.get(f"{ds}/{name}")
+            graph_path, weights_path = art.path(registry.root, "onnx"), art.path(registry.root, "weights")
+            assert graph_path.stat().st_size < 10_000, name
+            layout = onnx_export.safetensors_layout(weights_path)
+            graph = onnx.load(str(graph_path), load_external_data=False)
+            for init in graph.graph.initializer:
+                ext = {e.key: e.value for e in init.external_data}
+                assert ext["location"] == weights_path.name, (name, init.name)
+                assert (int(ext["offset"]), int(ext["length"])) == layout[init.name], (name, init.name)
+    total = sum(p.stat().st_size for p in registry.root.rglob("*") if p.is_file())
+    assert total < 80e6, total
+
+
+def test_onnx_weights_come_from_the_bytes_handed_over(tmp_path: Path) -> None:
+    """The service passes the verified safetensors bytes: the session computes with those, not with a file."""
+    torch.manual_seed(0)
+    a, b = build_classifier("D").eval(), build_classifier("D").eval()
+    w = tmp_path / "classifier_D.safetensors"
+    save_weights(a, w)
+    onnx_export.export_onnx(a, tmp_path / "classifier_D.onnx", w)
+    graph, weights_a = (tmp_path / "classifier_D.onnx").read_bytes(), w.read_bytes()
+    save_weights(b, w)  # the file on disk now holds other weights
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        ref_a, ref_b = a(x).numpy(), b(x).numpy()
+    got = OnnxClassifier(graph, weights_a, providers=["CPUExecutionProvider"]).logits(x)
+    assert np.abs(got - ref_a).max() < 1e-4
+    from_path = OnnxClassifier(tmp_path / "classifier_D.onnx", providers=["CPUExecutionProvider"]).logits(x)
+    assert np.abs(from_path - ref_b).max() < 1e-4  # from its path, the graph reads the file beside it
+    with pytest.raises(Exception, match="(?i)external"):  # graph bytes alone: ONNX Runtime cannot find the weights
+        OnnxClassifier(graph, providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="differs"):  # a graph is only ever linked to the weights it was made from
+        onnx_export.export_onnx(a, tmp_path / "classifier_D.onnx", w)
+
+
+def test_reexport_keeps_the_measured_figures(tmp_path: Path) -> None:
+    import shutil
+
+    from tests.conftest import write_tiny_models
+
+    root = write_tiny_models(tmp_path / "models")
+    shutil.copy(MODELS / "mnist" / "test_slice.npz", root / "mnist" / "test_slice.npz")
+    record_metrics("mnist/classifier_A", {"clean_test_accuracy": 0.5}, root)
+    before = json.loads((root / "manifest.json").read_text())["artifacts"]["mnist/classifier_A"]
+    (root / "mnist" / "classifier_A.onnx").write_bytes(b"stale")
+    assert onnx_export.reexport(root) == ["mnist/classifier_A"]
+    after = json.loads((root / "manifest.json").read_text())["artifacts"]["mnist/classifier_A"]
+    assert after["metrics"]["clean_test_accuracy"] == 0.5 and after["metrics"]["onnx_vs_torch_max_abs_diff"] < 1e-4
+    assert after["files"]["weights"] == before["files"]["weights"]
+    assert after["files"]["onnx"]["sha256"] == sha256_file(root / "mnist" / "classifier_A.onnx")
+    Registry(root).verify()
 
 
 def test_classifier_training_smoke_loss_decreases() -> None:

@@ -35,7 +35,7 @@ def setup(seed: int, threads: int | None = None) -> torch.device:
 
 def command_line() -> str:
     """The exact command that is running, as a user would type it."""
-    return "python -m " + __import__("__main__").__spec__.name + " " + shlex.join(sys.argv[1:])
+    return ("python -m " + __import__("__main__").__spec__.name + " " + shlex.join(sys.argv[1:])).rstrip()
 
 
 def git_commit() -> str:
@@ -79,19 +79,21 @@ def save_weights(module: torch.nn.Module, path: Path) -> str:
     return sha256_file(path)
 
 
-def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR) -> None:
+def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR, keep_measured: bool = False) -> None:
     """Insert or replace `artifacts[key]` in models/manifest.json, hashing each of its files.
 
     `entry["files"]` maps a role ("weights", "onnx", "data") to {"path": relative to models/}; sha256, the git
     commit and the date are filled in. What was recorded on the entry (metrics, a detector calibration) is kept while
     its files are the same; new files (a retrained model) drop it, since it describes other weights.
+    `keep_measured` keeps it although a file changed (a re-export of the same weights).
     """
     manifest = Path(models_dir) / "manifest.json"
     man = json.loads(manifest.read_text()) if manifest.exists() else {"schema": 1, "artifacts": {}}
     old = man["artifacts"].get(key, {})
     files = {role: {"path": f["path"], "sha256": sha256_file(Path(models_dir) / f["path"])}
              for role, f in entry["files"].items()}  # fmt: skip
-    kept = old if old.get("files") == files else {}  # measured fields (metrics, detector calibration) of old files
+    # measured fields (metrics, detector calibration) of the old files
+    kept = old if keep_measured or old.get("files") == files else {}
     merged = {**kept, **entry}
     merged["metrics"] = {**kept.get("metrics", {}), **entry.get("metrics", {})}
     merged["files"] = files

@@ -1,4 +1,4 @@
-"""Train a Defense-GAN classifier (models A–E) and export it as safetensors and ONNX.
+"""Train a Defense-GAN classifier (models A–E) and export it as safetensors and ONNX (one copy of the weights).
 
     python -m training.train_classifier --dataset mnist --model A
     python -m training.train_classifier --dataset mnist --model A --adv-eps 0.3     # FGSM adversarial training
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +24,7 @@ from service.attacks import fgsm
 from service.nets import build_classifier
 from training import data
 from training.common import MODELS_DIR, batches, command_line, save_weights, setup, update_manifest
+from training.onnx_export import export_onnx, onnx_max_diff
 
 
 @torch.no_grad()
@@ -32,23 +32,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     model.eval()
     correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
     return correct / len(x)
-
-
-def export_onnx(model: nn.Module, path: Path) -> None:
-    """ONNX with a dynamic batch axis: input `input` N×1×28×28 float32, output `logits` N×10."""
-    model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)  # fmt: skip
-
-
-def onnx_max_diff(model: nn.Module, path: Path, x: np.ndarray) -> float:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input": x})[0]
-    with torch.no_grad():
-        ref = model.eval()(torch.from_numpy(x)).numpy()
-    return float(np.abs(got - ref).max())
 
 
 def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None) -> nn.Module:
@@ -90,11 +73,12 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
 
 def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metrics: dict | None = None,
                     models_dir: Path = MODELS_DIR) -> dict:  # fmt: skip
-    """Write models_dir/<dataset>/<name>.safetensors and .onnx, measure clean test accuracy (full test set, when
-    the dataset cache is there) and ONNX-vs-torch agreement (slice), and record `entry` in the manifest."""
+    """Write models_dir/<dataset>/<name>.safetensors and its .onnx graph (whose weights are the safetensors'),
+    measure clean test accuracy (full test set, when the dataset cache is there) and ONNX-vs-torch agreement
+    (slice), and record `entry` in the manifest."""
     rel = {role: f"{dataset}/{name}.{ext}" for role, ext in (("weights", "safetensors"), ("onnx", "onnx"))}
     save_weights(model, models_dir / rel["weights"])
-    export_onnx(model, models_dir / rel["onnx"])
+    export_onnx(model, models_dir / rel["onnx"], models_dir / rel["weights"])
     xs, _ = data.load_slice(dataset)
     metrics = {
         **(metrics or {}),
