@@ -15,7 +15,7 @@ import torch
 from service.classify import OnnxClassifier
 from service.nets import build_classifier
 from service.registry import ManifestError, Registry
-from training import data, onnx_export, train_classifier, train_gan
+from training import data, eval_generator, onnx_export, train_classifier, train_gan
 from training.common import record_metrics, save_weights, sha256_file, update_manifest
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -245,3 +245,22 @@ def test_retraining_drops_figures_measured_on_the_old_weights(tmp_path: Path) ->
     update_manifest("mnist/m", {**entry, "metrics": {"clean_test_accuracy": 0.95}}, tmp_path)
     e = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]["mnist/m"]
     assert e["metrics"] == {"clean_test_accuracy": 0.95} and "detector" not in e
+
+
+def test_training_set_bound_projects_onto_the_nearest_image() -> None:
+    """`eval_generator --range train-set[+x]`: the projection is the bank image nearest under MSE (or the query's own
+    clean image when that is nearer), and its MSE is reported."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.rand(50, 1, 28, 28, generator=g)
+    pick = torch.tensor([3, 17, 42])
+    q = (bank[pick] + 0.05 * torch.randn(3, 1, 28, 28, generator=g)).clamp(0, 1)
+    imgs, mse = eval_generator.nearest(q, bank, chunk=2)
+    assert torch.equal(imgs, bank[pick])
+    assert torch.allclose(mse, ((bank[pick] - q) ** 2).flatten(1).mean(1))
+    own = q.clone()
+    own[1] = torch.rand(1, 28, 28, generator=g)  # far from query 1: the bank image stays nearer
+    imgs, mse = eval_generator.nearest(q, bank, own)
+    assert torch.equal(imgs[0], q[0]) and torch.equal(imgs[2], q[2]) and torch.equal(imgs[1], bank[17])
+    assert mse[0] == 0 and mse[1] > 0
+    with pytest.raises(SystemExit):  # a bound is not the shipped generator's figure
+        eval_generator.parse(["--dataset", "mnist", "--range", "train-set", "--record"])

@@ -8,6 +8,12 @@ For the first n slice images: classifier A's accuracy on x, on G(z*) of x (clean
 computed on classifier A alone (ε = 0.3, the Defense-GAN white-box setting), with Wilson 95% intervals; the mean
 reconstruction MSE; the MSE detector's ROC AUC (clean vs adversarial). Every run is appended to
 docs/experiments/generator_<dataset>.jsonl (committed) so that attempts can be compared.
+
+`--range train-set` replaces the generator by the 60,000 training images themselves (the projection becomes the
+nearest training image under MSE): what a generator that had learned exactly its training data would do.
+`--range train-set+x` adds each query's own clean image to that set (an oracle range that contains the answer).
+
+    python -m training.eval_generator --dataset mnist --n 300 --range train-set --tag "training set"
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from training import data
 from training.common import MODELS_DIR, ROOT, command_line, record_metrics, setup
 
 EXPERIMENTS = ROOT / "docs" / "experiments"
+RANGE_NAMES = {"train-set": "training set (nearest image)", "train-set+x": "training set ∪ {x} (oracle)"}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -62,12 +69,32 @@ def project_batched(x: torch.Tensor, G: Generator, cfg: ProjectionConfig, enc: t
     return torch.cat(imgs), torch.cat(mses)
 
 
+def nearest(x: torch.Tensor, bank: torch.Tensor, own: torch.Tensor | None = None,
+            chunk: int = 100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The image of `bank` (M×1×28×28) nearest each x under MSE, and that MSE; with `own`, each query may also
+    pick own[i] (an oracle range holding the query's clean image)."""
+    flat = bank.flatten(1)
+    sq = (flat**2).sum(1)
+    imgs, mses = [], []
+    for i in range(0, len(x), chunk):
+        q = x[i : i + chunk].flatten(1)
+        d = (q**2).sum(1, keepdim=True) - 2 * q @ flat.T + sq[None]
+        dist, idx = d.min(1)
+        best = bank[idx]
+        if own is not None:
+            o = own[i : i + chunk]
+            d_own = ((q - o.flatten(1)) ** 2).sum(1)
+            take = d_own < dist
+            best = torch.where(take[:, None, None, None], o, best)
+        imgs.append(best)
+        mses.append(((best - x[i : i + chunk]) ** 2).flatten(1).mean(1))
+    return torch.cat(imgs), torch.cat(mses)
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     setup(args.seed, args.threads)
     reg = Registry(MODELS_DIR)
-    G = load_generator(args, reg)
     clf = reg.classifier(args.dataset, args.classifier)
-    enc = reg.encoder(args.dataset) if args.init == "encoder" else None
     xs, ys = data.load_slice(args.dataset)
     x = torch.from_numpy(data.to_float(xs[: args.n]))
     y = torch.from_numpy(ys[: args.n].astype("int64"))
@@ -75,15 +102,25 @@ def evaluate(args: argparse.Namespace) -> dict:
                            z_max_norm=args.z_max_norm, z_min_norm=args.z_min_norm, lr=args.lr)  # fmt: skip
     adv = fgsm(clf, x, y, eps=args.eps)
     t0 = time.time()
-    rec_clean, mse_clean = project_batched(x, G, cfg, enc, args.batch)
-    t_clean = time.time() - t0
-    rec_adv, mse_adv = project_batched(adv, G, cfg, enc, args.batch)
+    if args.range == "generator":
+        G = load_generator(args, reg)
+        enc = reg.encoder(args.dataset) if args.init == "encoder" else None
+        rec_clean, mse_clean = project_batched(x, G, cfg, enc, args.batch)
+        t_clean = time.time() - t0
+        rec_adv, mse_adv = project_batched(adv, G, cfg, enc, args.batch)
+    else:
+        bank = torch.from_numpy(data.to_float(data.load(args.dataset)["x_train"]))
+        oracle = args.range == "train-set+x"
+        rec_clean, mse_clean = nearest(x, bank, x if oracle else None)
+        t_clean = time.time() - t0
+        rec_adv, mse_adv = nearest(adv, bank, x if oracle else None)
     with torch.no_grad():
         acc = {name: int((clf(v).argmax(1) == y).sum()) for name, v in
                (("x", x), ("adv", adv), ("G_clean", rec_clean), ("G_adv", rec_adv))}  # fmt: skip
     n = len(x)
     out = {
-        "dataset": args.dataset, "tag": args.tag, "generator": args.ckpt or "shipped", "n": n,
+        "dataset": args.dataset, "tag": args.tag, "n": n,
+        "generator": (args.ckpt or "shipped") if args.range == "generator" else RANGE_NAMES[args.range],
         "steps": cfg.steps, "restarts": cfg.restarts, "init": cfg.init, "init_std": args.init_std,
         "z_max_norm": args.z_max_norm, "z_min_norm": args.z_min_norm, "lr": cfg.lr, "eps": args.eps,
         "acc_clean_no_defense": acc["x"] / n, "acc_fgsm_no_defense": acc["adv"] / n,
@@ -93,6 +130,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "detector_auc_fgsm": roc_auc(mse_clean, mse_adv),
         "seconds_per_image": t_clean / n, "threads": torch.get_num_threads(), "command": command_line(),
     }  # fmt: skip
+    if args.range != "generator":  # no descent: the projection settings do not apply
+        out |= dict.fromkeys(("steps", "restarts", "init", "init_std", "lr"))
     print(json.dumps(out, indent=1))
     log = EXPERIMENTS / f"generator_{args.dataset}.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -130,12 +169,12 @@ def report(dataset: str, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lo, hi = r["acc_fgsm_defended_ci95"]
-        gen = Path(r["generator"]).name if r["generator"] != "shipped" else "shipped"
-        init = r["init"] + ("" if r.get("init_std") is None else f" σ={r['init_std']:g}")
+        gen = r["generator"] if r["generator"] in ("shipped", *RANGE_NAMES.values()) else Path(r["generator"]).name
+        init = "–" if r["init"] is None else r["init"] + ("" if r.get("init_std") is None else f" σ={r['init_std']:g}")
         lo_z, hi_z = r.get("z_min_norm"), r.get("z_max_norm")
         zc = "–" if not (lo_z or hi_z) else f"{lo_z or 0}≤‖z‖≤{hi_z or '∞'}"
         lines.append(
-            f"| {r['tag']} | {gen} | {r['n']} | {r['steps']} | {r['restarts']} | {init} | {zc} "
+            f"| {r['tag']} | {gen} | {r['n']} | {r['steps'] or '–'} | {r['restarts'] or '–'} | {init} | {zc} "
             f"| {r['acc_clean_defended']:.3f} | {r['acc_fgsm_defended']:.3f} [{lo:.3f}, {hi:.3f}] "
             f"| {r['mse_clean']:.4f} / {r['mse_fgsm']:.4f} | {r['detector_auc_fgsm']:.3f} "
             f"| {r['seconds_per_image']:.2f} |"
@@ -157,6 +196,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
     p.add_argument("--ckpt", help="evaluate this checkpoint (.pt) or safetensors instead of the shipped generator")
+    p.add_argument(
+        "--range",
+        choices=["generator", *RANGE_NAMES],
+        default="generator",
+        help="project onto the generator's range, or onto the training images themselves (a bound)",
+    )
     p.add_argument("--classifier", default="classifier_A")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--steps", type=int, default=200)
@@ -175,7 +220,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fpr", type=float, default=0.05, help="detector target false-positive rate")
     p.add_argument("--n-calibration", type=int, default=300)
     p.add_argument("--report", metavar="MD", help="only render all recorded attempts into this markdown file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.record and args.range != "generator":
+        p.error("--record writes the shipped generator's figures: it needs --range generator")
+    return args
 
 
 if __name__ == "__main__":
