@@ -12,6 +12,7 @@ import torch
 from conftest import write_tiny_models
 from torch import nn
 
+from service.purify import project
 from service.registry import Registry
 from training import data, evaluate, report, train_enhanced
 from training.eval_generator import wilson
@@ -134,6 +135,21 @@ def test_disk_cache_resumes_projections(own_tiny: Path, tmp_path: Path) -> None:
     second = evaluate.Evaluation(Registry(own_tiny), "mnist", s, cache_dir=tmp_path)
     b = second.project(second.x, s.rec, "clean")
     assert second.projections_run == 0 and second.projections_reused == 1 and torch.equal(a[0], b[0])
+
+
+def test_disk_cache_is_keyed_by_the_generator_and_encoder(own_tiny: Path, tmp_path: Path) -> None:
+    """A retrained generator (or encoder) gets fresh projections, never the old weights' cached ones."""
+    s = evaluate.quick_settings()
+    s.n = 4
+    first = evaluate.Evaluation(Registry(own_tiny), "mnist", s, cache_dir=tmp_path)
+    first.project(first.x, s.rec, "clean")
+    retrained = write_tiny_models(tmp_path / "retrained", seed=1)  # same slice, other weights
+    second = evaluate.Evaluation(Registry(retrained), "mnist", s, cache_dir=tmp_path)
+    b = second.project(second.x, s.rec, "clean")
+    assert second.projections_run == 1 and second.projections_reused == 0
+    assert torch.allclose(b[0], project(second.x, second.G, s.rec, seed=second.seed + 1000).images)
+    warm = s.rec.with_(init="encoder")
+    assert first.purifier_shas(warm)[1] != second.purifier_shas(warm)[1]
 
 
 def test_second_run_reuses_every_cached_attack_and_projection(own_tiny: Path, tmp_path: Path) -> None:

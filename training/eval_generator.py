@@ -69,6 +69,12 @@ def project_batched(x: torch.Tensor, G: Generator, cfg: ProjectionConfig, enc: t
     return torch.cat(imgs), torch.cat(mses)
 
 
+def shipped_name(reg: Registry, dataset: str) -> str:
+    """Which shipped generator a row measured ("shipped (N it)"): generators are retrained over time."""
+    iters = reg.get(f"{dataset}/generator").raw.get("training", {}).get("iterations")
+    return f"shipped ({iters} it)" if iters else "shipped"
+
+
 def nearest(x: torch.Tensor, bank: torch.Tensor, own: torch.Tensor | None = None,
             chunk: int = 100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The image of `bank` (M×1×28×28) nearest each x under MSE, and that MSE; with `own`, each query may also
@@ -120,7 +126,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     n = len(x)
     out = {
         "dataset": args.dataset, "tag": args.tag, "n": n,
-        "generator": (args.ckpt or "shipped") if args.range == "generator" else RANGE_NAMES[args.range],
+        "generator": RANGE_NAMES.get(args.range) or args.ckpt or shipped_name(reg, args.dataset),
         "steps": cfg.steps, "restarts": cfg.restarts, "init": cfg.init, "init_std": args.init_std,
         "z_max_norm": args.z_max_norm, "z_min_norm": args.z_min_norm, "lr": cfg.lr, "eps": args.eps,
         "acc_clean_no_defense": acc["x"] / n, "acc_fgsm_no_defense": acc["adv"] / n,
@@ -169,7 +175,8 @@ def report(dataset: str, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lo, hi = r["acc_fgsm_defended_ci95"]
-        gen = r["generator"] if r["generator"] in ("shipped", *RANGE_NAMES.values()) else Path(r["generator"]).name
+        gen = r["generator"]
+        gen = gen if gen.startswith("shipped") or gen in RANGE_NAMES.values() else Path(gen).name
         init = "–" if r["init"] is None else r["init"] + ("" if r.get("init_std") is None else f" σ={r['init_std']:g}")
         lo_z, hi_z = r.get("z_min_norm"), r.get("z_max_norm")
         zc = "–" if not (lo_z or hi_z) else f"{lo_z or 0}≤‖z‖≤{hi_z or '∞'}"

@@ -15,10 +15,11 @@ else L=25, R=1), Enhanced Invert-and-Classify (classifier_<X>_enhanced behind th
 adversarial-training baselines classifier_<X>_adv0.3 / _adv0.15 ("not shipped" where absent).
 
 Every accuracy is printed with n and a Wilson 95% interval as soon as it is measured. Projections are cached per
-(dataset, input images, L, R, init, seed) for the run (and on disk under --cache-dir), so an input set shared by
-several classifiers or columns is projected once. The defense is evaluated with a seed the attacker does not get
-(`seed + 1000`); the attacker's own pipeline uses `seed`. Headline figures go into models/manifest.json metrics
-(`eval_clean_accuracy`, `eval_robust_accuracy`, `evaluation`), which /v1/models reports.
+(dataset, input images, L, R, init, seed, generator and encoder weights) for the run (and on disk under
+--cache-dir), so an input set shared by several classifiers or columns is projected once. The defense is
+evaluated with a seed the attacker does not get (`seed + 1000`); the attacker's own pipeline uses `seed`.
+Headline figures go into models/manifest.json metrics (`eval_clean_accuracy`, `eval_robust_accuracy`,
+`evaluation`), which /v1/models reports.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ class Evaluation:
         assert self.G is not None
         G = self.G
         seed = self.seed + 1000
-        k = (self.ds, digest(x), cfg.steps, cfg.restarts, cfg.init, cfg.lr, seed)
+        k = (self.ds, digest(x), cfg.steps, cfg.restarts, cfg.init, cfg.lr, seed, *self.purifier_shas(cfg))
         if k in self.proj_cache:
             self.projections_reused += 1
             return self.proj_cache[k]
@@ -310,6 +311,12 @@ class Evaluation:
     def attack_model_key(self, arch: str, col: str) -> str:
         """The classifier an oblivious attack differentiates for this column (its own bare classifier)."""
         return self.key(arch, col) or ""
+
+    def purifier_shas(self, cfg: ProjectionConfig) -> tuple[str, ...]:
+        """The weights a projection with `cfg` runs (generator, and encoder for a warm start): part of every cache
+        key of a projection or of an attack through one, so a retrained generator is never served stale results."""
+        shas = (self.model_sha(f"{self.ds}/generator"),)
+        return shas + (self.model_sha(f"{self.ds}/encoder"),) if cfg.init == "encoder" else shas
 
     def model_sha(self, model_key: str) -> str:
         return self.reg.get(model_key).files["weights"]["sha256"][:16]
@@ -427,8 +434,8 @@ class Evaluation:
         model = self.attacker_pipeline(arch, col)
         deterministic = model.cfg.init == "encoder" and model.cfg.restarts == 1
         samples = 1 if deterministic else self.s.eot_samples
-        params = (attack, self.model_sha(key), model.cfg, self.s.pgd_steps, self.s.pgd_alpha, samples,
-                  self.s.latent_steps, self.s.latent_check, self.seed)  # fmt: skip
+        params = (attack, self.model_sha(key), model.cfg, *self.purifier_shas(model.cfg), self.s.pgd_steps,
+                  self.s.pgd_alpha, samples, self.s.latent_steps, self.s.latent_check, self.seed)  # fmt: skip
         chunks, t0 = [], time.time()
         for i in range(0, len(x), self.s.batch):
             xb, yb = x[i : i + self.s.batch], y[i : i + self.s.batch]

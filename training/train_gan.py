@@ -148,12 +148,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--z-std", type=float, default=1.0, help="std of the latent prior in training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--tag", default="gan", help="run folder under <runs-dir>/<dataset>/")
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="run folder under <runs-dir>/<dataset>/ (default: wgan or dcgan, the "
+        "objective's; the shipped generators' runs are wgan, so the same command resumes them)",
+    )
     p.add_argument("--runs-dir", default=str(RUNS_DIR))
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ship", action="store_true", help="export to models/ and record in the manifest")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.tag = args.tag or ("wgan" if args.objective == "wgan-gp" else "dcgan")
+    return args
 
 
 if __name__ == "__main__":
