@@ -5,12 +5,15 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from conftest import write_tiny_models
 
 from service.classify import OnnxClassifier
 from service.nets import build_classifier
@@ -133,8 +136,6 @@ def test_onnx_equals_torch_and_slice_agrees_with_record(registry: Registry, data
 def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Registry) -> None:
     """One copy of each classifier's weights (issue 2's size budget): the .onnx is a graph whose initializers are
     external data at the safetensors tensors' byte ranges, and models/ stays under 80 MB."""
-    import onnx
-
     for ds in registry.datasets():
         for name in registry.classifiers(ds):
             art = registry.get(f"{ds}/{name}")
@@ -173,10 +174,6 @@ def test_onnx_weights_come_from_the_bytes_handed_over(tmp_path: Path) -> None:
 
 
 def test_reexport_keeps_the_measured_figures(tmp_path: Path) -> None:
-    import shutil
-
-    from tests.conftest import write_tiny_models
-
     root = write_tiny_models(tmp_path / "models")
     shutil.copy(MODELS / "mnist" / "test_slice.npz", root / "mnist" / "test_slice.npz")
     record_metrics("mnist/classifier_A", {"clean_test_accuracy": 0.5}, root)

@@ -107,19 +107,24 @@ def evaluate(args: argparse.Namespace) -> dict:
     cfg = ProjectionConfig(steps=args.steps, restarts=args.restarts, init=args.init, init_std=args.init_std,
                            z_max_norm=args.z_max_norm, z_min_norm=args.z_min_norm, lr=args.lr)  # fmt: skip
     adv = fgsm(clf, x, y, eps=args.eps)
-    t0 = time.time()
+    G, enc = None, None
     if args.range == "generator":
         G = load_generator(args, reg)
         enc = reg.encoder(args.dataset) if args.init == "encoder" else None
-        rec_clean, mse_clean = project_batched(x, G, cfg, enc, args.batch)
-        t_clean = time.time() - t0
-        rec_adv, mse_adv = project_batched(adv, G, cfg, enc, args.batch)
+
+        def purify(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return project_batched(v, G, cfg, enc, args.batch)
     else:
         bank = torch.from_numpy(data.to_float(data.load(args.dataset)["x_train"]))
-        oracle = args.range == "train-set+x"
-        rec_clean, mse_clean = nearest(x, bank, x if oracle else None)
-        t_clean = time.time() - t0
-        rec_adv, mse_adv = nearest(adv, bank, x if oracle else None)
+        own = x if args.range == "train-set+x" else None
+
+        def purify(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return nearest(v, bank, own)
+
+    t0 = time.time()
+    rec_clean, mse_clean = purify(x)
+    t_clean = time.time() - t0
+    rec_adv, mse_adv = purify(adv)
     with torch.no_grad():
         acc = {name: int((clf(v).argmax(1) == y).sum()) for name, v in
                (("x", x), ("adv", adv), ("G_clean", rec_clean), ("G_adv", rec_adv))}  # fmt: skip
@@ -143,7 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(json.dumps(out) + "\n")
-    if args.record:
+    if args.record and G is not None:  # parse() allows --record with the generator range only
         record(args, out, G, enc, cfg, mse_clean)
     return out
 
