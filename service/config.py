@@ -68,7 +68,7 @@ class Settings(BaseSettings):
 
     # defaults of a defended call, and their caps
     default_dataset: str = "mnist"
-    default_classifier: str = "classifier_A"
+    default_classifier: str | None = None  # None: the manifest's `defaults` (its most robust pipeline)
     default_steps: int = 200
     default_restarts: int = 10
     encoder_steps: int = 25
@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     # serving (python -m service; the /v1 API)
     host: str = "127.0.0.1"
     port: int = 8000
-    default_defense: Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify"] = "defense-gan"
+    # None: the manifest's default pipeline (service.engine.default_defense)
+    default_defense: Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify"] | None = None
     warm_up: bool = True  # run every model once at start-up; /readyz answers 200 after it
 
     attack: AttackSettings = Field(default_factory=AttackSettings)

@@ -30,6 +30,38 @@ def enhanced_classifier(registry: Registry, dataset: str, classifier: str) -> st
     return name if registry.has(f"{dataset}/{name}") else None
 
 
+LEGACY_DEFAULT = ("classifier_A", "defense-gan")  # served when the manifest names no default for a dataset
+
+
+def default_classifier(registry: Registry, dataset: str, override: str | None = None) -> str:
+    """The classifier served when the caller names none: `override` (MG_DEFAULT_CLASSIFIER), else the manifest's
+    `defaults[dataset]` (the most robust measured pipeline), else classifier_A."""
+    if override:
+        return override
+    d = registry.defaults.get(dataset)
+    return d.classifier if d else LEGACY_DEFAULT[0]
+
+
+def default_defense(registry: Registry, dataset: str, classifier: str | None = None, override: str | None = None,
+                    proxied: bool = False) -> str:  # fmt: skip
+    """The defense applied when the caller names none; the one rule for /v1, /v2 and the proxy.
+
+    `override` (MG_DEFAULT_DEFENSE) wins. Otherwise the manifest's default pipeline for the dataset when the
+    classifier is its classifier (or none is named), else the defense under which that classifier measured most
+    robust, else defense-gan. A proxy always purifies: where that rule says "none", it projects with the warm start.
+    """
+    d = registry.defaults.get(dataset)
+    if override:
+        defense = override
+    elif d is not None and classifier in (None, d.classifier):
+        defense = d.defense
+    else:
+        defense = (registry.best_defense(dataset, classifier) if classifier else None) or LEGACY_DEFAULT[1]
+    if proxied and defense in ("none", "enhanced-invert-classify"):
+        return "invert-classify"
+    return defense
+
+
 def projection_config(defense: str, steps: int | None, restarts: int | None, default_steps: int,
                       default_restarts: int, encoder_steps: int, encoder_restarts: int
                       ) -> ProjectionConfig:  # fmt: skip

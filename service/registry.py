@@ -36,6 +36,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """A classifier (name within its dataset) and the defense in front of it."""
+
+    classifier: str
+    defense: str
+
+
 @dataclass
 class Artifact:
     key: str
@@ -74,8 +82,14 @@ class Registry:
                 )  # fmt: skip
                 for key, e in doc["artifacts"].items()
             }
-        except (ValueError, KeyError, TypeError) as exc:
+            self.raw_defaults: dict[str, dict[str, Any]] = dict(doc.get("defaults", {}))
+            self.defaults = {ds: Pipeline(d["classifier"].split("/", 1)[1], d["defense"])
+                             for ds, d in doc.get("defaults", {}).items()}  # fmt: skip
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise ManifestError(f"{manifest} is malformed: {exc!r}") from exc
+        for ds, d in self.defaults.items():
+            if f"{ds}/{d.classifier}" not in self.artifacts:
+                raise ManifestError(f"{manifest}: defaults[{ds!r}] names {ds}/{d.classifier}, which it does not list")
         self._cache: dict[str, nn.Module] = {}
         self._lock = threading.Lock()
         self._verify = verify
@@ -110,6 +124,16 @@ class Registry:
 
     def has(self, key: str) -> bool:
         return key in self.artifacts
+
+    def best_defense(self, dataset: str, classifier: str) -> str | None:
+        """The defense under which `classifier` measured most robust (worst case at the dataset's default threat,
+        `training.robustness`), or None when it was not evaluated."""
+        if not self.has(f"{dataset}/{classifier}"):
+            return None
+        rob = self.get(f"{dataset}/{classifier}").metrics.get("robustness", {})
+        threat = self.raw_defaults.get(dataset, {}).get("threat")
+        scored = [(cells[threat]["accuracy"], d) for d, cells in rob.items() if threat in cells]
+        return max(scored)[1] if scored else None
 
     # -- loading ------------------------------------------------------------------------------------
     def read(self, key: str, role: str = "weights") -> bytes:

@@ -108,7 +108,7 @@ def test_quick_mode_end_to_end_on_tiny_models(own_tiny: Path, tmp_path: Path) ->
     metrics = Registry(own_tiny).get("mnist/classifier_A").metrics
     assert metrics["eval_clean_accuracy"]["none"] == round(k / 24, 4)
     assert set(metrics["eval_clean_accuracy"]) == {"none", "defense-gan", "invert-classify"}
-    rob = metrics["eval_robust_accuracy"]["defense-gan"]
+    rob = metrics["eval_fixed_step_min"]["defense-gan"]
     assert rob["linf_eps"] == 0.3 and rob["correct_or_flagged"] >= rob["accuracy"]
     assert "Detect or correct" in text
     assert metrics["evaluation"]["quick"] is True
@@ -228,7 +228,7 @@ def test_report_prints_the_recorded_robustness(own_tiny: Path, tmp_path: Path, c
     ev["quick"] = False
     report.robustness(arts)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist | classifier_A |")]
-    rob = arts["mnist/classifier_A"]["metrics"]["eval_robust_accuracy"]["defense-gan"]
+    rob = arts["mnist/classifier_A"]["metrics"]["eval_fixed_step_min"]["defense-gan"]
     row = next(line for line in lines if "| defense-gan |" in line)
     assert f"{ev['defense-gan']['clean']['acc']:.2f} (24)" in row
     assert f"{rob['accuracy']:.2f} ({rob['worst_attack']})" in row

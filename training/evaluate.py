@@ -18,8 +18,10 @@ Every accuracy is printed with n and a Wilson 95% interval as soon as it is meas
 (dataset, input images, L, R, init, seed, generator and encoder weights) for the run (and on disk under
 --cache-dir), so an input set shared by several classifiers or columns is projected once. The defense is
 evaluated with a seed the attacker does not get (`seed + 1000`); the attacker's own pipeline uses `seed`.
-Headline figures go into models/manifest.json metrics (`eval_clean_accuracy`, `eval_robust_accuracy`,
-`evaluation`), which /v1/models reports.
+Headline figures go into models/manifest.json metrics (`eval_clean_accuracy`, `eval_fixed_step_min`,
+`evaluation`). `eval_fixed_step_min` is the lowest accuracy over these paper-protocol and fixed-step attacks
+(FGSM, RAND+FGSM, BPDA+EOT PGD-40, latent): an upper bound on robustness, not a robustness figure — the figures
+to trust are `training.robustness`'s (AutoAttack-grade, per-image worst case: `metrics.robustness`).
 """
 
 from __future__ import annotations
@@ -692,7 +694,7 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
             clean = ev.results["clean"].get(arch, {}).get(col)
             if key is None or not isinstance(clean, dict):
                 continue
-            m = out.setdefault(key, {"eval_clean_accuracy": {}, "eval_robust_accuracy": {}, "evaluation": {}})
+            m = out.setdefault(key, {"eval_clean_accuracy": {}, "eval_fixed_step_min": {}, "evaluation": {}})
             m["eval_clean_accuracy"][defense] = round(clean["cell"].acc, 4)
             detail = m["evaluation"].setdefault(defense, {"clean": clean["cell"].as_json()})
             cells = {attack: v for group, attack in [*linf, ("whitebox", "cw")]
@@ -707,12 +709,12 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
                 acc, attack = min(scored, key=lambda t: t[0])  # the first of equals, in `linf` order
                 # the adaptive "eot" row is PGD-40 where the column has no projection to attack through
                 name = "pgd" if attack == "eot" and ev.projection(col) is None else attack
-                m["eval_robust_accuracy"][defense] = {"linf_eps": EPS, "accuracy": round(acc, 4),
+                m["eval_fixed_step_min"][defense] = {"linf_eps": EPS, "accuracy": round(acc, 4),
                                                       "worst_attack": name, "n": detail[attack]["n"]}  # fmt: skip
                 doc = [(v["defended"].acc, a) for a, v in cells.items() if a in linf_attacks and "defended" in v]
                 if doc:
                     doc_acc, doc_attack = min(doc, key=lambda t: t[0])
-                    m["eval_robust_accuracy"][defense] |= {"correct_or_flagged": round(doc_acc, 4),
+                    m["eval_fixed_step_min"][defense] |= {"correct_or_flagged": round(doc_acc, 4),
                                                            "correct_or_flagged_worst_attack": doc_attack}  # fmt: skip
     for m in out.values():
         m["evaluation"] = {**m["evaluation"], "n": ev.s.n, "quick": info["quick"], "commit": info["commit"],

@@ -2,7 +2,9 @@
 
 python -m training.report            # the README's measured tables are this command's output
 
-The robustness table reads what `python -m training.evaluate` recorded on each classifier's entry.
+The last table reads what `python -m training.evaluate` recorded on each classifier's entry: the papers' protocol
+and fixed-step attacks, an upper bound on robustness. The figures to trust are `training.robustness`'s
+(docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def robustness(arts: dict) -> None:
         print()
         print(
             "| dataset | classifier | defense | clean (n) | FGSM ε=0.3, oblivious | BPDA+EOT (PGD-40 without "
-            "projection), adaptive | latent, adaptive | worst L∞ ε=0.3 (attack) | worst correct-or-flagged |"
+            "projection), adaptive | latent, adaptive | lowest of these (attack): an upper bound, see "
+            "docs/robustness.md | lowest correct-or-flagged |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))

@@ -101,7 +101,9 @@ def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metr
 
 def ship(args: argparse.Namespace, model: nn.Module) -> dict:
     name = f"classifier_{args.model.upper()}" + (f"_adv{args.adv_eps:g}" if args.adv_eps > 0 else "")
-    training = {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "adv_eps": args.adv_eps, "seed": args.seed}
+    threat = {"norm": "linf", "eps": args.adv_eps} if args.adv_eps > 0 else None
+    training = {"method": "fgsm" if args.adv_eps > 0 else "standard", "threat": threat, "epochs": args.epochs,
+                "batch": args.batch, "lr": args.lr, "adv_eps": args.adv_eps, "seed": args.seed}  # fmt: skip
     return ship_classifier(model, args.dataset, name, {"arch": args.model.upper(), "training": training})
 
 

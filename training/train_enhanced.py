@@ -154,8 +154,10 @@ def ship(args: argparse.Namespace, clf: nn.Module) -> dict:
     gen_sha = Registry(root, verify=False).get(f"{args.dataset}/generator").files["weights"]["sha256"]
     entry = {
         "arch": args.arch.upper(), "generator_sha256": gen_sha, "defense": "enhanced-invert-classify",
-        "training": {k: getattr(args, k) for k in ("iters", "batch", "lr", "latent_eps", "latent_steps", "img_eps",
-                                                   "img_steps", "img_alpha", "invert_steps", "init", "data", "seed")},
+        "training": {"method": "enhanced-inc", "threat": {"norm": "linf", "eps": args.img_eps},
+                     **{k: getattr(args, k) for k in ("iters", "batch", "lr", "latent_eps", "latent_steps", "img_eps",
+                                                      "img_steps", "img_alpha", "invert_steps", "init", "data",
+                                                      "seed")}},
     }  # fmt: skip
     return ship_classifier(clf, args.dataset, f"classifier_{args.arch.upper()}_enhanced", entry,
                            manifold_metrics(args, clf), root)  # fmt: skip

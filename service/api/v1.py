@@ -23,7 +23,16 @@ from service import imaging
 from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
 from service.batcher import Batcher, DefendJob, PurifyJob, PurifyResult
 from service.config import Settings
-from service.engine import ENHANCED, WARM_START, DefendResult, Defense, enhanced_classifier, projection_config
+from service.engine import (
+    ENHANCED,
+    WARM_START,
+    DefendResult,
+    Defense,
+    default_classifier,
+    default_defense,
+    enhanced_classifier,
+    projection_config,
+)
 from service.metrics import Metrics
 from service.purify import ProjectionConfig
 from service.registry import Registry
@@ -245,8 +254,8 @@ def parse_params(model: type[_Params], raw: dict[str, Any], settings: Settings) 
 
 # -- model and defense resolution -------------------------------------------------------------------
 def resolve_classifier(model: str | None, registry: Registry, s: Settings) -> tuple[str, str]:
-    ds, _, clf = (model or f"{s.default_dataset}/{s.default_classifier}").partition("/")
-    clf = clf or s.default_classifier
+    ds, _, clf = (model or s.default_dataset).partition("/")
+    clf = clf or default_classifier(registry, ds, s.default_classifier)
     key = f"{ds}/{clf}"
     if not registry.has(key) or registry.get(key).kind != "classifier" or "onnx" not in registry.get(key).files:
         known = sorted(k for k, a in registry.artifacts.items() if a.kind == "classifier" and "onnx" in a.files)
@@ -306,7 +315,7 @@ async def classify(
     x, raw, decode_ms = await read_input(request, settings)
     p: ClassifyParams = parse_params(ClassifyParams, raw, settings)
     ds, clf = resolve_classifier(p.model, registry, settings)
-    defense = p.defense or settings.default_defense
+    defense = p.defense or default_defense(registry, ds, clf, settings.default_defense)
     if defense == "enhanced-invert-classify":
         enhanced = enhanced_classifier(registry, ds, clf)
         if enhanced is None:
@@ -480,9 +489,16 @@ async def models(registry: Registry = Depends(get_registry), settings: Settings 
             "encoder": enc,
             "defenses": defenses,
             "detector": det,
-            # per classifier: test-set accuracy and the evaluation's clean / worst-case L∞ accuracy per defense
+            # the pipeline served when a call names none, and why (training.robustness)
+            "default": {
+                "classifier": default_classifier(registry, ds, settings.default_classifier),
+                "defense": default_defense(registry, ds, None, settings.default_defense),
+                **({"threat": registry.raw_defaults[ds].get("threat")} if ds in registry.raw_defaults else {}),
+            },  # fmt: skip
+            # per classifier: clean test accuracy, and per defense the clean and per-image worst-case accuracy
+            # under AutoAttack-grade attacks per threat ({"accuracy", "ci", "n", "attacks"})
             "measured": {
-                c: {k: m[k] for k in ("clean_test_accuracy", "eval_clean_accuracy", "eval_robust_accuracy") if k in m}
+                c: {"clean_test_accuracy": m.get("clean_test_accuracy"), "robustness": m.get("robustness", {})}
                 for c in clfs
                 for m in [registry.get(f"{ds}/{c}").metrics]
             },  # fmt: skip
@@ -504,8 +520,11 @@ async def models(registry: Registry = Depends(get_registry), settings: Settings 
         "datasets": datasets,
         "artifacts": artifacts,
         "defaults": {
-            "model": f"{s.default_dataset}/{s.default_classifier}",
-            "defense": s.default_defense,
+            "model": f"{s.default_dataset}/{default_classifier(registry, s.default_dataset, s.default_classifier)}",
+            "defense": default_defense(registry, s.default_dataset, None, s.default_defense),
+            "pipelines": {
+                ds: {"classifier": f"{ds}/{d.classifier}", "defense": d.defense} for ds, d in registry.defaults.items()
+            },  # fmt: skip
             "steps": s.default_steps,
             "restarts": s.default_restarts,
             "encoder_steps": s.encoder_steps,

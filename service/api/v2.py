@@ -2,8 +2,9 @@
 
 Model names:
 - `{dataset}-{classifier}` (e.g. `mnist-classifier_A`): our classifier over the protocol, defended per request
-  parameters `defense` ("defense-gan" by default, "invert-classify", "enhanced-invert-classify" (the warm start,
-  then the classifier's `_enhanced` counterpart), "none"), `steps`, `restarts`, `seed`.
+  parameters `defense` ("none", "defense-gan", "invert-classify", "enhanced-invert-classify" (the warm start, then
+  the classifier's `_enhanced` counterpart); when absent, the manifest's default for it:
+  `service.engine.default_defense`), `steps`, `restarts`, `seed`.
 - every name in `settings.proxy.upstreams`: the image input is purified with the dataset's generator (same
   parameters), forwarded to the allow-listed upstream, and the upstream's response comes back with the
   purification's parameters added (`purified`, `defense`, `steps`, `restarts`, `purify_ms`, ...).
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from service import imaging, oip
 from service.batcher import Batcher, PurifyResult, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
-from service.engine import DEFENSES, WARM_START, DefendResult, enhanced_classifier, projection_config
+from service.engine import DEFENSES, WARM_START, DefendResult, default_defense, enhanced_classifier, projection_config
 from service.proxy import ProxyClient, UpstreamError, purify_and_forward
 
 log = logging.getLogger(__name__)
@@ -153,10 +154,13 @@ class _Purification:
     seed: int | None
 
 
-def _purification(params: dict[str, Any], st: _State, proxied: bool) -> _Purification:
-    """Our request parameters, checked and capped; they are removed from `params` (never forwarded)."""
+def _purification(params: dict[str, Any], st: _State, dataset: str, classifier: str | None) -> _Purification:
+    """Our request parameters, checked and capped; they are removed from `params` (never forwarded).
+    `classifier` None: a proxied model (it classifies upstream)."""
     s = st.settings
-    defense = params.pop("defense", "defense-gan")
+    proxied = classifier is None
+    reg = st.batcher.engine.registry
+    defense = params.pop("defense", None) or default_defense(reg, dataset, classifier, s.default_defense, proxied)
     # a proxied model classifies upstream: neither "none" nor our enhanced classifiers apply to it
     allowed = tuple(d for d in DEFENSES if d not in ("none", "enhanced-invert-classify")) if proxied else DEFENSES
     if defense not in allowed:
@@ -312,7 +316,7 @@ async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.Infer
         raise oip.OIPError(f"model {name!r} takes one input tensor, got {len(req.inputs)}")
     x = _images(req.inputs[0], st.settings.max_batch_images)
     params = dict(req.parameters)
-    p = _purification(params, st, proxied=False)
+    p = _purification(params, st, ds, clf)
     if p.defense == "enhanced-invert-classify" and enhanced_classifier(st.batcher.engine.registry, ds, clf) is None:
         raise oip.OIPError(f"no enhanced classifier is shipped for {ds}/{clf}", status=404)
     cfg = None if p.defense == "none" else _config(p, st)
@@ -343,7 +347,7 @@ async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.Infer
 async def _infer_proxied(st: _State, name: str, req: oip.InferRequest, headers: dict[str, str]) -> Response:
     up = st.proxy.upstream(name)
     assert up is not None
-    p = _purification(req.parameters, st, proxied=True)  # strips our parameters from what is forwarded
+    p = _purification(req.parameters, st, up.dataset, None)  # strips our parameters from what is forwarded
     cfg = _config(p, st)
     result: list[PurifyResult] = []
 
@@ -374,7 +378,7 @@ async def predictions(name: str, request: Request) -> Response:
             body = await _body(request, s.max_upload_bytes)
             x = imaging.to_tensor(imaging.load_bytes(body, s.max_image_pixels, 1), 1)
             params = {k: _int_or_str(v) for k, v in request.query_params.items()}
-            p = _purification(params, st, proxied=True)
+            p = _purification(params, st, up.dataset, None)
             if params:
                 raise oip.OIPError(f"unknown query parameters {sorted(params)}")
             r = await st.batcher.purify(x, up.dataset, _config(p, st), p.seed)

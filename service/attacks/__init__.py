@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.attacks.adaptive import Defended, bpda, eot, latent
+from service.attacks.adaptive import Defended, Unrolled, bpda, detector_aware, eot, latent
 from service.attacks.advgan import advgan
 from service.attacks.cw import CW_DEFENSE_GAN, cw, cw_defense_gan
 from service.attacks.fgsm import fgsm, rand_fgsm
@@ -54,11 +54,13 @@ __all__ = [
     "CW_DEFENSE_GAN",
     "Defended",
     "Substitute",
+    "Unrolled",
     "advgan",
     "as_oracle",
     "bpda",
     "cw",
     "cw_defense_gan",
+    "detector_aware",
     "eot",
     "fgsm",
     "latent",

@@ -1,0 +1,285 @@
+"""Issue 12: adversarial training, the AutoAttack-grade evaluation, its sanity checks, and the defaults served."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import wait_ready, write_tiny_models
+from fastapi.testclient import TestClient
+
+from service import nets
+from service.api.app import create_app
+from service.attacks import Defended, Unrolled
+from service.config import Settings
+from service.engine import default_classifier, default_defense
+from service.purify import ProjectionConfig, freeze
+from service.registry import ManifestError, Registry
+from training import data, robustness, train_robust
+
+EPS = 0.3
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = data.load_slice("mnist")
+    return torch.from_numpy(data.to_float(xs)), torch.from_numpy(ys.astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def mlp(digits: tuple[torch.Tensor, torch.Tensor]) -> torch.nn.Module:
+    """A small MLP trained for a few seconds on the slice's first 800 images (about 0.85 on the rest)."""
+    torch.manual_seed(0)
+    x, y = digits
+    model = nets.build_classifier("E")
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(15):
+        for i in range(0, 800, 100):
+            loss = F.cross_entropy(model(x[i : i + 100]), y[i : i + 100])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return freeze(model)
+
+
+class Bare(robustness.Pipeline):
+    """A robustness.Pipeline around a module, without a registry."""
+
+    def __init__(self, model: torch.nn.Module, sha: str = "test") -> None:
+        self.dataset, self.classifier, self.defense, self.weights_sha = "mnist", "tiny", "none", sha
+        self.forward, self.ort, self.bpda, self.exact = model, model, None, None
+
+
+# -- adversarial training -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["trades", "pgd"])
+def test_robust_training_smoke_loss_falls_and_resumes(method: str, tmp_path: Path) -> None:
+    xs, ys = data.load_slice("mnist")
+    arrays = {"x_train": xs[:512], "y_train": ys[:512], "x_test": xs[512:], "y_test": ys[512:]}
+    argv = ["--dataset", "mnist", "--method", method, "--eps", "0.3", "--steps", "2", "--batch", "32",
+            "--epochs", "4", "--eps-ramp", "0.5", "--lr", "3e-3", "--run-dir", str(tmp_path), "--log-every", "1000",
+            "--monitor", "64"]  # fmt: skip
+    args = train_robust.parse([*argv, "--max-steps", "30"])
+    _, hist = train_robust.train(args, arrays)
+    first = args.losses
+    args = train_robust.parse([*argv, "--max-steps", "64"])  # the same command, further: resumes at step 30
+    model, hist = train_robust.train(args, arrays)
+    assert len(args.losses) == 34, "resumed from the checkpoint, not from scratch"
+    assert np.mean(args.losses[-8:]) < np.mean(first[:8]) - 0.2
+    assert hist and {"clean", "fgsm", "pgd20"} <= set(hist[-1]) and not model.training
+
+
+def test_trades_adversary_stays_in_the_ball(mlp: torch.nn.Module, digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x = digits[0][:64]
+    adv = train_robust.trades_adversary(mlp, x, EPS, EPS / 4, 5)
+    assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    kl = lambda a: F.kl_div(F.log_softmax(mlp(a), 1), F.softmax(mlp(x), 1), reduction="batchmean")  # noqa: E731
+    assert kl(adv) > kl(x + 0.001 * torch.randn_like(x)) + 0.1
+
+
+# -- the attacks --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attack", robustness.BARE_ATTACKS)
+def test_each_reference_attack_breaks_a_plain_model_within_budget(
+    attack: str, mlp: torch.nn.Module, digits: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = digits[0][800:880], digits[1][800:880]
+    budget = robustness.Budget(iters=20, square_queries=300)
+    adv = Bare(mlp).attack(attack, "linf", EPS, 0, budget)(x, y)
+    clean = (mlp(x).argmax(1) == y).float().mean()
+    robust = (mlp(adv).argmax(1) == y).float().mean()
+    assert robustness.within(adv, x, "linf", EPS).all()
+    assert clean > 0.7 and robust < 0.15, (clean, robust)
+
+
+def test_l2_reference_attack_respects_the_l2_ball(
+    mlp: torch.nn.Module, digits: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = digits[0][800:864], digits[1][800:864]
+    adv = Bare(mlp).attack("apgd-ce", "l2", 2.0, 0, robustness.Budget(iters=20))(x, y)
+    assert robustness.within(adv, x, "l2", 2.0).all()
+    assert (mlp(adv).argmax(1) == y).float().mean() < (mlp(x).argmax(1) == y).float().mean() - 0.3
+
+
+def test_within_rejects_out_of_budget_images() -> None:
+    x = torch.full((2, 1, 28, 28), 0.5)
+    adv = x.clone()
+    adv[1, 0, 0, 0] = 0.5 + EPS + 0.01
+    assert robustness.within(adv, x, "linf", EPS).tolist() == [True, False]
+
+
+def test_unrolled_projection_matches_the_real_one_and_differentiates_it(registry: Registry) -> None:
+    """Forward equal to the projection the service runs; gradient equal to finite differences (float64)."""
+    gen, enc = (copy.deepcopy(registry.module(f"mnist/{k}")).double() for k in ("generator", "encoder"))
+    clf = registry.classifier("mnist")
+    cfg = ProjectionConfig(steps=3, restarts=2, init="encoder")
+    x = 0.1 + 0.8 * torch.from_numpy(data.to_float(data.load_slice("mnist")[0][:3])).double()  # off the clamp
+    exact, bpda = Unrolled(clf, gen, cfg, encoder=enc, seed=1), Defended(clf, gen, cfg, encoder=enc, seed=1)
+    assert torch.allclose(exact.purify(x), bpda.purify(x), atol=1e-6)
+    # the unrolled map is piecewise smooth (ReLU kinks in ∇z make z after a step jump, and so does the best-of-R
+    # choice): finite differences along most random directions match the gradient, a few straddle a jump
+    gen_ = torch.Generator().manual_seed(0)
+    w = torch.randn(x.shape, generator=gen_).double()
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((exact.purify(xg) * w).sum(), xg)
+    h, matches = 1e-6, 0
+    for _ in range(5):
+        v = torch.randn(x.shape, generator=gen_).double()
+        with torch.no_grad():
+            fd = float(((exact.purify(x + h * v) - exact.purify(x - h * v)) * w).sum() / (2 * h))
+        matches += abs(float((g * v).sum()) - fd) < 1e-4 * abs(fd)
+    assert matches >= 3, matches
+    (g_bpda,) = torch.autograd.grad((bpda.purify(xg) * w).sum(), xg)
+    assert not torch.allclose(g, g_bpda, atol=1e-3)  # straight-through is not the exact gradient
+
+
+# -- per-image worst case and the sanity checks ---------------------------------------------------------------------
+class Scripted(Bare):
+    """Attacks that fool fixed images (by index into the evaluated set): the worst case is their union."""
+
+    FOOLS = {"a": {0, 1}, "b": {1, 2}, "c": {5}}
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+        super().__init__(model, sha="scripted")
+        self.x, self.calls = x, []
+
+    def attack(self, name: str, norm: str, eps: float, seed: int, budget: robustness.Budget):  # noqa: ANN201
+        def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            self.calls.append((name, len(x)))
+            adv = x.clone()
+            for i, xi in enumerate(x):
+                j = int((self.x - xi).flatten(1).abs().sum(1).argmin())
+                if j in self.FOOLS[name]:
+                    adv[i] = (xi + eps * torch.sign(torch.randn_like(xi))).clamp(0, 1)
+            return adv
+
+        return run
+
+
+def test_worst_case_is_per_image_over_all_attacks_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(robustness, "CACHE", tmp_path)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(8, dtype=torch.long)
+
+    class Zero(torch.nn.Module):  # label 0 unless the image moved off the original (a scripted attack hit it)
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            moved = (a - x[:, None]).flatten(2).abs().amax(2).amin(0) > 1e-6
+            return torch.stack([(~moved).float(), moved.float()], 1).repeat(1, 5)
+
+    p = Scripted(Zero(), x)
+    out = robustness.worst_case(p, x, y, "linf", EPS, ("a", "b", "c"), 0, robustness.Budget())
+    assert out["after"] == {"a": 6, "b": 5, "c": 4} and out["robust"] == 4
+    assert out["robust_flags"] == [False, False, False, True, True, False, True, True]
+    assert p.calls == [("a", 8), ("b", 6), ("c", 5)], "each attack runs on the images still robust only"
+    p.calls.clear()
+    again = robustness.worst_case(p, x, y, "linf", EPS, ("a", "b", "c"), 0, robustness.Budget())
+    assert again["robust"] == 4 and p.calls == [], "a rerun reuses the cached per-image results"
+
+
+def test_sanity_checks_pass_on_a_plain_model(mlp: torch.nn.Module, digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Carlini et al.: accuracy falls to 0 as ε grows, more iterations never raise it, black-box ≤ white-box."""
+    x, y = digits[0][800:880], digits[1][800:880]
+    s = robustness.sanity(Bare(mlp), x, y, "linf", 0.1, 0, robustness.Budget(iters=30, square_queries=300))
+    assert all(s["checks"].values()), s
+    assert s["eps_sweep_apgd_ce"]["0"] > 0.7 and s["eps_sweep_apgd_ce"]["0.35"] <= 0.05
+
+
+def test_choose_default_is_the_most_robust_pipeline_meeting_the_clean_bar() -> None:
+    def r(clf: str, defense: str, clean: float, robust: float) -> dict:
+        return {"classifier": clf, "defense": defense, "clean": {"accuracy": clean},
+                "threats": {"linf:0.3": {"accuracy": robust}}}  # fmt: skip
+
+    results = [r("a", "none", 0.99, 0.0), r("b", "none", 0.97, 0.95), r("c", "none", 0.985, 0.9),
+               r("c", "invert-classify", 0.985, 0.8)]  # fmt: skip
+    assert robustness.choose_default(results, "mnist") == {"classifier": "mnist/c", "defense": "none"}
+    assert robustness.choose_default([r("b", "none", 0.97, 0.95)], "mnist") is None
+
+
+# -- the defaults served --------------------------------------------------------------------------------------------
+def models_with_defaults(root: Path, default: dict | None) -> Path:
+    """Tiny models plus a second classifier (S), its measured robustness, and the manifest's defaults."""
+    write_tiny_models(root)
+    man = json.loads((root / "manifest.json").read_text())
+    a = man["artifacts"]["mnist/classifier_A"]
+    man["artifacts"]["mnist/classifier_S"] = {**a, "metrics": {"robustness": {
+        "none": {"linf:0.3": {"accuracy": 0.9, "ci": [0.88, 0.92], "n": 1000}},
+        "invert-classify": {"linf:0.3": {"accuracy": 0.7, "ci": [0.6, 0.8], "n": 100}}}}}  # fmt: skip
+    man["artifacts"]["mnist/classifier_A"]["metrics"] = {"robustness": {
+        "none": {"linf:0.3": {"accuracy": 0.0}}, "invert-classify": {"linf:0.3": {"accuracy": 0.02}}}}  # fmt: skip
+    if default is not None:
+        man["defaults"] = {"mnist": default}
+    (root / "manifest.json").write_text(json.dumps(man))
+    return root
+
+
+def test_default_rule(tmp_path: Path) -> None:
+    reg = Registry(models_with_defaults(tmp_path / "m", {"classifier": "mnist/classifier_S", "defense": "none",
+                                                          "threat": "linf:0.3"}))  # fmt: skip
+    assert default_classifier(reg, "mnist") == "classifier_S" and default_defense(reg, "mnist") == "none"
+    assert default_defense(reg, "mnist", "classifier_A") == "invert-classify"  # its own most robust measured
+    assert default_defense(reg, "mnist", proxied=True) == "invert-classify"  # a proxy always purifies
+    assert default_defense(reg, "mnist", override="defense-gan") == "defense-gan"
+    assert default_classifier(reg, "mnist", override="classifier_A") == "classifier_A"
+    legacy = Registry(models_with_defaults(tmp_path / "legacy", None))
+    assert (default_classifier(legacy, "mnist"), default_defense(legacy, "mnist")) == ("classifier_A", "defense-gan")
+
+
+def test_a_default_naming_a_missing_classifier_is_refused(tmp_path: Path) -> None:
+    root = models_with_defaults(tmp_path / "m", {"classifier": "mnist/classifier_Q", "defense": "none"})
+    with pytest.raises(ManifestError, match="classifier_Q"):
+        Registry(root)
+
+
+def test_v1_v2_and_models_serve_the_default_pipeline(tmp_path: Path) -> None:
+    root = models_with_defaults(tmp_path / "m", {"classifier": "mnist/classifier_S", "defense": "none",
+                                                 "threat": "linf:0.3"})  # fmt: skip
+    s = Settings(models_dir=root, device="cpu", default_steps=2, default_restarts=1, encoder_steps=2,
+                 max_wait_ms=1.0)  # fmt: skip
+    img = np.full((28, 28), 0.5).tolist()
+    with TestClient(create_app(s)) as c:
+        wait_ready(c)
+        body = c.post("/v1/classify", json={"array": img}).json()
+        assert body["model"] == "mnist/classifier_S" and body["defense"] == "none"
+        body = c.post("/v1/classify", json={"array": img, "model": "mnist/classifier_A"}).json()
+        assert body["defense"] == "invert-classify"
+        info = c.get("/v1/models").json()
+        assert info["datasets"]["mnist"]["default"] == {"classifier": "classifier_S", "defense": "none",
+                                                       "threat": "linf:0.3"}  # fmt: skip
+        assert info["defaults"]["pipelines"] == {"mnist": {"classifier": "mnist/classifier_S", "defense": "none"}}
+        measured = info["datasets"]["mnist"]["measured"]["classifier_S"]["robustness"]
+        assert measured["none"]["linf:0.3"] == {"accuracy": 0.9, "ci": [0.88, 0.92], "n": 1000}
+        req = {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 784}]}
+        r = c.post("/v2/models/mnist-classifier_S/infer", json=req).json()
+        assert r["parameters"]["defense"] == "none" and r["parameters"]["purified"] is False
+
+
+def test_shipped_defaults_meet_their_clean_bars(registry: Registry) -> None:
+    """Every shipped default names a shipped classifier whose recorded clean accuracy meets the dataset's bar."""
+    man = json.loads((Path(registry.root) / "manifest.json").read_text())
+    for ds, d in man.get("defaults", {}).items():
+        entry = man["artifacts"][d["classifier"]]
+        cell = entry["metrics"]["robustness"][d["defense"]]
+        assert cell["clean"]["accuracy"] >= robustness.CLEAN_BAR[ds]
+        assert entry["training"]["method"] in ("pgd", "trades", "enhanced-inc", "standard", "fgsm")
+        assert cell[d["threat"]]["n"] >= 100 and "apgd-ce" in " ".join(cell[d["threat"]]["attacks"])
+
+
+def test_default_pipeline_through_a_real_server(tmp_path: Path) -> None:
+    """`python -m service` (uvicorn, loopback) serves the manifest's default when a call names no model or defense."""
+    from test_e2e_http import Server
+
+    root = models_with_defaults(tmp_path / "m", {"classifier": "mnist/classifier_S", "defense": "none",
+                                                 "threat": "linf:0.3"})  # fmt: skip
+    srv = Server(root, real=False)
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            body = c.post("/v1/classify", json={"array": np.full((28, 28), 0.5).tolist()}).json()
+            assert (body["model"], body["defense"]) == ("mnist/classifier_S", "none")
+            assert c.get("/v1/models").json()["defaults"]["model"] == "mnist/classifier_S"
+    finally:
+        srv.stop()
