@@ -18,6 +18,19 @@ def _ci(v: object) -> str:
     return f" [{v[0]:.3f}, {v[1]:.3f}]" if isinstance(v, list) else ""
 
 
+def _how(t: dict) -> str:
+    """How a classifier was trained, in a few words, from its manifest `training`."""
+    if "iters" in t:
+        return f"{t['iters']} iterations from {t['init']}, Enhanced INC"
+    eps, method = (t.get("threat") or {}).get("eps"), t.get("method")
+    if method == "fgsm":
+        return f"{t.get('epochs')} epochs, FGSM ε={eps:g}"
+    if method in ("trades", "pgd"):
+        beta = f" β={t['beta']:g}" if method == "trades" else ""
+        return f"{t.get('epochs')} epochs, {method.upper()} ε={eps:g}{beta}, {t['steps']} steps"
+    return f"{t.get('epochs')} epochs"
+
+
 def main() -> None:
     arts = json.loads(MANIFEST.read_text())["artifacts"]
     print("| dataset | classifier | clean test accuracy (10,000) | training | ONNX vs torch max diff |")
@@ -25,8 +38,7 @@ def main() -> None:
     for key, e in arts.items():
         if e["kind"] == "classifier":
             m, t = e["metrics"], e.get("training", {})
-            how = (f"{t['iters']} iterations from {t['init']}" if "iters" in t else f"{t.get('epochs')} epochs"
-                   + (f", FGSM ε={t['adv_eps']:g}" if t.get("adv_eps") else ""))  # fmt: skip
+            how = _how(t)
             print(f"| {e['dataset']} | {key.split('/')[1]} | {m.get('clean_test_accuracy', '–')} | {how} "
                   f"| {m.get('onnx_vs_torch_max_abs_diff', 0):.1e} |")  # fmt: skip
     print()
