@@ -74,7 +74,7 @@ def robustness(arts: dict) -> None:
         for defense, cells in ev.items():
             if not isinstance(cells, dict) or "eot" not in cells:  # worst cases only where adaptive attacks ran
                 continue
-            rob = e["metrics"].get("eval_robust_accuracy", {}).get(defense, {})
+            rob = e["metrics"].get("eval_fixed_step_min", {}).get(defense, {})
 
             def acc(attack: str, cells: dict = cells) -> str:
                 c = cells.get(attack)
