@@ -6,14 +6,20 @@ import argparse
 import logging
 import sys
 
-import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.config import get_settings
 from service.registry import ManifestError, Registry
 
 
 def main(argv: list[str] | None = None) -> int:
-    s = get_settings()
+    try:
+        s = get_settings()
+    except (ValidationError, SettingsError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        print(f"manifold-guard: bad setting: {' '.join(first[:3])}", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     p.add_argument("--host", default=s.host, help=f"bind address (MG_HOST, default {s.host})")
     p.add_argument("--port", type=int, default=s.port, help=f"port (MG_PORT, default {s.port})")
@@ -25,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"manifold-guard: refusing to start: {exc}", file=sys.stderr)
         return 2
-    from service.api.app import create_app
+    from service.api.server import serve
 
-    uvicorn.run(create_app(s), host=a.host, port=a.port, log_level=a.log_level, access_log=False)
+    serve(s, a.host, a.port, a.log_level)
     return 0
 
 

@@ -5,13 +5,23 @@
     await batcher.purify(images, "mnist", cfg)                                 → PurifyResult (purify-only)
     await batcher.call(fn, *args)            → fn(*args) run on the engine worker, unbatched (attacks, anything)
 
-A job key is a frozen dataclass (`DefendJob`, `PurifyJob`, or your own with `op`, `run`, `split`): requests with
-equal keys are concatenated along the batch axis, up to `max_batch_size` images, waiting at most `max_wait_ms`
-for a batch to fill (or 10 % of the previous batch's compute time when that is longer), counted from the later of
-the oldest request's arrival and the worker becoming free, so that clients answered by one batch can join the next
-instead of forming a second, half-size cohort. The engine runs on ONE worker thread per batcher (one batcher per
-device), never in the event loop. At most `max_queue` requests wait; beyond that `submit` raises `QueueFull` (HTTP 503
-with Retry-After). Each request has a timeout (queue wait + compute) and raises `RequestTimeout` past it.
+A job key is a frozen dataclass (`DefendJob`, `PurifyJob`, or your own with `op`, `run`, `split`, `cost`):
+requests with equal keys are concatenated along the batch axis, up to `max_batch_size` images, waiting for a batch
+to fill at most `max_wait_ms` (or 10 % of the lane's previous batch when that is longer, never more than
+`max_fill_ms`), counted from the later of the oldest request's arrival and the worker becoming free.
+
+Two lanes, each with its own queue, worker thread and fill window: `fast` for undefended classification (ONNX,
+milliseconds; its window is `fast_wait_ms`), `slow` for projections and calls. A `defense=none` request never
+waits behind a projection.
+
+Limits, checked at `submit` before anything is queued:
+- the compute budget: a request's cost (generator passes, images × steps × restarts) above `max_request_cost`
+  raises `OverBudget` (a 4xx that states both numbers);
+- admission: at most `max_queue` live requests per lane, and a request whose estimated wait (the queued and
+  running cost × the lane's measured seconds per unit) plus its own compute exceeds its timeout raises
+  `QueueFull` at once, with that estimate as Retry-After, instead of timing out later.
+Deadlines: a caller that times out (or goes) leaves its future cancelled; the scheduler never starts such an item,
+and a running batch whose callers are all gone is stopped between two projection steps (`service.purify.Cancelled`).
 
 With a fixed seed, a batch gives exactly the per-request results: every image of a projection gets the same noise
 draws (see service.purify.initial_latents), so batching changes throughput, not answers.
@@ -22,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,20 +43,43 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from service.engine import DefendResult, Engine
+from service.config import Settings
+from service.engine import DefendResult, Engine, Stop
 from service.metrics import Metrics
-from service.purify import ProjectionConfig
+from service.purify import Cancelled, ProjectionConfig
 
 log = logging.getLogger(__name__)
 
 FILL_FRACTION = 0.1  # a batch may wait this fraction of the previous batch's compute time to fill
+UNIT_EWMA = 0.3  # weight of the newest batch in the lane's seconds-per-cost-unit estimate
+
+
+class OverBudget(ValueError):
+    """A request costs more than the per-request compute budget (HTTP 422 on /v1, 400 on /v2)."""
+
+    status = 422
+
+    def __init__(self, cost: int, budget: int, what: str) -> None:
+        super().__init__(f"the request costs {cost:,} generator passes ({what}); the per-request budget is "
+                         f"{budget:,} (MG_MAX_REQUEST_COST): send fewer images, steps or restarts")  # fmt: skip
+        self.cost, self.budget = cost, budget
+
+
+def projection_cost(n: int, cfg: ProjectionConfig) -> tuple[int, str]:
+    """(generator passes, how they add up) of projecting n images with cfg."""
+    return n * max(cfg.steps, 1) * cfg.restarts, f"{n} image(s) × {cfg.steps} steps × {cfg.restarts} restarts"
 
 
 class QueueFull(RuntimeError):
-    """The batcher's queue is full; retry after `retry_after` seconds."""
+    """The request cannot be served in time (queue full, or the estimated wait exceeds its timeout): HTTP 503,
+    retry after `retry_after` seconds."""
 
-    def __init__(self, depth: int, retry_after: float) -> None:
-        super().__init__(f"the service is busy ({depth} requests queued); retry later")
+    def __init__(self, depth: int, retry_after: float, estimate: float | None = None,
+                 timeout: float | None = None) -> None:  # fmt: skip
+        why = f"{depth} requests queued"
+        if estimate is not None and timeout is not None and estimate > timeout:
+            why += f"; it would finish in about {estimate:.1f} s, past its {timeout:g} s timeout"
+        super().__init__(f"the service is busy ({why}); retry later")
         self.retry_after = retry_after
 
 
@@ -63,9 +97,11 @@ class Job(Protocol):
     @property
     def op(self) -> str: ...
 
-    def run(self, engine: Engine, x: torch.Tensor) -> Any: ...
+    def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> Any: ...
 
     def split(self, out: Any, bounds: list[tuple[int, int]]) -> list[Any]: ...
+
+    def cost(self, n: int) -> tuple[int, str]: ...
 
 
 @dataclass
@@ -99,8 +135,13 @@ class DefendJob:
     def op(self) -> str:
         return "classify" if self.defense == "none" else "defend"
 
-    def run(self, engine: Engine, x: torch.Tensor) -> DefendResult:
-        return engine.defend(x, self.dataset, self.classifier, self.defense, self.cfg, self.seed)
+    def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> DefendResult:
+        return engine.defend(x, self.dataset, self.classifier, self.defense, self.cfg, self.seed, stop)
+
+    def cost(self, n: int) -> tuple[int, str]:
+        if self.defense == "none":
+            return 0, f"{n} image(s), no projection"
+        return projection_cost(n, self.cfg or ProjectionConfig())
 
     def split(self, out: DefendResult, bounds: list[tuple[int, int]]) -> list[DefendResult]:
         def cut(a: Any, i: int, j: int) -> Any:
@@ -140,11 +181,14 @@ class PurifyJob:
 
     op = "purify"
 
-    def run(self, engine: Engine, x: torch.Tensor) -> PurifyResult:
+    def cost(self, n: int) -> tuple[int, str]:
+        return projection_cost(n, self.cfg)
+
+    def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> PurifyResult:
         t = time.perf_counter()
-        p = engine.purify(x, self.dataset, self.cfg, seed=self.seed)
+        p = engine.purify(x, self.dataset, self.cfg, seed=self.seed, stop=stop)
         ms = (time.perf_counter() - t) * 1e3
-        det = engine.registry.detector(self.dataset, self.cfg.init)
+        det = engine.registry.detector(self.dataset, self.cfg.init, self.cfg.steps, self.cfg.restarts)
         mse = p.mse.numpy()
         return PurifyResult(
             p.images,
@@ -193,11 +237,14 @@ class _CallJob:
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn, self.args = fn, args
 
-    def run(self, engine: Engine, x: torch.Tensor | None) -> Any:
+    def run(self, engine: Engine, x: torch.Tensor | None, stop: Stop) -> Any:
         return self.fn(*self.args)
 
     def split(self, out: Any, bounds: list[tuple[int, int]]) -> list[Any]:
         return [out]
+
+    def cost(self, n: int) -> tuple[int, str]:
+        return 0, "a call (its own caps apply)"
 
 
 @dataclass
@@ -216,12 +263,67 @@ class _Item:
     job: Any
     x: torch.Tensor | None
     n: int
+    cost: int
     future: asyncio.Future[Outcome]
     enqueued: float
 
 
+@dataclass
+class _Running:
+    """The batch a lane's worker is computing."""
+
+    started: float
+    estimate_s: float
+    cancel: threading.Event
+    batch: list[_Item]
+
+
+class _Lane:
+    """One queue, one worker thread, one fill window and one cost estimate."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: deque[_Item] = deque()
+        self.wake: asyncio.Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.last_batch_s = 0.0
+        self.free_since = 0.0
+        self.unit_s: float | None = None  # measured seconds per cost unit (None until a costed batch ran)
+        self.running: _Running | None = None
+
+    def live(self) -> list[_Item]:
+        return [it for it in self.queue if not it.future.done()]
+
+    def estimated_wait(self) -> float:
+        """Seconds until a request queued now would start: the queued cost plus what is left of the running batch."""
+        if self.unit_s is None:
+            return 0.0
+        wait = sum(it.cost for it in self.live()) * self.unit_s
+        if self.running is not None:
+            wait += max(0.0, self.running.estimate_s - (time.perf_counter() - self.running.started))
+        return wait
+
+    def abandon(self, why: str) -> None:
+        """Fail every waiting and running request with NotRunning(why) and stop the running batch."""
+        if self.running is not None:
+            self.running.cancel.set()
+            for it in self.running.batch:
+                if not it.future.done():
+                    it.future.set_exception(NotRunning(why))
+        while self.queue:
+            item = self.queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotRunning(why))
+
+    def learn(self, cost: int, seconds: float) -> None:
+        if cost > 0:
+            per = seconds / cost
+            self.unit_s = per if self.unit_s is None else (1 - UNIT_EWMA) * self.unit_s + UNIT_EWMA * per
+
+
 class Batcher:
-    """Collects requests per job key and runs them as batches on one engine worker thread."""
+    """Collects requests per job key and runs them as batches on one worker thread per lane."""
 
     def __init__(
         self,
@@ -232,76 +334,115 @@ class Batcher:
         timeout_s: float = 120.0,
         metrics: Metrics | None = None,
         name: str = "cpu",
+        max_request_cost: int | None = None,
+        max_fill_ms: float = 50.0,
+        fast_wait_ms: float | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or timeout_s <= 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0, timeout_s > 0")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1e3
+        self.fast_wait_s = self.max_wait_s if fast_wait_ms is None else fast_wait_ms / 1e3
+        self.max_fill_s = max(max_fill_ms, max_wait_ms) / 1e3
         self.max_queue = max_queue
         self.timeout_s = timeout_s
+        self.max_request_cost = max_request_cost
         self.metrics = metrics
         self.name = name
-        self._queue: deque[_Item] = deque()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._last_batch_s = 0.0
-        self._free_since = 0.0
+        self.lanes = {"fast": _Lane("fast"), "slow": _Lane("slow")}
+        self.draining = False
+
+    @classmethod
+    def from_settings(cls, engine: Engine, s: Settings, metrics: Metrics | None = None) -> Batcher:
+        return cls(engine, s.max_batch_size, s.max_wait_ms, s.max_queue, s.request_timeout_s, metrics,
+                   name=str(engine.device), max_request_cost=s.max_request_cost, max_fill_ms=s.max_fill_ms,
+                   fast_wait_ms=s.fast_wait_ms)  # fmt: skip
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._task is not None:
+        if self.running:
             return
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mg-engine-{self.name}")
-        self._task = asyncio.create_task(self._schedule(), name=f"mg-batcher-{self.name}")
+        for lane in self.lanes.values():
+            lane.wake = asyncio.Event()
+            lane.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mg-{lane.name}-{self.name}")
+            lane.task = asyncio.create_task(self._schedule(lane), name=f"mg-batcher-{lane.name}-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(NotRunning("the service is shutting down"))
+        """Fail what waits with NotRunning, stop the running batches at their next step, free the workers."""
+        for lane in self.lanes.values():
+            if lane.task is None:
+                continue
+            lane.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lane.task
+            lane.task = None
+            lane.abandon("the service is shutting down")
+            if lane.executor is not None:
+                lane.executor.shutdown(wait=False, cancel_futures=True)
+                lane.executor = None
         self._set_depth()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+
+    def drain(self, limit_s: float) -> None:
+        """Begin a graceful shutdown (call in the event loop): admit nothing more (503), let the queued and running
+        work finish for up to `limit_s`, then answer what is left 503 and stop its batches."""
+        self.draining = True
+        self._set_depth()
+
+        def abandon() -> None:
+            for lane in self.lanes.values():
+                lane.abandon(f"the service is shutting down: not finished within the {limit_s:g} s drain limit")
+
+        asyncio.get_running_loop().call_later(limit_s, abandon)
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        """Started, not stopped, not draining: it admits work."""
+        return not self.draining and all(lane.task is not None and not lane.task.done() for lane in self.lanes.values())
 
     @property
     def depth(self) -> int:
-        """Requests waiting (not yet handed to the worker)."""
-        return len(self._queue)
+        """Requests waiting (not yet handed to a worker) whose callers still wait."""
+        return sum(len(lane.live()) for lane in self.lanes.values())
+
+    def lane_of(self, job: Any) -> _Lane:
+        return self.lanes["fast" if getattr(job, "op", None) == "classify" else "slow"]
 
     # -- submitting ---------------------------------------------------------------------------------
-    async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None) -> Outcome:
-        """Queue `x` (N×1×28×28) under `job`; wait for this request's share of its batch."""
-        if not self.running or self._wake is None:
-            raise NotRunning("the batcher is not running")
-        if len(self._queue) >= self.max_queue:
+    def admit(self, job: Any, n: int, timeout: float) -> tuple[_Lane, int]:
+        """(lane, cost) for a request, or OverBudget / QueueFull before anything is queued."""
+        cost, what = job.cost(n) if hasattr(job, "cost") else (0, "")
+        if self.max_request_cost is not None and cost > self.max_request_cost:
+            raise OverBudget(cost, self.max_request_cost, what)
+        lane = self.lane_of(job)
+        live = len(lane.live())
+        wait = lane.estimated_wait()
+        own = cost * (lane.unit_s or 0.0)
+        if live >= self.max_queue or wait + own > timeout:
             if self.metrics:
                 self.metrics.rejected.inc()
-            raise QueueFull(len(self._queue), retry_after=max(1.0, self._last_batch_s * 2))
+            raise QueueFull(live, retry_after=max(1.0, wait, 2 * lane.last_batch_s), estimate=wait + own,
+                            timeout=timeout)  # fmt: skip
+        return lane, cost
+
+    async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None) -> Outcome:
+        """Queue `x` (N×1×28×28) under `job`; wait for this request's share of its batch."""
+        if not self.running:
+            raise NotRunning("the service is shutting down" if self.draining else "the batcher is not running")
+        timeout = timeout if timeout is not None else self.timeout_s
         n = 0 if x is None else int(x.shape[0])
+        lane, cost = self.admit(job, n, timeout)
+        assert lane.wake is not None
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(job, x, n, fut, time.perf_counter()))
+        lane.queue.append(_Item(job, x, n, cost, fut, time.perf_counter()))
         self._set_depth()
-        self._wake.set()
+        lane.wake.set()
         try:
-            return await asyncio.wait_for(fut, timeout if timeout is not None else self.timeout_s)
+            return await asyncio.wait_for(fut, timeout)
         except TimeoutError as exc:
             if self.metrics:
                 self.metrics.timeouts.inc()
-            raise RequestTimeout(f"the request took longer than {timeout or self.timeout_s:g} s") from exc
+            raise RequestTimeout(f"the request took longer than {timeout:g} s") from exc
         finally:
             if fut.cancelled():
                 self._set_depth()
@@ -325,24 +466,26 @@ class Batcher:
         return (await self.submit(PurifyJob(dataset, cfg, seed), x)).value
 
     async def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
-        """Run fn(*args) on the engine worker thread, in turn with the batches (for work that must not overlap)."""
+        """Run fn(*args) on the slow lane's worker thread, in turn with the projections (work that must not
+        overlap them)."""
         return (await self.submit(_CallJob(fn, args), None, timeout)).value
 
     # -- the scheduler ------------------------------------------------------------------------------
     def _set_depth(self) -> None:
         if self.metrics:
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.set(self.depth)
 
-    def _pending_images(self, job: Any) -> int:
-        return sum(it.n for it in self._queue if it.job == job and not it.future.done())
+    def _pending_images(self, lane: _Lane, job: Any) -> int:
+        return sum(it.n for it in lane.queue if it.job == job and not it.future.done())
 
-    def _take(self, job: Any) -> list[_Item]:
-        """Remove and return the oldest requests of `job` that fit in one batch (the first always does)."""
+    def _take(self, lane: _Lane, job: Any) -> list[_Item]:
+        """Remove and return the oldest live requests of `job` that fit in one batch (the first always does);
+        requests whose callers are gone are dropped."""
         taken: list[_Item] = []
         rest: deque[_Item] = deque()
         images = 0
         batchable = not isinstance(job, _CallJob)
-        for it in self._queue:
+        for it in lane.queue:
             if it.future.done():
                 continue
             if it.job == job and (not taken or (batchable and images + it.n <= self.max_batch_size)):
@@ -350,59 +493,81 @@ class Batcher:
                 images += it.n
             else:
                 rest.append(it)
-        self._queue = rest
+        lane.queue = rest
         self._set_depth()
         return taken
 
-    async def _schedule(self) -> None:
-        assert self._wake is not None
+    async def _fill(self, lane: _Lane, head: _Item) -> None:
+        """Wait for the head's batch to fill, from the later of its arrival and the worker becoming free: clients
+        answered by the last batch get a moment to send their next request and join this one."""
+        assert lane.wake is not None
+        base = self.fast_wait_s if lane.name == "fast" else self.max_wait_s
+        window = min(max(base, FILL_FRACTION * lane.last_batch_s), self.max_fill_s)
+        deadline = max(head.enqueued, lane.free_since) + window
+        while self._pending_images(lane, head.job) < self.max_batch_size and not head.future.done():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            lane.wake.clear()
+            try:
+                await asyncio.wait_for(lane.wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _schedule(self, lane: _Lane) -> None:
+        assert lane.wake is not None
         loop = asyncio.get_running_loop()
         while True:
-            while self._queue and self._queue[0].future.done():
-                self._queue.popleft()
+            while lane.queue and lane.queue[0].future.done():
+                lane.queue.popleft()
                 self._set_depth()
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
+            if not lane.queue:
+                lane.wake.clear()
+                await lane.wake.wait()
                 continue
-            head = self._queue[0]
+            head = lane.queue[0]
             if not isinstance(head.job, _CallJob):
-                # wait for the batch to fill from the later of the oldest arrival and the worker becoming free:
-                # clients answered by the last batch get max_wait to send their next request and join this one
-                # (adaptive: up to 10 % of the last batch's compute time when that is longer than max_wait)
-                window = max(self.max_wait_s, FILL_FRACTION * self._last_batch_s)
-                deadline = max(head.enqueued, self._free_since) + window
-                while self._pending_images(head.job) < self.max_batch_size and not head.future.done():
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), remaining)
-                    except TimeoutError:
-                        break
-            batch = self._take(head.job)
+                await self._fill(lane, head)
+            batch = self._take(lane, head.job)
             if batch:
-                await self._run(loop, head.job, batch)
-                self._free_since = time.perf_counter()
+                await self._run(loop, lane, head.job, batch)
+                lane.free_since = time.perf_counter()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, job: Any, batch: list[_Item]) -> None:
-        assert self._executor is not None
+    async def _run(self, loop: asyncio.AbstractEventLoop, lane: _Lane, job: Any, batch: list[_Item]) -> None:
+        assert lane.executor is not None
         xs = [it.x for it in batch if it.x is not None]
         x = (xs[0] if len(xs) == 1 else torch.cat(xs)) if xs else None
+        cost = sum(it.cost for it in batch)
+        cancel = threading.Event()
+
+        def gone(_: asyncio.Future[Outcome]) -> None:
+            if all(it.future.done() for it in batch):
+                cancel.set()  # every caller has its answer or has gone: a projection still running stops
+
+        for it in batch:
+            it.future.add_done_callback(gone)
         started = time.perf_counter()
+        lane.running = _Running(started, cost * (lane.unit_s or 0.0), cancel, batch)
         try:
-            out = await loop.run_in_executor(self._executor, job.run, self.engine, x)
+            out = await loop.run_in_executor(lane.executor, job.run, self.engine, x, cancel.is_set)
+        except Cancelled:
+            log.info("%s batch of %d request(s) cancelled: its callers are gone", job.op, len(batch))
+            if self.metrics:
+                self.metrics.cancelled.inc()
+            return
         except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
             if len(batch) > 1:  # one request's problem must not fail the others: retry each alone
                 for it in batch:
-                    await self._run(loop, job, [it])
+                    await self._run(loop, lane, job, [it])
                 return
             if not batch[0].future.done():
                 batch[0].future.set_exception(exc)
             return
+        finally:
+            lane.running = None
         seconds = time.perf_counter() - started
-        self._last_batch_s = seconds
+        lane.last_batch_s = seconds
+        lane.learn(cost, seconds)
         bounds, i = [], 0
         for it in batch:
             bounds.append((i, i + it.n))

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     encoder_restarts: int = 1
     max_steps: int = 500
     max_restarts: int = 16
+    # per request: images × steps × restarts generator passes (≈ 1 ms each on a 2-core CPU: ≈ 40 s); the default
+    # call (1 image, 200 × 10) costs 2,000
+    max_request_cost: int = 40_000
 
     # inputs
     max_upload_bytes: int = 4 * 1024 * 1024
@@ -84,8 +87,16 @@ class Settings(BaseSettings):
     # batching and load
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
-    max_queue: int = 256
+    max_queue: int = 256  # live requests per lane (fast: undefended; slow: projections)
     request_timeout_s: float = 120.0
+    max_fill_ms: float = 50.0  # the adaptive fill window never waits longer than this
+    fast_wait_ms: float = 1.0  # the undefended lane's fill window (ONNX batches gain little; latency counts)
+
+    # connections and shutdown
+    header_timeout_s: float = 10.0  # a connection whose request headers are incomplete by then is closed
+    body_timeout_s: float = 30.0  # a request body that has not fully arrived by then → 408
+    keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this
+    drain_s: float = 30.0  # on SIGTERM: stop accepting, finish in-flight work up to this long, then exit
 
     # serving (python -m service; the /v1 API)
     host: str = "127.0.0.1"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,12 +16,14 @@ import numpy as np
 import torch
 
 from service.classify import OnnxClassifier, labels_and_probs
+from service.config import Settings
 from service.purify import Projection, ProjectionConfig, check_images, project
 from service.registry import Registry
 
 Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify"]
 DEFENSES: tuple[str, ...] = ("none", "defense-gan", "invert-classify", "enhanced-invert-classify")
 WARM_START: tuple[str, ...] = ("invert-classify", "enhanced-invert-classify")  # project from E(x)
+Stop = Callable[[], bool]  # asked between projection steps: True cancels (service.purify.Cancelled)
 ENHANCED = "_enhanced"  # classifier_X_enhanced: classifier_X adversarially fine-tuned on G's range
 
 
@@ -62,15 +65,33 @@ def default_defense(registry: Registry, dataset: str, classifier: str | None = N
     return defense
 
 
-def projection_config(defense: str, steps: int | None, restarts: int | None, default_steps: int,
-                      default_restarts: int, encoder_steps: int, encoder_restarts: int
-                      ) -> ProjectionConfig:  # fmt: skip
-    """The projection a defense name implies, with the caller's overrides (None: the defaults given)."""
-    if defense in WARM_START:
-        return ProjectionConfig(init="encoder").with_(steps=steps if steps is not None else encoder_steps,
-                                                      restarts=restarts or encoder_restarts)  # fmt: skip
-    return ProjectionConfig().with_(steps=steps if steps is not None else default_steps,
-                                    restarts=restarts or default_restarts)  # fmt: skip
+class ParameterError(ValueError):
+    """A projection parameter outside what the server accepts (v1 answers 422, v2 400)."""
+
+
+def _strict_int(name: str, v: object, low: int, high: int) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ParameterError(f"{name} must be an integer, got {v!r}")
+    if not low <= v <= high:
+        cap = f" (the server cap max_{name}, MG_MAX_{name.upper()})" if v > high else ""
+        raise ParameterError(f"{name}={v} is outside [{low}, {high}]{cap}")
+    return v
+
+
+def projection_config(defense: str, steps: object, restarts: object, s: Settings) -> ProjectionConfig:
+    """The projection a defense name implies, with the caller's overrides (None: the server's defaults): the one
+    rule for steps and restarts of /v1, /v2 and the proxy. Integers only (a JSON `true` is not 1), restarts in
+    [1, max_restarts], steps in [1, max_steps] — 0 only with the encoder's warm start (classify E(x) unrefined;
+    from a random start it would classify noise)."""
+    warm = defense in WARM_START
+    st = _strict_int("steps", steps, 0 if warm else 1, s.max_steps)
+    rs = _strict_int("restarts", restarts, 1, s.max_restarts)
+    if warm:
+        return ProjectionConfig(init="encoder").with_(steps=s.encoder_steps if st is None else st,
+                                                      restarts=rs or s.encoder_restarts)  # fmt: skip
+    return ProjectionConfig().with_(steps=s.default_steps if st is None else st, restarts=rs or s.default_restarts)
 
 
 @dataclass
@@ -124,14 +145,15 @@ class Engine:
                 self.purify(x, ds, ProjectionConfig(steps=1, restarts=1, init="encoder"), seed=0)
 
     # -- stages -------------------------------------------------------------------------------------
-    def purify(self, x: torch.Tensor, dataset: str, cfg: ProjectionConfig, seed: int | None = None) -> Projection:
-        """Project x (N×1×28×28 in [0, 1]) onto the dataset's generator range."""
+    def purify(self, x: torch.Tensor, dataset: str, cfg: ProjectionConfig, seed: int | None = None,
+               stop: Stop | None = None) -> Projection:  # fmt: skip
+        """Project x (N×1×28×28 in [0, 1]) onto the dataset's generator range (`stop`: see `project`)."""
         check_images(x)
         gen = self.registry.generator(dataset, self.device)
         enc = self.registry.encoder(dataset, self.device) if cfg.init == "encoder" else None
         if cfg.init == "encoder" and enc is None:
             raise ValueError(f"no encoder is shipped for {dataset}")
-        p = project(x.to(self.device), gen, cfg, encoder=enc, seed=seed)
+        p = project(x.to(self.device), gen, cfg, encoder=enc, seed=seed, stop=stop)
         return Projection(images=p.images.cpu(), z=p.z.cpu(), mse=p.mse.cpu(), restart_mse=p.restart_mse.cpu())
 
     def classify(self, x: torch.Tensor, dataset: str, classifier: str) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +161,8 @@ class Engine:
         return labels_and_probs(self.onnx(dataset, classifier).logits(x))
 
     def defend(self, x: torch.Tensor, dataset: str, classifier: str, defense: str,
-               cfg: ProjectionConfig | None = None, seed: int | None = None) -> DefendResult:  # fmt: skip
+               cfg: ProjectionConfig | None = None, seed: int | None = None, stop: Stop | None = None
+               ) -> DefendResult:  # fmt: skip
         """Classify x, purifying it first unless defense == "none"; detector flags for defended calls.
         enhanced-invert-classify classifies with `classifier`'s enhanced counterpart (ValueError if not shipped)."""
         if defense not in DEFENSES:
@@ -158,12 +181,12 @@ class Engine:
             return DefendResult(labels, probs, None, None, None, None, timings, 0, 0)
         cfg = cfg or ProjectionConfig(init="encoder" if defense in WARM_START else "random")
         t = time.perf_counter()
-        proj = self.purify(x, dataset, cfg, seed=seed)
+        proj = self.purify(x, dataset, cfg, seed=seed, stop=stop)
         timings["purify_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         labels, probs = self.classify(proj.images, dataset, classifier)
         timings["classify_ms"] = (time.perf_counter() - t) * 1e3
-        det = self.registry.detector(dataset, cfg.init)
+        det = self.registry.detector(dataset, cfg.init, cfg.steps, cfg.restarts)
         mse = proj.mse.numpy()
         flagged = (mse > det.threshold) if det else None
         return DefendResult(labels, probs, proj.images, mse, flagged, det.threshold if det else None, timings,

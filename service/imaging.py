@@ -8,12 +8,15 @@ Input policy (documented in docs/service.md):
   image must be inverted by the caller (`255 − x`).
 - Colour → grayscale with the ITU-R 601-2 luma weights (0.299 R + 0.587 G + 0.114 B). Transparency is composited
   over black (the background colour), so a transparent pixel is background.
-- Size: a non-square image is padded with black to a centred square, then resized to 28×28 with a Lanczos
-  (anti-aliased) filter. 28×28 inputs are untouched.
+- Size: an image is resized with a Lanczos (anti-aliased) filter, keeping its aspect ratio, to fit 28×28, and
+  centred on black (the same as padding it to a square first, without the square in memory). 28×28 inputs are
+  untouched. An 8-bit gray or RGB image more than 4× the model size is first box-reduced by an integer factor in
+  8 bits, so the float copy stays small.
 - Values: 8-bit images are divided by 255, 16-bit by 65535; float arrays must already lie in [0, 1] (or in
   [0, 255] when the caller says `value_range=255`). NaN, infinity and out-of-range values are rejected, not clipped.
 - Limits: every image's pixel count is checked from its header before decoding (Pillow's decompression-bomb limit
-  is set to the same cap), and the number of images per request is capped.
+  is set to the same cap), and the number of images per request is capped. Memory per image is bounded by its
+  pixel count (no intermediate larger than the decoded image), whatever its aspect ratio.
 - Animated images: the first frame is used.
 """
 
@@ -32,7 +35,8 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 SIZE = 28
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+REDUCE_ABOVE = 4 * SIZE  # an 8-bit image wider or taller than this is box-reduced before the float conversion
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a partly grey image
@@ -64,27 +68,44 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def small_png(data: bytes, max_pixels: int = 256 * 256) -> bool:
+    """True for a PNG whose header declares at most `max_pixels` (cheap to decode in place: no thread hop)."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 24 or data[12:16] != b"IHDR":
+        return False
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return w * h <= max_pixels
+
+
 # -- decoding ---------------------------------------------------------------------------------------
 def _pil_to_gray(im: Image.Image) -> np.ndarray:
-    """A decoded Pillow image → float64 H×W grayscale in [0, 1] (alpha over black, luma for colour)."""
+    """A decoded Pillow image → float32 H×W grayscale in [0, 1] (alpha over black, luma for colour)."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(im, dtype=np.float64)
+        a = np.asarray(im, dtype=np.float32)
         if a.min() < 0 or a.max() > 65535:
             raise ImageError(f"{mode} image values outside the 16-bit range")
-        return a / 65535.0
+        return a / np.float32(65535.0)
     if mode == "F":
-        return _check_range(np.asarray(im, dtype=np.float64), 1.0)
+        return _check_range(np.asarray(im, dtype=np.float32), 1.0)
     if mode == "1":
-        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+        return np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255.0)
     if mode == "P" or mode == "PA":
         im = im.convert("RGBA")
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         im = im.convert("RGBA" if "A" in mode else "RGB")  # CMYK, YCbCr, LAB, HSV, La, RGBa, ...
-    a = np.asarray(im, dtype=np.float64) / 255.0
+    a = np.asarray(im, dtype=np.float32) / np.float32(255.0)
     if a.ndim == 2:
         return a
     return _channels_to_gray(a)
+
+
+def _reduce_large(im: Image.Image) -> Image.Image:
+    """Box-reduce a large 8-bit gray or RGB image by an integer factor k (to ≥ REDUCE_ABOVE on its long side) so the
+    float copy and the resampling tables made next stay small. A side shorter than k goes to one pixel, where the
+    fit to 28×28 puts it anyway. Other modes and small images are returned as they are."""
+    w, h = im.size
+    k = max(w, h) // REDUCE_ABOVE
+    return im.reduce((min(k, w), min(k, h))) if k >= 2 and im.mode in ("L", "RGB") else im
 
 
 def _channels_to_gray(a: np.ndarray) -> np.ndarray:
@@ -110,7 +131,7 @@ def _check_range(a: np.ndarray, top: float) -> np.ndarray:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG/WebP bytes → float64 H×W grayscale in [0, 1]. Pixel count checked from the header first."""
+    """PNG/JPEG/WebP bytes → float32 H×W grayscale in [0, 1]. Pixel count checked from the header first."""
     fmt = sniff(data)
     if fmt not in FORMATS:
         raise ImageError("not a PNG, JPEG or WebP image (unrecognised bytes)", status=415)
@@ -125,7 +146,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 raise ImageError(f"the image has {w}×{h} = {w * h} pixels; the limit is {max_pixels}", status=413)
             im.seek(0)
             im.load()
-            return _pil_to_gray(im)
+            return _pil_to_gray(_reduce_large(im))
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -184,8 +205,8 @@ def array_images(a: np.ndarray, value_range: float = 1.0) -> list[np.ndarray]:
     if a.dtype.kind not in "buif":
         raise ImageError(f"expected a numeric array, got dtype {a.dtype}")
     if a.dtype == np.uint8:
-        a, value_range = a.astype(np.float64), 255.0
-    a = _check_range(np.asarray(a, dtype=np.float64), value_range) / value_range
+        value_range = 255.0
+    a = _check_range(np.asarray(a, dtype=np.float32), value_range) / np.float32(value_range)
     if a.ndim == 2:
         images = [a]
     elif a.ndim == 3 and a.shape[-1] in (1, 2, 3, 4) and a.shape[0] > 4:
@@ -208,7 +229,9 @@ def nested_array(value: Any, value_range: float = 1.0) -> list[np.ndarray]:
     if not isinstance(value, list):
         raise ImageError("`array` must be a nested list of numbers")
     try:
-        a = np.array(value, dtype=np.float64)
+        a = np.array(value, dtype=np.float32)
+    except OverflowError as exc:
+        raise ImageError("`array` holds a number too large for an image value") from exc
     except (ValueError, TypeError) as exc:
         raise ImageError(f"`array` must be a rectangular nested list of numbers: {exc}") from exc
     return array_images(a, value_range)
@@ -216,18 +239,18 @@ def nested_array(value: Any, value_range: float = 1.0) -> list[np.ndarray]:
 
 # -- policy: grayscale H×W → 28×28 ------------------------------------------------------------------
 def to_model_size(gray: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """Pad to a centred square with black, then Lanczos-resize to size×size; values clipped back to [0, 1]."""
+    """Lanczos-resize to fit size×size keeping the aspect ratio, centred on black; values clipped to [0, 1].
+    Memory: the output and one float32 copy of the input, whatever the aspect ratio (no padded square)."""
     h, w = gray.shape
     if (h, w) == (size, size):
         return gray.astype(np.float32)
     side = max(h, w)
-    if h != w:
-        sq = np.zeros((side, side), dtype=np.float64)
-        top, left = (side - h) // 2, (side - w) // 2
-        sq[top : top + h, left : left + w] = gray
-        gray = sq
-    im = Image.fromarray(gray.astype(np.float32)).resize((size, size), Image.Resampling.LANCZOS)
-    return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+    nh, nw = max(1, round(h * size / side)), max(1, round(w * size / side))
+    im = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32)).resize((nw, nh), Image.Resampling.LANCZOS)
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = np.asarray(im, dtype=np.float32)
+    return np.clip(out, 0.0, 1.0)
 
 
 def to_tensor(images: Sequence[np.ndarray], max_images: int) -> torch.Tensor:
@@ -236,10 +259,10 @@ def to_tensor(images: Sequence[np.ndarray], max_images: int) -> torch.Tensor:
         raise ImageError("no image in the request")
     if len(images) > max_images:
         raise ImageError(f"{len(images)} images in one request; the limit is {max_images}", status=413)
-    x = torch.from_numpy(np.stack([to_model_size(g) for g in images]))[:, None]
-    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:  # cannot happen after the checks; kept as a guard
+    a = np.stack([to_model_size(g) for g in images])[:, None]
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:  # cannot happen after the checks; kept as a guard
         raise ImageError("image values must be finite and lie in [0, 1]")
-    return x.contiguous()
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def load_bytes(data: bytes, max_pixels: int, max_images: int, value_range: float = 1.0) -> list[np.ndarray]:

@@ -1,9 +1,10 @@
 """Prometheus metrics of one app instance (its own CollectorRegistry, so several apps can live in one process).
 
 Names (all prefixed `mg_`): http_requests_total{route,method,status}, http_request_duration_seconds{route},
-batch_size{op} (images per engine call), batch_seconds{op}, queue_depth (requests waiting), queue_rejected_total,
-request_timeouts_total, purification_steps_total{dataset,init} (gradient steps × images), purification_requests_total,
-detector_flags_total{dataset,flagged}.
+batch_size{op} (images per engine call), batch_requests{op}, batch_seconds{op}, queue_depth (requests waiting),
+queue_rejected_total (503s at admission), request_timeouts_total, cancelled_batches_total (projections stopped
+because their callers were gone), purification_steps_total{dataset,init} (gradient steps × images),
+purified_images_total{dataset,init}, detector_flags_total{dataset,flagged}.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class Metrics:
             "mg_batch_seconds", "engine time per batch", ["op"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("mg_queue_depth", "requests waiting for the engine", registry=r)
-        self.rejected = Counter("mg_queue_rejected", "requests refused because the queue was full", registry=r)
+        self.rejected = Counter("mg_queue_rejected", "requests refused at admission (queue full, or too late)",
+                                registry=r)  # fmt: skip
         self.timeouts = Counter("mg_request_timeouts", "requests that ran past their timeout", registry=r)
+        self.cancelled = Counter("mg_cancelled_batches", "batches stopped: their callers were gone", registry=r)
         self.steps = Counter(
             "mg_purification_steps",
             "projection gradient steps run, summed over images",

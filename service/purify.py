@@ -11,6 +11,7 @@ z₀ = E(x) (plus small noise for the extra starts), the warm start that needs f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -47,6 +48,10 @@ class Projection:
     z: torch.Tensor  # z*, N×latent
     mse: torch.Tensor  # per-image reconstruction MSE of the chosen start, N
     restart_mse: torch.Tensor  # final MSE of every start, N×R
+
+
+class Cancelled(RuntimeError):
+    """A projection stopped early because its callers are gone."""
 
 
 def check_images(x: torch.Tensor, shape: tuple[int, ...] = (1, 28, 28)) -> None:
@@ -101,8 +106,10 @@ def project(
     *,
     encoder: nn.Module | None = None,
     seed: int | None = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> Projection:
-    """Project images x (N×1×28×28 in [0, 1]) onto the range of `generator`; see the module docstring."""
+    """Project images x (N×1×28×28 in [0, 1]) onto the range of `generator`; see the module docstring.
+    `stop()` is asked before every step: True raises `Cancelled` (the caller is gone), within one step."""
     cfg = cfg or ProjectionConfig()
     check_images(x)
     if cfg.steps < 0 or cfg.restarts < 1:
@@ -119,6 +126,8 @@ def project(
     else:
         opt = torch.optim.SGD([z], lr=cfg.lr, momentum=cfg.momentum)
     for step in range(cfg.steps):
+        if stop is not None and stop():
+            raise Cancelled(f"projection cancelled at step {step} of {cfg.steps}")
         if step == decay_step:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * cfg.decay

@@ -169,10 +169,24 @@ class Registry:
     def classifier(self, dataset: str, name: str = "classifier_A", device: torch.device | str = "cpu") -> nn.Module:
         return self.module(f"{dataset}/{name}", device)
 
-    def detector(self, dataset: str, init: str = "random") -> Detector | None:
-        """The detector calibration recorded on the generator's entry for this init, if any."""
-        cal = self.get(f"{dataset}/generator").raw.get("detector", {}).get(init)
-        return Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"])) if cal else None
+    def detector(self, dataset: str, init: str = "random", steps: int | None = None,
+                 restarts: int | None = None) -> Detector | None:  # fmt: skip
+        """The detector calibrated on the generator's entry for this init — and, when `steps`/`restarts` are given,
+        for exactly those (a threshold is a quantile of clean MSEs at one L and R: at other L, R it misfires, e.g.
+        74 % of clean images flagged at L=25 under a threshold set at L=200), else None."""
+        cal = self.detector_calibration(dataset, init)
+        if cal is None:
+            return None
+        for key, want in (("steps", steps), ("restarts", restarts)):
+            if want is not None and key in cal and int(cal[key]) != want:
+                return None
+        return Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"]))
+
+    def detector_calibration(self, dataset: str, init: str) -> dict | None:
+        """The recorded calibration (threshold, fpr, n, steps, restarts, images) for this init, if any."""
+        if not self.has(f"{dataset}/generator"):
+            return None
+        return self.get(f"{dataset}/generator").raw.get("detector", {}).get(init)
 
     def class_names(self, dataset: str) -> list[str]:
         return list(self.get(f"{dataset}/generator").raw.get("classes", [str(i) for i in range(10)]))

@@ -291,3 +291,11 @@ def test_enhanced_invert_classify_uses_the_enhanced_twin(tmp_path: Path, client:
         assert np.allclose(np.reshape(probs, (3, 10)), direct.probs, atol=1e-5)
     r = client.post("/v2/models/mnist-classifier_A/infer", json=req)
     assert r.status_code == 404 and "enhanced" in r.json()["error"]
+
+
+def test_metrics_label_every_route_by_its_template(client: TestClient) -> None:
+    client.get("/openapi.json")
+    client.get("/no/such/route")
+    text = client.get("/metrics").text
+    assert 'route="/openapi.json",status="200"' in text
+    assert 'route="unmatched",status="404"' in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.batcher import Batcher, DefendJob, PurifyJob, QueueFull, RequestTimeout
+from service.batcher import Batcher, DefendJob, OverBudget, PurifyJob, QueueFull, RequestTimeout
 from service.engine import Engine
 from service.metrics import Metrics
 from service.purify import ProjectionConfig
@@ -108,8 +109,11 @@ def test_batch_size_cap_and_keys_kept_apart(engine: Engine) -> None:
     assert torch.allclose(pr.images, direct.images, atol=1e-5)
 
 
+SLOW = DefendJob("mnist", "classifier_A", "defense-gan", CFG, seed=0)  # a projection: the slow lane
+
+
 def test_queue_full_then_recovers(engine: Engine) -> None:
-    job = DefendJob("mnist", "classifier_A", "none")
+    job = SLOW
 
     async def main() -> None:
         m = Metrics()
@@ -131,7 +135,7 @@ def test_queue_full_then_recovers(engine: Engine) -> None:
 
 
 def test_timeout_and_the_timed_out_request_is_dropped(engine: Engine) -> None:
-    job = DefendJob("mnist", "classifier_A", "none")
+    job = SLOW
 
     async def main() -> None:
         b = await started(engine)
@@ -153,7 +157,7 @@ class Picky:
 
     op = "picky"
 
-    def run(self, engine: Engine, x: torch.Tensor) -> torch.Tensor:
+    def run(self, engine: Engine, x: torch.Tensor, stop: Any) -> torch.Tensor:
         if (x.flatten(1).amax(1) == 0).any():
             raise ValueError("a blank image")
         return x.mean(dim=(1, 2, 3))
@@ -187,7 +191,7 @@ def test_work_runs_on_one_worker_thread_off_the_loop(engine: Engine) -> None:
         return set(names)
 
     names = run(main())
-    assert len(names) == 1 and next(iter(names)).startswith("mg-engine-")
+    assert len(names) == 1 and next(iter(names)).startswith("mg-slow-")
     assert threading.current_thread().name not in names
 
 
@@ -195,7 +199,7 @@ def test_stop_fails_waiting_requests_and_submit_needs_start(engine: Engine) -> N
     async def main() -> None:
         b = await started(engine)
         gate, blocker = await block(b)
-        waiting = asyncio.create_task(b.submit(DefendJob("mnist", "classifier_A", "none"), images(1, 0)))
+        waiting = asyncio.create_task(b.submit(SLOW, images(1, 0)))
         await asyncio.sleep(0)
         await b.stop()
         gate.set()
@@ -204,5 +208,87 @@ def test_stop_fails_waiting_requests_and_submit_needs_start(engine: Engine) -> N
         with pytest.raises(RuntimeError, match="not running"):
             await b.submit(DefendJob("mnist", "classifier_A", "none"), images(1, 0))
         blocker.cancel()
+
+    run(main())
+
+
+# -- lanes, budget, admission, cancellation (hostile and overloaded traffic) ---------------------------------------
+def test_undefended_requests_never_wait_behind_a_projection(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine)
+        gate, blocker = await block(b)  # the slow lane's worker is busy
+        out = await asyncio.wait_for(b.submit(DefendJob("mnist", "classifier_A", "none"), images(1, 0)), 10)
+        assert out.value.labels.shape == (1,) and not blocker.done()
+        gate.set()
+        await blocker
+        await b.stop()
+
+    run(main())
+
+
+def test_a_request_over_the_compute_budget_is_refused_before_queueing(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine, max_request_cost=100)
+        big = DefendJob("mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=30, restarts=2), seed=0)
+        with pytest.raises(OverBudget, match=r"costs 240 generator passes \(4 image\(s\) × 30 steps × 2") as e:
+            await b.submit(big, images(4, 0))
+        assert e.value.budget == 100 and b.depth == 0
+        assert (await b.submit(big, images(1, 0))).value.labels.shape == (1,)  # 60 ≤ 100
+        await b.stop()
+
+    run(main())
+
+
+def test_admission_refuses_at_once_what_cannot_finish_in_time(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine)
+        await b.submit(SLOW, images(2, 0))  # a measured batch: the lane's seconds per generator pass
+        lane = b.lane_of(SLOW)
+        assert lane.unit_s is not None and lane.unit_s > 0
+        gate, blocker = await block(b)
+        heavy = DefendJob("mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=200, restarts=4), seed=1)
+        queued = [asyncio.create_task(b.submit(heavy, images(8, i))) for i in range(3)]
+        await asyncio.sleep(0)
+        timeout = lane.estimated_wait() / 2  # less than the queue ahead of it needs
+        with pytest.raises(QueueFull, match="past its") as e:
+            await b.submit(SLOW, images(1, 9), timeout=timeout)
+        assert e.value.retry_after >= 1
+        for t in queued:
+            t.cancel()
+        gate.set()
+        await blocker
+        await b.stop()
+
+    run(main())
+
+
+def test_a_timed_out_projection_stops_within_a_step(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine)
+        endless = DefendJob("mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=10**7, restarts=1))
+        with pytest.raises(RequestTimeout):
+            await b.submit(endless, images(1, 0), timeout=0.3)
+        lane = b.lane_of(endless)
+        for _ in range(200):  # ten million steps would take hours: it was cancelled
+            if lane.running is None:
+                break
+            await asyncio.sleep(0.05)
+        assert lane.running is None
+        assert (await asyncio.wait_for(b.submit(SLOW, images(1, 1)), 30)).value.labels.shape == (1,)
+        await b.stop()
+
+    run(main())
+
+
+def test_the_fill_window_is_per_lane_and_bounded(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine, max_wait_ms=1, max_fill_ms=20)
+        b.lanes["slow"].last_batch_s = 1000.0  # as after a very long batch: 10 % would be 100 s
+        b.lanes["slow"].free_since = time.perf_counter()
+        out = await asyncio.wait_for(b.submit(SLOW, images(1, 0)), 30)
+        assert out.queue_ms < 5_000  # bounded by max_fill_ms, not 100 s
+        fast = await b.submit(DefendJob("mnist", "classifier_A", "none"), images(1, 0))
+        assert fast.queue_ms < 5_000 and b.lanes["fast"].last_batch_s < 1000.0
+        await b.stop()
 
     run(main())

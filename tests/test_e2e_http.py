@@ -71,14 +71,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, models: Path, real: bool) -> None:
+    def __init__(self, models: Path, real: bool, **env_overrides: str) -> None:
         self.models, self.real = models, real
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MG_MODELS_DIR": str(models), "MG_DEVICE": "cpu",
                "MG_TORCH_THREADS": "1", "MG_DEFAULT_STEPS": str(STEPS), "MG_DEFAULT_RESTARTS": str(RESTARTS),
                "MG_ENCODER_STEPS": "2", "MG_MAX_STEPS": "50", "MG_MAX_RESTARTS": "4", "MG_MAX_WAIT_MS": "100",
-               "MG_MAX_UPLOAD_BYTES": str(UPLOAD_CAP), "MG_MAX_BATCH_SIZE": "64"}  # fmt: skip
+               "MG_FAST_WAIT_MS": "100",
+               "MG_MAX_UPLOAD_BYTES": str(UPLOAD_CAP), "MG_MAX_BATCH_SIZE": "64", **env_overrides}  # fmt: skip
         self.proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
                                       "--log-level", "warning"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from conftest import write_tiny_models
 from torch import nn
 
+from service.engine import enhanced_classifier
 from service.purify import project
 from service.registry import Registry
 from training import data, evaluate, report, train_enhanced
@@ -185,27 +187,63 @@ def test_quick_mode_on_shipped_models(tmp_path: Path) -> None:
     assert "QUICK SMOKE RUN" in out.read_text()
 
 
-def test_train_enhanced_smoke_loss_decreases(own_tiny: Path, tmp_path: Path) -> None:
-    args = train_enhanced.parse(["--dataset", "mnist", "--data", "slice", "--iters", "16", "--batch", "16",
-                                 "--init", "scratch", "--lr", "2e-3", "--latent-steps", "2", "--img-steps", "2",
-                                 "--models-dir", str(own_tiny), "--log-every", "100"])  # fmt: skip
-    model, history = train_enhanced.train(args)
-    assert len(history) == 16 and all(np.isfinite(history))
-    assert np.mean(history[-4:]) < np.mean(history[:4])
-    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+@pytest.fixture(scope="module")
+def shipped_mnist() -> tuple[nn.Module, nn.Module]:
+    reg = Registry(MODELS)
+    if not (reg.has("mnist/generator") and reg.has("mnist/classifier_A")):
+        pytest.skip("the MNIST generator and classifier_A are not shipped")
+    G = reg.generator("mnist")
+    for p in G.parameters():
+        p.requires_grad_(False)
+    return G, reg.module("mnist/classifier_A")
 
 
-def test_train_enhanced_ships_a_verified_classifier(tmp_path: Path) -> None:
+def test_overpowered_pairs_are_within_eps_and_disagree(shipped_mnist: tuple[nn.Module, nn.Module]) -> None:
+    G, clf = shipped_mnist
+    gen = torch.Generator().manual_seed(0)
+    x1, x2, found = train_enhanced.overpowered_pairs(clf, G, eps=0.4, pairs=6, steps=120, gen=gen)
+    assert found.sum() >= 2, "a standard classifier has range points within L∞ 0.4 that it labels apart"
+    with torch.no_grad():
+        assert (clf(x1[found]).argmax(1) != clf(x2[found]).argmax(1)).all()
+    assert (train_enhanced.pair_distance(x1[found], x2[found], "linf") <= 0.4 + 1e-6).all()
+    _, _, none = train_enhanced.overpowered_pairs(clf, G, eps=0.0, pairs=4, steps=5, gen=gen)
+    assert not none.any(), "two different latents never make a pair at distance 0"
+
+
+def test_consistency_hook_steps_only_at_its_interval(shipped_mnist: tuple[nn.Module, nn.Module]) -> None:
+    G, clf = shipped_mnist
+    args = train_enhanced.parse(["--dataset", "mnist", "--op-every", "3", "--op-steps", "120", "--op-pairs", "6",
+                                 "--op-eps", "0.4"])  # fmt: skip
+    clf = copy.deepcopy(clf).train()
+    for p in clf.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    hook = train_enhanced.consistency_hook(args, G, 1.0)
+    before = [p.detach().clone() for p in clf.parameters()]
+
+    def unchanged() -> bool:
+        return all(torch.equal(a, b) for a, b in zip(before, clf.parameters(), strict=True))
+
+    assert hook(clf, opt, 4)["pairs"] == 0 and unchanged()
+    assert hook(clf, opt, 3)["pairs"] > 0, "every --op-every batches: pairs found"
+    assert not unchanged(), "and a consistency step taken"
+
+
+def test_enhanced_training_resumes_from_init_and_ships(tmp_path: Path) -> None:
     models = write_tiny_models(tmp_path / "models")
-    args = train_enhanced.parse(["--dataset", "mnist", "--data", "slice", "--iters", "2", "--batch", "8",
-                                 "--latent-steps", "1", "--img-steps", "1", "--models-dir", str(models)])  # fmt: skip
-    model, _ = train_enhanced.train(args)
-    metrics = train_enhanced.ship(args, model)
+    xs, ys = data.load_slice("mnist")
+    arrays = {"x_train": xs[:256], "y_train": ys[:256], "x_test": xs[256:], "y_test": ys[256:]}
+    args = train_enhanced.parse(["--dataset", "mnist", "--arch", "A", "--init", "classifier_A", "--steps", "1",
+                                 "--batch", "32", "--max-steps", "6", "--op-every", "3", "--op-steps", "3",
+                                 "--op-pairs", "2", "--monitor", "32", "--models-dir", str(models), "--run-dir",
+                                 str(tmp_path / "runs"), "--log-every", "100"])  # fmt: skip
+    model, history = train_enhanced.train(args, arrays)
+    assert len(args.losses) == 6 and all(np.isfinite(args.losses)) and history
+    train_enhanced.ship(args, model, history)
     reg = Registry(models)  # verifies every sha256, the new files included
     art = reg.get("mnist/classifier_A_enhanced")
-    assert art.kind == "classifier" and art.arch == "A" and art.path(models, "onnx").exists()
-    assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-4 and 0 <= metrics["slice200_acc_G_z0"] <= 1
-    assert "classifier_A_enhanced" in reg.classifiers("mnist")
+    assert art.raw["training"]["method"] == "enhanced-inc" and art.raw["training"]["init"] == "mnist/classifier_A"
+    assert enhanced_classifier(reg, "mnist", "classifier_A") == "classifier_A_enhanced"
 
 
 def test_cheaper_attacker_projection_applies_to_defense_gan_only(own_tiny: Path) -> None:

@@ -11,6 +11,7 @@ through the proxy (and the raw input must not).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -205,6 +206,29 @@ def test_protocol_endpoints_through_tritonclient(servers: dict) -> None:
         mg.get_model_metadata("nobody")
 
 
+def test_versions_and_health_bodies_as_clients_read_them(servers: dict, images: np.ndarray) -> None:
+    mg = tritonclient_http.InferenceServerClient(servers["mg"])
+    assert mg.is_model_ready("mnist-classifier_A", "1") and not mg.is_model_ready("mnist-classifier_A", "2")
+    assert mg.get_model_metadata("mnist-classifier_A", "1")["versions"] == ["1"]
+    r = mg.infer("mnist-classifier_A", [_input(images, True)], model_version="1", parameters={"defense": "none"})
+    assert r.get_response()["model_version"] == "1" and r.as_numpy("labels").shape == (len(images),)
+    with pytest.raises(InferenceServerException, match="version '1' only"):
+        mg.infer("mnist-classifier_A", [_input(images, True)], model_version="7")
+
+    async def kserve_client() -> tuple[bool, bool, bool]:
+        from kserve import InferenceRESTClient, RESTConfig
+
+        c = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
+        url = f"http://{servers['mg']}"
+        try:
+            return (await c.is_server_live(url), await c.is_server_ready(url),
+                    await c.is_model_ready(url, "mnist-classifier_A"))  # fmt: skip
+        finally:
+            await c.close()
+
+    assert asyncio.run(kserve_client()) == (True, True, True)
+
+
 def test_own_model_over_the_protocol(servers: dict, images: np.ndarray) -> None:
     mg = tritonclient_http.InferenceServerClient(servers["mg"])
     r = mg.infer("mnist-classifier_A", [_input(images, False)], parameters=PARAMS)
@@ -218,8 +242,9 @@ def test_own_model_over_the_protocol(servers: dict, images: np.ndarray) -> None:
 
 @pytest.mark.parametrize(
     ("params", "message"),
-    [({"steps": 10**6}, "'steps' must be an integer"), ({"defense": "magic"}, "'defense' must be one of"),
-     ({"defense": "none"}, "'defense' must be one of"), ({"restarts": 0}, "'restarts'")],
+    [({"steps": 10**6}, "steps=1000000 is outside"), ({"defense": "magic"}, "'defense' must be one of"),
+     ({"defense": "none"}, "'defense' must be one of"), ({"restarts": 0}, "restarts=0 is outside"),
+     ({"steps": True}, "steps must be an integer")],
 )  # fmt: skip
 def test_bad_purification_parameters_are_400(servers: dict, images: np.ndarray, params: dict, message: str) -> None:
     mg = tritonclient_http.InferenceServerClient(servers["mg"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.engine import Engine
 from service.purify import Detector, ProjectionConfig, check_images, freeze, project, roc_auc
 from service.registry import Registry
 from training import data
@@ -129,3 +130,15 @@ def test_freeze_makes_eval_and_no_grad() -> None:
 
     G = freeze(Generator().train())
     assert not G.training and not any(p.requires_grad for p in G.parameters())
+
+
+def test_the_detector_applies_only_at_its_calibrated_projection(registry: Registry) -> None:
+    cal = registry.detector_calibration("mnist", "random")
+    if cal is None or "steps" not in cal:
+        pytest.skip("no calibrated detector with its L, R recorded")
+    assert registry.detector("mnist", "random", cal["steps"], cal["restarts"]) is not None
+    assert registry.detector("mnist", "random", 25, 1) is None, "a threshold set at other L, R would misfire"
+    engine = Engine(registry, "cpu")
+    x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    off = engine.defend(x, "mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=3, restarts=1), seed=0)
+    assert off.flagged is None and off.threshold is None and off.mse is not None

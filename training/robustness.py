@@ -17,12 +17,13 @@ Attacks, run in order on the images every earlier attack failed on (an image is 
   (z₀ = E(x), no random restarts), so EOT has nothing to average; it applies to `defense-gan`'s restarts.
 Threats: MNIST L∞ 0.3 and L2 2.0; Fashion-MNIST L∞ 0.1, L∞ 0.3 and L2 1.5.
 Images: the first n of the committed 1,000-image slice — n = 1,000 for the adversarially trained classifiers at the
-standard threat, 200 at their other threats, 100 for the classifiers trained without attacks, 100 (standard threat)
-and 30 (others) behind the projection, where every attack step costs a 25-step projection (`--n`, `--n-other`,
-`--n-baseline`, `--defended-n`, `--defended-n-other`). Behind the projection the gradient attacks run 50 iterations
-(APGD-T: 3 targets) and Square 200 queries, the CPU's limit; the bare cells use the published settings. Clean
-accuracy: the full 10,000 test images (bare) or the first `--clean-n` (projected). Per-image results are cached
-under runs/robustness/ (a rerun, or a second process, reuses them).
+standard threat, 200 at their other threats, 200 at every threat for the enhanced ones (fine-tuned from a robust
+one: a paired comparison with it on the same first images), 100 for the classifiers trained without attacks, 100
+(standard threat) and 30 (others) behind the projection, where every attack step costs a 25-step projection
+(`--n`, `--n-other`, `--n-enhanced`, `--n-baseline`, `--defended-n`, `--defended-n-other`). Behind the projection
+the gradient attacks run 50 iterations (APGD-T: 3 targets) and Square 200 queries, the CPU's limit; the bare
+cells use the published settings. Clean accuracy: the full 10,000 test images (bare) or the first `--clean-n`
+(projected). Per-image results are cached under runs/robustness/ (a rerun, or a second process, reuses them).
 
 Writes docs/robustness-<dataset>.json, regenerates docs/robustness.md, records each pipeline's figures in its
 classifier's manifest entry (`metrics.robustness`) and sets the manifest's `defaults[<dataset>]`: the pipeline with
@@ -327,13 +328,15 @@ def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str
     """Clean accuracy and the per-image worst case under every threat of the dataset."""
     p = Pipeline(reg, dataset, classifier, defense)
     method = reg.get(f"{dataset}/{classifier}").raw.get("training", {}).get("method", "standard")
-    robust_trained = method in ("pgd", "trades")
+    robust_trained = method in ("pgd", "trades", "enhanced-inc")
     attacks = tuple(args.bare_attacks) if defense == "none" else DEFENDED_ATTACKS
     clean = clean_accuracy(p, dataset, 10000 if defense == "none" else args.clean_n)
     threats = {}
     for norm, eps in THREATS[dataset]:
         if defense != "none":
             n = args.defended_n if (norm, eps) == STANDARD[dataset] else args.defended_n_other
+        elif method == "enhanced-inc":
+            n = args.n_enhanced
         elif not robust_trained:
             n = args.n_baseline
         elif (norm, eps) == STANDARD[dataset]:
@@ -541,6 +544,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
     p.add_argument("--n", type=int, default=1000, help="images for the robust-trained pipelines' standard threat")
     p.add_argument("--n-other", type=int, default=200, help="images for the robust-trained pipelines' other threats")
+    p.add_argument("--n-enhanced", type=int, default=200,
+                   help="images for the enhanced (fine-tuned) classifiers bare, at every threat")  # fmt: skip
     p.add_argument("--n-baseline", type=int, default=100, help="images for the classifiers trained without attacks")
     p.add_argument("--defended-n", type=int, default=100, help="images for the cells behind the projection")
     p.add_argument("--defended-n-other", type=int, default=30, help="images for the other threats behind it")

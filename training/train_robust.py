@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ from torch import nn
 
 from service.attacks import fgsm, pgd
 from service.nets import build_classifier
+from service.registry import Registry
 from training import data
-from training.common import RUNS_DIR, Progress, batches, command_line, setup
+from training.common import MODELS_DIR, RUNS_DIR, Progress, batches, command_line, setup
 from training.train_classifier import accuracy, ship_classifier
 
 MONITOR = 500  # held-out test images for the per-epoch check (the last ones; the slice is the first 1,000)
@@ -89,7 +91,17 @@ def monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> d
 
 
 def model_name(args: argparse.Namespace) -> str:
-    return f"classifier_{args.arch.upper()}_{args.method}{args.eps:g}"
+    return getattr(args, "name", None) or f"classifier_{args.arch.upper()}_{args.method}{args.eps:g}"
+
+
+def init_weights(model: nn.Module, args: argparse.Namespace) -> None:
+    """Start from the shipped classifier `--init` (its hash verified), when one is named."""
+    if args.init:
+        model.load_state_dict(Registry(args.models_dir).module(f"{args.dataset}/{args.init}").state_dict())
+        print(f"starting from {args.dataset}/{args.init}", flush=True)
+
+
+Hook = Callable[[nn.Module, torch.optim.Optimizer, int], "dict[str, float] | None"]
 
 
 def _save_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list,
@@ -115,8 +127,10 @@ def _load_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tu
     return int(state["step"]), list(state["history"]), segments
 
 
-def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None) -> tuple[nn.Module, list]:
-    """Train (or resume) and return the model (CPU, eval mode) and the per-epoch history."""
+def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
+          hook: Hook | None = None) -> tuple[nn.Module, list]:  # fmt: skip
+    """Train (or resume) and return the model (CPU, eval mode) and the per-epoch history. `hook(model, opt, step)`
+    runs after each batch's step (an extra objective's own step); what it returns is shown in the progress line."""
     device = setup(args.seed, args.threads)
     arrays = arrays if arrays is not None else data.load(args.dataset)
     x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
@@ -124,6 +138,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     x_mon = torch.from_numpy(data.to_float(arrays["x_test"][-args.monitor :])).to(device)
     y_mon = torch.from_numpy(arrays["y_test"][-args.monitor :].astype(np.int64)).to(device)
     model = build_classifier(args.arch).to(device)
+    init_weights(model, args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     folder = Path(args.run_dir) / model_name(args)
     start, history, segments = _load_ckpt(folder, model, opt)
@@ -150,7 +165,8 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
             opt.step()
             step += 1
             args.losses.append(loss.item())
-            progress(step, loss=args.losses[-1], eps=eps, epoch=epoch + 1)
+            extra = (hook(model, opt, step) if hook else None) or {}
+            progress(step, loss=args.losses[-1], eps=eps, epoch=epoch + 1, **extra)
             if time.time() - last_ckpt > args.ckpt_minutes * 60:
                 _save_ckpt(folder, model, opt, step, history, segments)
                 last_ckpt = time.time()
@@ -166,19 +182,23 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     return model.cpu().eval(), history
 
 
-def ship(args: argparse.Namespace, model: nn.Module, history: list) -> dict:
+def ship(args: argparse.Namespace, model: nn.Module, history: list, extra: dict | None = None) -> dict:
+    """Ship the model with its manifest entry; `extra` adds to its `training` record."""
     training = {
         "method": args.method, "threat": {"norm": "linf", "eps": args.eps}, "epochs": args.epochs,
         "batch": args.batch, "lr": args.lr, "optimizer": "adam, one-cycle", "steps": args.steps,
         "alpha": round(args.eps * args.alpha_frac, 6), "eps_ramp_epochs": args.eps_ramp, "seed": args.seed,
         **({"beta": args.beta} if args.method == "trades" else {}), "history": history,
-        "segments": getattr(args, "segments", []),
+        "segments": getattr(args, "segments", []), **({"init": f"{args.dataset}/{args.init}"} if args.init else {}),
     }  # fmt: skip
-    return ship_classifier(model, args.dataset, model_name(args), {"arch": args.arch.upper(), "training": training})
+    training |= extra or {}
+    return ship_classifier(model, args.dataset, model_name(args), {"arch": args.arch.upper(), "training": training},
+                           models_dir=args.models_dir)  # fmt: skip
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str | None = None) -> argparse.ArgumentParser:
+    """The training options (train_enhanced adds its own to these)."""
+    p = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
     p.add_argument("--method", choices=("trades", "pgd"), default="trades")
     p.add_argument("--arch", default="S", help="classifier network (A–E, S)")
@@ -195,10 +215,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many batches (smoke tests)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--monitor", type=int, default=MONITOR, help="held-out test images for the per-epoch check")
+    p.add_argument("--init", help="shipped classifier to start from (fine-tuning); default: random weights")
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--run-dir", default=str(RUNS_DIR / "robust"))
     p.add_argument("--no-ship", action="store_true", help="train and report only")
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batcher import Batcher, NotRunning, QueueFull, RequestTimeout
+from service.batcher import Batcher, NotRunning, OverBudget, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
 from service.engine import Engine
 from service.imaging import ImageError, set_pixel_limit
@@ -46,12 +47,17 @@ def error(status: int, message: str, headers: dict[str, str] | None = None, **ex
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
-class EdgeMiddleware:
-    """Caps the request body while it streams in (Content-Length is checked too, but not trusted) and records
-    per-route request counts and latencies."""
+class BodyTimeout(Exception):
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"the request body did not arrive within {limit:g} s")
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+class EdgeMiddleware:
+    """Caps the request body while it streams in (Content-Length is checked too, but not trusted), gives it
+    `body_timeout_s` to arrive (408), and records per-route request counts and latencies."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics, body_timeout_s: float = 30.0) -> None:
+        self.app, self.max_bytes, self.metrics, self.body_timeout_s = app, max_bytes, metrics, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,14 +73,21 @@ class EdgeMiddleware:
                 response_started[0] = True
             await send(message)
 
-        received = [0]
+        received, body_done = [0], [False]
+        body_deadline = started + self.body_timeout_s
 
         async def limited_receive() -> Message:
-            message = await receive()
+            if body_done[0]:
+                return await receive()  # after the body: waiting for a disconnect, no deadline
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.perf_counter()))
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))
                 if received[0] > self.max_bytes:
                     raise PayloadTooLarge(self.max_bytes)
+                body_done[0] = not message.get("more_body", False)
             return message
 
         try:
@@ -88,10 +101,22 @@ class EdgeMiddleware:
         except PayloadTooLarge as exc:
             if not response_started[0]:
                 await error(413, str(exc), {"Connection": "close"})(scope, receive, send_wrapper)
+        except BodyTimeout as exc:
+            if not response_started[0]:
+                await error(408, str(exc), {"Connection": "close"})(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(name, scope.get("method", ""), status[0], time.perf_counter() - started)
+            self.metrics.observe_request(self._route(scope), scope.get("method", ""), status[0],
+                                         time.perf_counter() - started)  # fmt: skip
+
+    @staticmethod
+    def _route(scope: Scope) -> str:
+        """The route template for the metrics label (plain Starlette routes such as /docs and /openapi.json do not
+        put themselves in the scope: match them), or "unmatched"."""
+        route = scope.get("route")
+        if route is None and "app" in scope:
+            router = getattr(scope["app"], "router", None)
+            route = next((r for r in getattr(router, "routes", []) if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -113,6 +138,22 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PayloadTooLarge)
     async def too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
         return error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(BodyTimeout)
+    async def body_late(_: Request, exc: BodyTimeout) -> JSONResponse:
+        return error(408, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(OverBudget)
+    async def over_budget(_: Request, exc: OverBudget) -> JSONResponse:
+        return error(422, str(exc), cost=exc.cost, budget=exc.budget)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        return error(400, "the request is nested too deeply")
+
+    @app.exception_handler(MemoryError)
+    async def too_big(_: Request, exc: MemoryError) -> JSONResponse:
+        return error(413, "the request needs more memory than the server grants one request")
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
@@ -164,15 +205,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("refusing to start: %s", exc)
         raise
     engine = Engine(registry, s.device, ort_threads=s.torch_threads)
-    batcher = Batcher(
-        engine,
-        s.max_batch_size,
-        s.max_wait_ms,
-        s.max_queue,
-        s.request_timeout_s,
-        app.state.metrics,
-        name=str(engine.device),
-    )
+    batcher = Batcher.from_settings(engine, s, app.state.metrics)
     await batcher.start()
     app.state.registry, app.state.engine, app.state.batcher = registry, engine, batcher
     log.info("models from %s verified; engine on %s", s.models_dir, engine.device)
@@ -200,7 +233,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.not_ready_reason = "warming up"
     app.state.registry = app.state.engine = app.state.batcher = None
-    app.add_middleware(EdgeMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics)
+    app.add_middleware(EdgeMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics,
+                       body_timeout_s=settings.body_timeout_s)  # fmt: skip
     _install_error_handlers(app)
 
     from service.api import v1

@@ -1,6 +1,7 @@
 """Injected dependencies: everything a route needs lives on `app.state`, built once by the app's lifespan.
 
 Routers of other modules (v2, attack) use the same functions: `batcher: Batcher = Depends(get_batcher)`.
+They are `async` so FastAPI calls them in the event loop (a plain `def` dependency costs a thread hop each).
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ def _state(request: Request, name: str) -> object:
     return value
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     return _state(request, "registry")  # type: ignore[return-value]
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return _state(request, "engine")  # type: ignore[return-value]
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     return _state(request, "batcher")  # type: ignore[return-value]
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]

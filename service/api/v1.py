@@ -28,6 +28,7 @@ from service.engine import (
     WARM_START,
     DefendResult,
     Defense,
+    ParameterError,
     default_classifier,
     default_defense,
     enhanced_classifier,
@@ -49,16 +50,37 @@ RAW_TYPES = {
     "application/octet-stream",
 }
 IMAGE_KEYS = ("image", "images", "array")
+INLINE_BYTES = 64 * 1024  # a small PNG or JSON body is decoded in the event loop (≤ ~1 ms); others in a thread
+
+
+async def _off_loop(small: bool, fn: Any, *args: Any) -> Any:
+    """fn(*args) inline when it is cheap (a thread hop costs more than decoding a digit), else in a worker thread."""
+    return fn(*args) if small else await run_in_threadpool(fn, *args)
 
 
 # -- parameters -------------------------------------------------------------------------------------
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: int | None = Field(None, ge=0, description="projection gradient steps (default: the server's; capped)")
-    restarts: int | None = Field(None, ge=1, description="random restarts of the projection (capped)")
+    steps: int | None = Field(None, description="projection gradient steps (default: the server's; capped; 0 only "
+                              "with a warm start)")  # fmt: skip
+    restarts: int | None = Field(None, description="random restarts of the projection (capped)")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="fix the restarts' noise (default: fresh draws)")
     value_range: float = Field(1.0, description="arrays only: 1 for values in [0, 1], 255 for [0, 255]")
+
+    @field_validator("steps", "restarts", "seed", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # JSON true is not the integer 1
+            raise ValueError("must be an integer, not a boolean")
+        return v
+
+    @field_validator("model", "dataset", mode="before", check_fields=False)
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty (leave it out for the default)")
+        return v
 
     @field_validator("value_range")
     @classmethod
@@ -189,6 +211,7 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
     body = await request.body()
     t = time.perf_counter()
     s = settings
+    small = len(body) <= INLINE_BYTES
     vr = _value_range(params)
     if ctype == "multipart/form-data":
         try:
@@ -204,10 +227,11 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
         if not files:
             raise HTTPException(422, "the multipart body has no file part")
         vr = _value_range(params)
-        x = await run_in_threadpool(imaging.decode_files, files, s.max_image_pixels, s.max_batch_images, vr)
+        cheap = small and all(imaging.small_png(f) for f in files)
+        x = await _off_loop(cheap, imaging.decode_files, files, s.max_image_pixels, s.max_batch_images, vr)
     elif ctype == "application/json" or ctype.endswith("+json"):
         try:
-            doc = await run_in_threadpool(json.loads, body)
+            doc = await _off_loop(small, json.loads, body)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise HTTPException(400, f"the body is not valid JSON: {str(exc)[:200]}") from exc
         if not isinstance(doc, dict):
@@ -220,11 +244,13 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
             raise HTTPException(422, "`image` must be a base64 string")
         if images is not None and not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
             raise HTTPException(422, "`images` must be a list of base64 strings")
-        x = await run_in_threadpool(
-            imaging.decode_json, image, images, inputs.get("array"), s.max_image_pixels, s.max_batch_images, vr
+        cheap = small and image is None and images is None  # base64 files may decode to many pixels
+        x = await _off_loop(
+            cheap, imaging.decode_json, image, images, inputs.get("array"), s.max_image_pixels, s.max_batch_images, vr
         )
     elif ctype in RAW_TYPES:
-        x = await run_in_threadpool(imaging.decode_files, [body], s.max_image_pixels, s.max_batch_images, vr)
+        cheap = small and imaging.small_png(body)
+        x = await _off_loop(cheap, imaging.decode_files, [body], s.max_image_pixels, s.max_batch_images, vr)
     elif not ctype:
         raise HTTPException(415, "set a Content-Type: multipart/form-data, application/json or image/png (...)")
     else:
@@ -240,16 +266,11 @@ def _value_range(params: dict[str, Any]) -> float:
 
 
 def parse_params(model: type[_Params], raw: dict[str, Any], settings: Settings) -> Any:
-    """Validate parameters (422 on a bad or unknown one) and apply the server-side caps (422 past a cap)."""
+    """Validate parameters (422 on a bad or unknown one); the caps are `projection_config`'s."""
     try:
-        p = model.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
-    if p.steps is not None and p.steps > settings.max_steps:
-        raise HTTPException(422, f"steps={p.steps} exceeds the server cap max_steps={settings.max_steps}")
-    if p.restarts is not None and p.restarts > settings.max_restarts:
-        raise HTTPException(422, f"restarts={p.restarts} exceeds the server cap max_restarts={settings.max_restarts}")
-    return p
 
 
 # -- model and defense resolution -------------------------------------------------------------------
@@ -272,8 +293,10 @@ def projection(defense: str, dataset: str, p: _Params, registry: Registry, s: Se
         )
     if defense in WARM_START and not registry.has(f"{dataset}/encoder"):
         raise HTTPException(404, f"no encoder is shipped for {dataset!r}: use defense=defense-gan")
-    return projection_config(defense, p.steps, p.restarts, s.default_steps, s.default_restarts, s.encoder_steps,
-                             s.encoder_restarts)  # fmt: skip
+    try:
+        return projection_config(defense, p.steps, p.restarts, s)
+    except ParameterError as exc:
+        raise HTTPException(422, str(exc)) from exc
 
 
 def _dataset(name: str | None, registry: Registry, s: Settings) -> str:
@@ -467,16 +490,9 @@ async def detect(
 async def models(registry: Registry = Depends(get_registry), settings: Settings = Depends(get_settings)) -> Any:
     datasets: dict[str, Any] = {}
     for ds in sorted({a.dataset for a in registry.artifacts.values()}):
-        det = (
-            {
-                init: (lambda d: None if d is None else {"threshold": d.threshold, "fpr": d.fpr})(
-                    registry.detector(ds, init)
-                )
-                for init in ("random", "encoder")
-            }
-            if registry.has(f"{ds}/generator")
-            else {}
-        )
+        keep = ("threshold", "fpr", "steps", "restarts", "n")
+        det = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
+                   registry.detector_calibration(ds, init)) for init in ("random", "encoder")}  # fmt: skip
         clfs = registry.classifiers(ds)
         gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
         defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])

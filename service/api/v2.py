@@ -31,10 +31,19 @@ from fastapi.responses import JSONResponse, Response
 from service import imaging, oip
 from service.batcher import Batcher, PurifyResult, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
-from service.engine import DEFENSES, WARM_START, DefendResult, default_defense, enhanced_classifier, projection_config
+from service.engine import (
+    DEFENSES,
+    DefendResult,
+    ParameterError,
+    default_defense,
+    enhanced_classifier,
+    projection_config,
+)
 from service.proxy import ProxyClient, UpstreamError, purify_and_forward
+from service.purify import ProjectionConfig
 
 log = logging.getLogger(__name__)
+VERSION = "1"  # the one version of each of our own models
 SERVER = {"name": "manifold-guard", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 OWN_OUTPUTS = ("probabilities", "labels", "mse", "flagged", "purified")
 OUR_PARAMETERS = ("defense", "steps", "restarts", "seed")
@@ -58,9 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.registry import Registry
 
         engine = Engine(Registry(settings.models_dir), settings.device)
-        own_batcher = Batcher(
-            engine, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, settings.request_timeout_s
-        )
+        own_batcher = Batcher.from_settings(engine, settings)
         await own_batcher.start()
     app.state.mg_v2 = _State(settings, getattr(app.state, "batcher", None) or own_batcher, proxy)
     try:
@@ -104,6 +111,10 @@ def _errors() -> Any:
         raise _Reply(_error(504, str(e))) from None
     except ValueError as e:
         raise _Reply(_error(400, str(e))) from None
+    except RecursionError:
+        raise _Reply(_error(400, "the request is nested too deeply")) from None
+    except MemoryError:
+        raise _Reply(_error(413, "the request needs more memory than the server grants one request")) from None
     except Exception:
         log.exception("v2 request failed")
         raise _Reply(_error(500, "internal error")) from None
@@ -165,22 +176,20 @@ def _purification(params: dict[str, Any], st: _State, dataset: str, classifier: 
     allowed = tuple(d for d in DEFENSES if d not in ("none", "enhanced-invert-classify")) if proxied else DEFENSES
     if defense not in allowed:
         raise oip.OIPError(f"parameter 'defense' must be one of {list(allowed)}, got {defense!r}")
-    values: dict[str, int | None] = {}
-    for key, low, high in (("steps", 0, s.max_steps), ("restarts", 1, s.max_restarts), ("seed", 0, 2**31 - 1)):
-        v = params.pop(key, None)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high):
-            raise oip.OIPError(f"parameter {key!r} must be an integer in [{low}, {high}], got {v!r}")
-        values[key] = v
-    if values["steps"] == 0 and defense not in WARM_START:
-        raise oip.OIPError("parameter 'steps' must be at least 1 for defense-gan")
-    return _Purification(defense, values["steps"], values["restarts"], values["seed"])
+    seed = params.pop("seed", None)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1):
+        raise oip.OIPError(f"parameter 'seed' must be an integer in [0, {2**31 - 1}], got {seed!r}")
+    p = _Purification(defense, params.pop("steps", None), params.pop("restarts", None), seed)
+    if defense != "none":
+        _config(p, st)  # the steps/restarts rule, checked before any work
+    return p
 
 
-def _config(p: _Purification, st: _State):  # noqa: ANN202 - ProjectionConfig
-    s = st.settings
-    return projection_config(
-        p.defense, p.steps, p.restarts, s.default_steps, s.default_restarts, s.encoder_steps, s.encoder_restarts
-    )
+def _config(p: _Purification, st: _State) -> ProjectionConfig:
+    try:
+        return projection_config(p.defense, p.steps, p.restarts, st.settings)
+    except ParameterError as exc:
+        raise oip.OIPError(f"parameter {exc}") from None
 
 
 def _purify_parameters(p: _Purification, dataset: str, r: PurifyResult | DefendResult, images: int) -> dict:
@@ -213,12 +222,14 @@ async def server_metadata() -> dict:
 
 @router.get("/v2/health/live")
 async def live() -> Response:
-    return Response(status_code=200)
+    return JSONResponse({"live": True})  # the body KServe's clients read; Triton's read the status only
 
 
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> Response:
-    return Response(status_code=200) if _ready(request) else _error(503, "the engine is not ready")
+    if _ready(request):
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False, "error": "the engine is not ready"}, status_code=503)
 
 
 def _ready(request: Request) -> bool:
@@ -235,7 +246,7 @@ async def model_metadata(name: str, request: Request) -> Response:
         return JSONResponse(
             {
                 "name": name,
-                "versions": ["1"],
+                "versions": [VERSION],
                 "platform": "manifold-guard",
                 "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
                 "outputs": [
@@ -265,11 +276,39 @@ async def model_metadata(name: str, request: Request) -> Response:
 async def model_ready(name: str, request: Request) -> Response:
     st = _state(request)
     if _own(st, name) is not None:
-        return Response(status_code=200) if _ready(request) else _error(503, "the engine is not ready")
+        return _readiness(name, _ready(request), "the engine is not ready")
     up = st.proxy.upstream(name)
     if up is None or up.protocol != "v2":
         return _error(404, f"unknown model {name!r}")
-    return Response(status_code=200) if await st.proxy.ready(name) else _error(503, f"upstream of {name!r} not ready")
+    return _readiness(name, await st.proxy.ready(name), f"upstream of {name!r} not ready")
+
+
+def _readiness(name: str, ok: bool, why: str) -> JSONResponse:
+    """KServe's model-ready body ({"name", "ready"}), with the reason when not ready (503)."""
+    return JSONResponse({"name": name, "ready": ok, **({} if ok else {"error": why})}, status_code=200 if ok else 503)
+
+
+# -- versioned model routes: our models have one version, "1" -------------------------------------------------------
+def _version(st: _State, name: str, version: str) -> Response | None:
+    """None when `version` names a version of `name` we serve, else the 404 to answer."""
+    if _own(st, name) is not None:
+        return None if version == VERSION else _error(404, f"model {name!r} has version {VERSION!r} only")
+    return _error(404, f"versioned calls go to our own models; call /v2/models/{name}/... for a proxied model")
+
+
+@router.get("/v2/models/{name}/versions/{version}")
+async def version_metadata(name: str, version: str, request: Request) -> Response:
+    return _version(_state(request), name, version) or await model_metadata(name, request)
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def version_ready(name: str, version: str, request: Request) -> Response:
+    return _version(_state(request), name, version) or await model_ready(name, request)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer")
+async def version_infer(name: str, version: str, request: Request) -> Response:
+    return _version(_state(request), name, version) or await infer(name, request)
 
 
 @router.post("/v2/models/{name}/infer")
@@ -339,7 +378,7 @@ async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.Infer
         raise oip.OIPError(f"outputs {missing} are not produced with defense {p.defense!r}")
     names = wanted if wanted is not None else [k for k in tensors if k != "purified"]
     outputs = [oip.Tensor.from_numpy(k, tensors[k]) for k in names]
-    resp = oip.InferResponse(name, outputs, "1", req.id, _purify_parameters(p, ds, r, x.shape[0]))
+    resp = oip.InferResponse(name, outputs, VERSION, req.id, _purify_parameters(p, ds, r, x.shape[0]))
     resp.parameters["classifier"] = clf
     return _reply(resp, req.binary_outputs())
 
