@@ -33,6 +33,22 @@ def enhanced_classifier(registry: Registry, dataset: str, classifier: str) -> st
     return name if registry.has(f"{dataset}/{name}") else None
 
 
+class NotShipped(LookupError):
+    """A model the request needs is not in the registry (HTTP 404)."""
+
+
+def classifier_for(registry: Registry, dataset: str, classifier: str, defense: str) -> str:
+    """The classifier a defense classifies with: `classifier`, or for enhanced-invert-classify its enhanced
+    counterpart (NotShipped, naming the shipped ones, when there is none). The one rule for v1, v2 and the engine."""
+    if defense != "enhanced-invert-classify":
+        return classifier
+    enhanced = enhanced_classifier(registry, dataset, classifier)
+    if enhanced is None:
+        have = [c for c in registry.classifiers(dataset) if c.endswith(ENHANCED)]
+        raise NotShipped(f"no enhanced classifier is shipped for {dataset}/{classifier}; shipped: {have or 'none'}")
+    return enhanced
+
+
 LEGACY_DEFAULT = ("classifier_A", "defense-gan")  # served when the manifest names no default for a dataset
 
 
@@ -164,14 +180,10 @@ class Engine:
                cfg: ProjectionConfig | None = None, seed: int | None = None, stop: Stop | None = None
                ) -> DefendResult:  # fmt: skip
         """Classify x, purifying it first unless defense == "none"; detector flags for defended calls.
-        enhanced-invert-classify classifies with `classifier`'s enhanced counterpart (ValueError if not shipped)."""
+        enhanced-invert-classify classifies with `classifier`'s enhanced counterpart (NotShipped if there is none)."""
         if defense not in DEFENSES:
             raise ValueError(f"unknown defense {defense!r}; expected one of {DEFENSES}")
-        if defense == "enhanced-invert-classify":
-            enhanced = enhanced_classifier(self.registry, dataset, classifier)
-            if enhanced is None:
-                raise ValueError(f"no enhanced classifier is shipped for {dataset}/{classifier}")
-            classifier = enhanced
+        classifier = classifier_for(self.registry, dataset, classifier, defense)
         check_images(x)
         timings: dict[str, float] = {}
         if defense == "none":

@@ -299,3 +299,15 @@ def test_metrics_label_every_route_by_its_template(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'route="/openapi.json",status="200"' in text
     assert 'route="unmatched",status="404"' in text
+
+
+def test_the_openapi_document_tells_the_truth(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    assert "#/$defs/" not in json.dumps(doc), "embedded schemas must not point at the document's root"
+    assert "/v1/attack" not in doc["paths"], "disabled: it answers 404, so it is not in the schema"
+    op = doc["paths"]["/v1/classify"]["post"]
+    assert {"400", "413", "415", "422", "503", "504"} <= set(op["responses"])
+    example = op["requestBody"]["content"]["application/json"]["example"]
+    r = client.post("/v1/classify", json={**example, "steps": 2, "restarts": 1})
+    assert r.status_code == 200, "the schema's own example is a valid request"
+    assert "text/plain" in next(iter(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))

@@ -5,6 +5,7 @@ parameters, settings errors, and a graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import os
@@ -192,3 +193,18 @@ def test_sigterm_drains_in_flight_work_then_exits(tmp_path: Path) -> None:
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
+
+
+def test_gzip_request_bodies_are_decoded_within_the_cap(hostile: Server) -> None:
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                   "data": [0.0] * 784}], "parameters": {"defense": "none"}}).encode()  # fmt: skip
+    url = hostile.url + "/v2/models/mnist-classifier_A/infer"
+    with httpx.Client(timeout=30) as c:
+        r = c.post(url, content=gzip.compress(body), headers={"content-encoding": "gzip"})
+        assert r.status_code == 200 and r.json()["outputs"][0]["shape"][0] == 1, r.text
+        bomb = gzip.compress(b" " * (5 * 1024 * 1024))  # 5 MiB of spaces in a few KiB: past the 4 MiB cap
+        r = c.post(url, content=bomb, headers={"content-encoding": "gzip"})
+        assert r.status_code == 413 and "decoded body exceeds" in r.json()["error"]
+        r = c.post(url, content=b"not gzip", headers={"content-encoding": "gzip"})
+        assert r.status_code == 400
+        assert c.get(hostile.url + "/v2/health/live").json() == {"live": True}

@@ -28,6 +28,9 @@ def _how(t: dict) -> str:
     if method in ("trades", "pgd"):
         beta = f" β={t['beta']:g}" if method == "trades" else ""
         return f"{t.get('epochs')} epochs, {method.upper()} ε={eps:g}{beta}, {t['steps']} steps"
+    if method == "enhanced-inc":
+        return (f"{t.get('epochs')} epochs from {t.get('init')}: PGD ε={eps:g}, {t['steps']} steps + overpowered "
+                f"pairs every {t.get('op_every')} batches, Enhanced INC")  # fmt: skip
     return f"{t.get('epochs')} epochs"
 
 

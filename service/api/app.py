@@ -248,5 +248,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if exc.name != name:
                 raise
             continue
-        app.include_router(module.router)
+        hidden = name == "service.api.attack" and not settings.attack.enabled  # it answers 404: not in the schema
+        app.include_router(module.router, include_in_schema=not hidden)
     return app

@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -28,17 +29,34 @@ from service.engine import (
     WARM_START,
     DefendResult,
     Defense,
+    NotShipped,
     ParameterError,
+    classifier_for,
     default_classifier,
     default_defense,
-    enhanced_classifier,
     projection_config,
 )
 from service.metrics import Metrics
 from service.purify import ProjectionConfig
 from service.registry import Registry
 
-router = APIRouter(prefix="/v1", tags=["v1"])
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what was wrong, in words")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what}
+    for code, what in (
+        (400, "malformed body"), (404, "unknown model, dataset or defense"), (408, "the body arrived too slowly"),
+        (413, "body, image or batch too large"), (415, "unsupported content"),
+        (422, "bad parameter, over a cap or over the compute budget"),
+        (503, "busy (Retry-After), shutting down or not ready"), (504, "ran past the request timeout"),
+    )
+}  # fmt: skip
+EXAMPLE_PNG = imaging.png_base64(np.zeros((28, 28), dtype=np.float32))  # a real (blank) image the schema can send
+
+router = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
 ops_router = APIRouter(tags=["operations"])
 
 RAW_TYPES = {
@@ -162,6 +180,23 @@ class DetectResponse(BaseModel):
     fpr: float | None = Field(description="the clean false-positive rate the threshold was set for")
     detections: list[Detection]
     timings_ms: dict[str, float]
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` references replaced by the definitions (a schema embedded in an
+    OpenAPI document cannot point at `#/$defs/...`: that path is resolved against the document's root)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
 
 
 def _openapi(params: type[_Params], example: dict[str, Any]) -> dict[str, Any]:
@@ -318,7 +353,7 @@ def _class_names(registry: Registry, ds: str) -> list[str]:
     openapi_extra=_openapi(
         ClassifyParams,
         {
-            "image": "iVBORw0KGgo...",
+            "image": EXAMPLE_PNG,
             "model": "mnist/classifier_A",
             "defense": "defense-gan",
             "steps": 200,
@@ -339,12 +374,10 @@ async def classify(
     p: ClassifyParams = parse_params(ClassifyParams, raw, settings)
     ds, clf = resolve_classifier(p.model, registry, settings)
     defense = p.defense or default_defense(registry, ds, clf, settings.default_defense)
-    if defense == "enhanced-invert-classify":
-        enhanced = enhanced_classifier(registry, ds, clf)
-        if enhanced is None:
-            have = [c for c in registry.classifiers(ds) if c.endswith(ENHANCED)]
-            raise HTTPException(404, f"no enhanced classifier is shipped for {ds}/{clf}; shipped: {have or 'none'}")
-        clf = enhanced
+    try:
+        clf = classifier_for(registry, ds, clf, defense)
+    except NotShipped as exc:
+        raise HTTPException(404, str(exc)) from exc
     cfg = projection(defense, ds, p, registry, settings) if defense != "none" else None
     job = DefendJob(ds, clf, defense, cfg, p.seed if cfg else None)
     out = await batcher.submit(job, x)
@@ -405,13 +438,13 @@ async def _purify(
         200: {
             "content": {
                 "image/png": {},
-                "application/json": {"schema": PurifyResponse.model_json_schema()},
+                "application/json": {"schema": inline_schema(PurifyResponse)},
                 "application/x-npy": {},
             },
             "description": "PNG (one image; MSE in X-MG-MSE), JSON, or .npy float32 N×1×28×28",
         }
     },
-    openapi_extra=_openapi(PurifyParams, {"image": "iVBORw0KGgo...", "dataset": "mnist", "format": "json"}),
+    openapi_extra=_openapi(PurifyParams, {"image": EXAMPLE_PNG, "dataset": "mnist", "format": "json"}),
 )
 async def purify(
     request: Request,
@@ -459,7 +492,7 @@ async def purify(
     "/detect",
     response_model=DetectResponse,
     summary="Score images as adversarial (reconstruction MSE)",
-    openapi_extra=_openapi(DetectParams, {"image": "iVBORw0KGgo...", "dataset": "mnist"}),
+    openapi_extra=_openapi(DetectParams, {"image": EXAMPLE_PNG, "dataset": "mnist"}),
 )
 async def detect(
     request: Request,
@@ -568,11 +601,15 @@ async def readyz(request: Request) -> JSONResponse:
     batcher = state.batcher
     if state.ready and batcher is not None and batcher.running:
         return JSONResponse({"status": "ready", "device": str(state.engine.device), "queue_depth": batcher.depth})
-    return JSONResponse(
-        {"error": f"not ready: {state.not_ready_reason}"}, status_code=503, headers={"Retry-After": "1"}
-    )
+    why = "shutting down" if batcher is not None and batcher.draining else state.not_ready_reason
+    return JSONResponse({"error": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "1"})
 
 
-@ops_router.get("/metrics", summary="Prometheus metrics")
+@ops_router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain; version=0.0.4": {}}, "description": "exposition text"}},
+)
 async def metrics(m: Metrics = Depends(get_metrics)) -> Response:
     return Response(m.render(), media_type=m.content_type)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,10 @@ from service.config import Settings, get_settings
 from service.engine import (
     DEFENSES,
     DefendResult,
+    NotShipped,
     ParameterError,
+    classifier_for,
     default_defense,
-    enhanced_classifier,
     projection_config,
 )
 from service.proxy import ProxyClient, UpstreamError, purify_and_forward
@@ -126,6 +128,8 @@ class _Reply(Exception):
 
 
 async def _body(request: Request, limit: int) -> bytes:
+    """The body, size-capped while it streams; `Content-Encoding: gzip` (or deflate) is decoded, the cap applying to
+    the decoded bytes too (a small bomb cannot expand past it)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise oip.OIPError(f"the body has {declared} bytes; the limit is {limit}", status=413)
@@ -135,7 +139,20 @@ async def _body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise oip.OIPError(f"the body exceeds {limit} bytes", status=413)
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise oip.OIPError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none", status=415)
+    d = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise oip.OIPError(f"the {encoding} body could not be decoded: {exc}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise oip.OIPError(f"the decoded body exceeds {limit} bytes", status=413)
+    return out
 
 
 # -- names ---------------------------------------------------------------------------------------------------------
@@ -356,8 +373,10 @@ async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.Infer
     x = _images(req.inputs[0], st.settings.max_batch_images)
     params = dict(req.parameters)
     p = _purification(params, st, ds, clf)
-    if p.defense == "enhanced-invert-classify" and enhanced_classifier(st.batcher.engine.registry, ds, clf) is None:
-        raise oip.OIPError(f"no enhanced classifier is shipped for {ds}/{clf}", status=404)
+    try:
+        classifier_for(st.batcher.engine.registry, ds, clf, p.defense)  # checked before any work
+    except NotShipped as exc:
+        raise oip.OIPError(str(exc), status=404) from None
     cfg = None if p.defense == "none" else _config(p, st)
     r = await st.batcher.defend(x, ds, clf, p.defense, cfg, p.seed)
     wanted = [o.name for o in req.outputs] if req.outputs is not None else None
