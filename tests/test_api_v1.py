@@ -311,3 +311,11 @@ def test_the_openapi_document_tells_the_truth(client: TestClient) -> None:
     r = client.post("/v1/classify", json={**example, "steps": 2, "restarts": 1})
     assert r.status_code == 200, "the schema's own example is a valid request"
     assert "text/plain" in next(iter(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
+
+
+def test_docs_render_offline_from_the_package(client: TestClient) -> None:
+    page = client.get("/docs").text
+    assert "cdn" not in page.lower() and "/docs-assets/swagger-ui-bundle.js" in page
+    js = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200

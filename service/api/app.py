@@ -17,10 +17,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import swagger_ui_bundle
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -35,6 +38,7 @@ from service.registry import ManifestError, Registry
 
 log = logging.getLogger("service.api")
 
+DOCS_ASSETS = "/docs-assets"
 OPTIONAL_ROUTERS = ("service.api.v2", "service.api.attack")  # written by other modules; included when present
 
 
@@ -218,10 +222,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
 
 
+def _offline_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from the swagger-ui-bundle package's files (Apache-2.0), so it renders offline."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Manifold Guard — API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")  # fmt: skip
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service app. `settings` defaults to the environment's (MG_* variables)."""
     settings = settings or get_settings()
     app = FastAPI(
+        docs_url=None,  # served below from the package's own Swagger UI files, not a CDN
+        redoc_url=None,
         title="Manifold Guard",
         version="0.1.0",
         description="Classify images robustly by projecting them onto a GAN's range (Defense-GAN) first; "
@@ -233,6 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.not_ready_reason = "warming up"
     app.state.registry = app.state.engine = app.state.batcher = None
+    _offline_docs(app)
     app.add_middleware(EdgeMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics,
                        body_timeout_s=settings.body_timeout_s)  # fmt: skip
     _install_error_handlers(app)
