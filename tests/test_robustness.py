@@ -21,7 +21,7 @@ from service.config import Settings
 from service.engine import default_classifier, default_defense
 from service.purify import ProjectionConfig, freeze
 from service.registry import ManifestError, Registry
-from training import data, robustness, train_robust
+from training import data, report, robustness, train_robust
 
 EPS = 0.3
 
@@ -284,3 +284,19 @@ def test_default_pipeline_through_a_real_server(tmp_path: Path) -> None:
             assert c.get("/v1/models").json()["defaults"]["model"] == "mnist/classifier_S"
     finally:
         srv.stop()
+
+
+def test_report_prints_the_readme_rows_from_the_recorded_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cell = {"accuracy": 0.9, "ci": [0.88, 0.92], "n": 1000}
+    doc = {"dataset": "mnist", "results": [
+        {"classifier": "classifier_S_x", "defense": "none", "method": "trades",
+         "clean": {"accuracy": 0.98, "n": 10000}, "threats": {"linf:0.3": cell}},
+        {"classifier": "classifier_B", "defense": "none", "method": "standard",
+         "clean": {"accuracy": 0.99, "n": 10000}, "threats": {"linf:0.3": cell}}]}  # fmt: skip
+    (tmp_path / "robustness-mnist.json").write_text(json.dumps(doc))
+    report.measured_robustness(tmp_path)
+    out = capsys.readouterr().out
+    assert (
+        "| mnist | classifier_S_x | none | trades | 0.9800 (n=10000) | linf:0.3: 0.900 [0.880, 0.920] (n=1000) |" in out
+    )
+    assert "classifier_B" not in out, "standard classifiers other than the baselines are left to docs/robustness.md"

@@ -10,8 +10,9 @@ and fixed-step attacks, an upper bound on robustness. The figures to trust are `
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from training.common import MANIFEST
+from training.common import MANIFEST, ROOT
 
 
 def _ci(v: object) -> str:
@@ -64,6 +65,32 @@ def main() -> None:
                   f"| {m.get(f'{prefix}_detector_fpr_on_slice', float('nan')):.3f} ({fpr}) |")  # fmt: skip
 
     robustness(arts)
+    measured_robustness()
+
+
+def measured_robustness(docs: Path = ROOT / "docs") -> None:
+    """The README's robustness rows, from training.robustness's docs/robustness-<dataset>.json: the baselines
+    (A, FGSM-trained A, the first Enhanced A), every adversarially trained classifier, every defended pipeline."""
+    rows = []
+    for path in sorted(docs.glob("robustness-*.json")):
+        doc = json.loads(path.read_text())
+        for r in doc["results"]:
+            if not (r["classifier"] in BASELINES or r["method"] in ROBUST or r["defense"] != "none"):
+                continue
+            c = r["clean"]
+            cells = "; ".join(f"{t}: {v['accuracy']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] (n={v['n']})"
+                              for t, v in r["threats"].items())  # fmt: skip
+            rows.append(f"| {doc['dataset']} | {r['classifier']} | {r['defense']} | {r['method']} "
+                        f"| {c['accuracy']:.4f} (n={c['n']}) | {cells} |")  # fmt: skip
+    if rows:
+        print()
+        print("| dataset | classifier | defense | training | clean | worst case per threat (n) |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+
+BASELINES = ("classifier_A", "classifier_A_adv0.3", "classifier_A_enhanced")
+ROBUST = ("pgd", "trades", "enhanced-inc")
 
 
 def robustness(arts: dict) -> None:
