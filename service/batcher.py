@@ -37,14 +37,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from service.config import Settings
-from service.engine import DefendResult, Engine, Stop
+from service.engine import DefendResult, Engine, PurifyResult, Stop
 from service.metrics import Metrics
 from service.purify import Cancelled, ProjectionConfig
 
@@ -102,23 +101,6 @@ class Job(Protocol):
     def split(self, out: Any, bounds: list[tuple[int, int]]) -> list[Any]: ...
 
     def cost(self, n: int) -> tuple[int, str]: ...
-
-
-@dataclass
-class PurifyResult:
-    """Purified images of one request, with per-image MSE and the detector's decision when one is calibrated."""
-
-    images: torch.Tensor  # N×1×28×28 in [0, 1]
-    z: torch.Tensor  # N×latent
-    mse: np.ndarray  # N
-    restart_mse: np.ndarray  # N×R
-    threshold: float | None
-    fpr: float | None
-    flagged: np.ndarray | None  # N bools
-    steps: int
-    restarts: int
-    init: str
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -185,24 +167,7 @@ class PurifyJob:
         return projection_cost(n, self.cfg)
 
     def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> PurifyResult:
-        t = time.perf_counter()
-        p = engine.purify(x, self.dataset, self.cfg, seed=self.seed, stop=stop)
-        ms = (time.perf_counter() - t) * 1e3
-        det = engine.registry.detector(self.dataset, self.cfg.init, self.cfg.steps, self.cfg.restarts)
-        mse = p.mse.numpy()
-        return PurifyResult(
-            p.images,
-            p.z,
-            mse,
-            p.restart_mse.numpy(),
-            det.threshold if det else None,
-            det.fpr if det else None,
-            (mse > det.threshold) if det else None,
-            self.cfg.steps,
-            self.cfg.restarts,
-            self.cfg.init,
-            {"purify_ms": ms},
-        )
+        return engine.purify_result(x, self.dataset, self.cfg, self.seed, stop)
 
     def split(self, out: PurifyResult, bounds: list[tuple[int, int]]) -> list[PurifyResult]:
         return [

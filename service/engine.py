@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -111,6 +111,23 @@ def projection_config(defense: str, steps: object, restarts: object, s: Settings
 
 
 @dataclass
+class PurifyResult:
+    """Purified images of one request, with per-image MSE and the detector's decision when one is calibrated."""
+
+    images: torch.Tensor  # N×1×28×28 in [0, 1]
+    z: torch.Tensor  # N×latent
+    mse: np.ndarray  # N
+    restart_mse: np.ndarray  # N×R
+    threshold: float | None
+    fpr: float | None
+    flagged: np.ndarray | None  # N bools
+    steps: int
+    restarts: int
+    init: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DefendResult:
     """Per-image results of one defended call (arrays of length N)."""
 
@@ -171,6 +188,18 @@ class Engine:
             raise ValueError(f"no encoder is shipped for {dataset}")
         p = project(x.to(self.device), gen, cfg, encoder=enc, seed=seed, stop=stop)
         return Projection(images=p.images.cpu(), z=p.z.cpu(), mse=p.mse.cpu(), restart_mse=p.restart_mse.cpu())
+
+    def purify_result(self, x: torch.Tensor, dataset: str, cfg: ProjectionConfig, seed: int | None = None,
+                      stop: Stop | None = None) -> PurifyResult:  # fmt: skip
+        """Purify, with per-image MSE and the detector's verdict where one is calibrated for cfg's start, L and R."""
+        t = time.perf_counter()
+        p = self.purify(x, dataset, cfg, seed=seed, stop=stop)
+        ms = (time.perf_counter() - t) * 1e3
+        det = self.registry.detector(dataset, cfg.init, cfg.steps, cfg.restarts)
+        mse = p.mse.numpy()
+        return PurifyResult(p.images, p.z, mse, p.restart_mse.numpy(), det.threshold if det else None,
+                            det.fpr if det else None, (mse > det.threshold) if det else None, cfg.steps,
+                            cfg.restarts, cfg.init, {"purify_ms": ms})  # fmt: skip
 
     def classify(self, x: torch.Tensor, dataset: str, classifier: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, probabilities) of x through the ONNX classifier."""

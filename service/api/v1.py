@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 
 from service import imaging
 from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
-from service.batcher import Batcher, DefendJob, PurifyJob, PurifyResult
+from service.batcher import Batcher, DefendJob, PurifyJob
 from service.config import Settings
 from service.engine import (
     ENHANCED,
@@ -31,6 +31,7 @@ from service.engine import (
     Defense,
     NotShipped,
     ParameterError,
+    PurifyResult,
     classifier_for,
     default_classifier,
     default_defense,

@@ -30,13 +30,14 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import imaging, oip
-from service.batcher import Batcher, PurifyResult, QueueFull, RequestTimeout
+from service.batcher import Batcher, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
 from service.engine import (
     DEFENSES,
     DefendResult,
     NotShipped,
     ParameterError,
+    PurifyResult,
     classifier_for,
     default_defense,
     projection_config,
