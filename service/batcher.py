@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FILL_FRACTION = 0.1  # a batch may wait this fraction of the previous batch's compute time to fill
 UNIT_EWMA = 0.3  # weight of the newest batch in the lane's seconds-per-cost-unit estimate
+ADMIT_MARGIN = 1.25  # admission wants the estimate × this within the timeout (rates drift under load)
 
 
 class OverBudget(ValueError):
@@ -231,6 +232,7 @@ class _Item:
     cost: int
     future: asyncio.Future[Outcome]
     enqueued: float
+    deadline: float
 
 
 @dataclass
@@ -373,6 +375,12 @@ class Batcher:
     def lane_of(self, job: Any) -> _Lane:
         return self.lanes["fast" if getattr(job, "op", None) == "classify" else "slow"]
 
+    async def calibrate(self, dataset: str) -> None:
+        """Run one small projection batch through the slow lane so admission has a measured rate from the first
+        request on (warm-up does it)."""
+        x = torch.full((8, 1, 28, 28), 0.5)
+        await self.submit(PurifyJob(dataset, ProjectionConfig(steps=5, restarts=4), seed=0), x, timeout=600)
+
     # -- submitting ---------------------------------------------------------------------------------
     def admit(self, job: Any, n: int, timeout: float) -> tuple[_Lane, int]:
         """(lane, cost) for a request, or OverBudget / QueueFull before anything is queued."""
@@ -383,7 +391,11 @@ class Batcher:
         live = len(lane.live())
         wait = lane.estimated_wait()
         own = cost * (lane.unit_s or 0.0)
-        if live >= self.max_queue or wait + own > timeout:
+        # until a costed batch has run, the lane cannot estimate: it admits one batch's worth of costed work
+        unmeasured = (
+            cost > 0 and lane.unit_s is None and sum(it.n for it in lane.live() if it.cost) >= self.max_batch_size
+        )
+        if live >= self.max_queue or (wait + own) * ADMIT_MARGIN > timeout or unmeasured:
             if self.metrics:
                 self.metrics.rejected.inc()
             raise QueueFull(live, retry_after=max(1.0, wait, 2 * lane.last_batch_s), estimate=wait + own,
@@ -399,7 +411,8 @@ class Batcher:
         lane, cost = self.admit(job, n, timeout)
         assert lane.wake is not None
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        lane.queue.append(_Item(job, x, n, cost, fut, time.perf_counter()))
+        now = time.perf_counter()
+        lane.queue.append(_Item(job, x, n, cost, fut, now, now + timeout))
         self._set_depth()
         lane.wake.set()
         try:
@@ -498,8 +511,34 @@ class Batcher:
                 await self._run(loop, lane, head.job, batch)
                 lane.free_since = time.perf_counter()
 
+    def _late(self, lane: _Lane, batch: list[_Item]) -> list[_Item]:
+        """The batch without the requests it could not finish before their deadlines at the lane's current rate:
+        those get 503 now (admitted on an earlier, faster rate) instead of a 504 after the work."""
+        if lane.unit_s is None:
+            return batch
+        done_at = time.perf_counter() + sum(it.cost for it in batch) * lane.unit_s
+        keep = []
+        for it in batch:
+            if done_at > it.deadline and it.cost > 0:
+                if self.metrics:
+                    self.metrics.rejected.inc()
+                it.future.set_exception(
+                    QueueFull(
+                        len(lane.queue),
+                        retry_after=max(1.0, lane.estimated_wait()),
+                        estimate=done_at - it.enqueued,
+                        timeout=it.deadline - it.enqueued,
+                    )
+                )
+            else:
+                keep.append(it)
+        return keep
+
     async def _run(self, loop: asyncio.AbstractEventLoop, lane: _Lane, job: Any, batch: list[_Item]) -> None:
         assert lane.executor is not None
+        batch = self._late(lane, batch)
+        if not batch:
+            return
         xs = [it.x for it in batch if it.x is not None]
         x = (xs[0] if len(xs) == 1 else torch.cat(xs)) if xs else None
         cost = sum(it.cost for it in batch)

@@ -292,3 +292,24 @@ def test_the_fill_window_is_per_lane_and_bounded(engine: Engine) -> None:
         await b.stop()
 
     run(main())
+
+
+def test_calibration_gives_admission_a_rate_and_unmeasured_lanes_take_one_batch(engine: Engine) -> None:
+    async def main() -> None:
+        b = await started(engine, max_batch_size=4)
+        gate, blocker = await block(b)
+        lane = b.lane_of(SLOW)
+        waiting = [asyncio.create_task(b.submit(SLOW, images(2, i))) for i in range(2)]  # 4 images: one batch
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):  # no rate measured yet: no more than one batch of costed work
+            await b.submit(SLOW, images(1, 5))
+        gate.set()
+        await blocker
+        await asyncio.gather(*waiting)
+        c = await started(engine)
+        await c.calibrate("mnist")
+        assert c.lane_of(SLOW).unit_s is not None and c.lane_of(SLOW).unit_s > 0 and lane.unit_s is not None
+        await b.stop()
+        await c.stop()
+
+    run(main())

@@ -190,6 +190,10 @@ async def _warm_up(app: FastAPI) -> None:
     try:
         if app.state.settings.warm_up:
             await app.state.batcher.call(_warm, app, timeout=600)
+            registry: Registry = app.state.registry
+            ds = app.state.settings.default_dataset
+            if registry.has(f"{ds}/generator"):
+                await app.state.batcher.calibrate(ds)  # admission's seconds per generator pass
         app.state.ready = True
         log.info("models warmed up; ready")
     except Exception as exc:  # noqa: BLE001 - reported by /readyz
