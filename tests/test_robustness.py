@@ -199,6 +199,16 @@ def test_choose_default_is_the_most_robust_pipeline_meeting_the_clean_bar() -> N
     assert robustness.choose_default([r("b", "none", 0.97, 0.95)], "mnist") is None
 
 
+def test_choose_default_compares_pipelines_on_the_images_they_share() -> None:
+    big = {"accuracy": 0.9, "n": 10, "robust_flags": [True] * 5 + [False] * 1 + [True] * 3 + [False]}
+    small = {"accuracy": 1.0, "n": 4, "robust_flags": [True] * 4}  # all 4 robust; big has 4 of its first 4 too
+    results = [{"classifier": "big", "defense": "none", "clean": {"accuracy": 0.99}, "threats": {"linf:0.3": big}},
+               {"classifier": "small", "defense": "none", "clean": {"accuracy": 0.985},
+                "threats": {"linf:0.3": small}}]  # fmt: skip
+    # paired on the first 4 images: a tie (1.0 each), broken by clean accuracy — not 1.0 (n=4) against 0.9 (n=10)
+    assert robustness.choose_default(results, "mnist") == {"classifier": "mnist/big", "defense": "none"}
+
+
 # -- the defaults served --------------------------------------------------------------------------------------------
 def models_with_defaults(root: Path, default: dict | None) -> Path:
     """Tiny models plus a second classifier (S), its measured robustness, and the manifest's defaults."""

@@ -301,12 +301,20 @@ def pipelines(reg: Registry, dataset: str, defended: list[str] | None = None) ->
 
 
 def choose_default(results: list[dict], dataset: str) -> dict | None:
-    """Highest worst-case accuracy at the standard threat among pipelines meeting the clean bar."""
+    """Highest worst-case accuracy at the standard threat among pipelines meeting the clean bar, compared on the
+    images all of them were attacked on (the first min n of the slice: a 200-image estimate must not beat a
+    1,000-image one by sampling luck), then on clean accuracy."""
     std = threat_key(*STANDARD[dataset])
     ok = [r for r in results if r["clean"]["accuracy"] >= CLEAN_BAR[dataset] and std in r["threats"]]
     if not ok:
         return None
-    best = max(ok, key=lambda r: (r["threats"][std]["accuracy"], r["clean"]["accuracy"]))
+    common = min(r["threats"][std].get("n", 0) for r in ok)
+
+    def paired(r: dict) -> float:
+        flags = r["threats"][std].get("robust_flags")
+        return sum(flags[:common]) / common if flags and common else r["threats"][std]["accuracy"]
+
+    best = max(ok, key=lambda r: (paired(r), r["clean"]["accuracy"]))
     return {"classifier": f"{dataset}/{best['classifier']}", "defense": best["defense"]}
 
 
