@@ -248,8 +248,9 @@ class _Running:
 class _Lane:
     """One queue, one worker thread, one fill window and one cost estimate."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, wait_s: float) -> None:
         self.name = name
+        self.wait_s = wait_s  # the fill window's base (10 % of the last batch when longer, up to max_fill)
         self.queue: deque[_Item] = deque()
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
@@ -310,14 +311,14 @@ class Batcher:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1e3
-        self.fast_wait_s = self.max_wait_s if fast_wait_ms is None else fast_wait_ms / 1e3
         self.max_fill_s = max(max_fill_ms, max_wait_ms) / 1e3
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.max_request_cost = max_request_cost
         self.metrics = metrics
         self.name = name
-        self.lanes = {"fast": _Lane("fast"), "slow": _Lane("slow")}
+        fast_s = self.max_wait_s if fast_wait_ms is None else fast_wait_ms / 1e3
+        self.lanes = {"fast": _Lane("fast", fast_s), "slow": _Lane("slow", self.max_wait_s)}
         self.draining = False
 
     @classmethod
@@ -479,8 +480,7 @@ class Batcher:
         """Wait for the head's batch to fill, from the later of its arrival and the worker becoming free: clients
         answered by the last batch get a moment to send their next request and join this one."""
         assert lane.wake is not None
-        base = self.fast_wait_s if lane.name == "fast" else self.max_wait_s
-        window = min(max(base, FILL_FRACTION * lane.last_batch_s), self.max_fill_s)
+        window = min(max(lane.wait_s, FILL_FRACTION * lane.last_batch_s), self.max_fill_s)
         deadline = max(head.enqueued, lane.free_since) + window
         while self._pending_images(lane, head.job) < self.max_batch_size and not head.future.done():
             remaining = deadline - time.perf_counter()

@@ -15,8 +15,8 @@ the pairs, found or not, whenever one was found, and we keep that). Where we dif
 - the pairs start from G's prior N(0, σ²) (theirs U[0, 1]^20 for their VAE), and are optimised jointly by Adam
   (`--op-lr`) rather than one at a time by YellowFin;
 - the CE term pushes only pairs still labelled alike: left alone it grows without bound (the classifier gets ever
-  surer of two different labels) and outweighs the distance term — measured on the shipped MNIST generator,
-  classifier_A: 0 of 16 pairs within L∞ 0.3 after 300 steps ungated, 12 of 16 gated (classifier_S_trades0.3: 13);
+  surer of two different labels) and outweighs the distance term, so the pairs never come within ε (a trial on the
+  shipped MNIST generator, not a command of this repo; `overpowered_pairs` with the gate is what the tests check);
 - the schedule: their run has one pair step every 5 epochs over 500; a CPU fine-tune of a few epochs takes one
   every `--op-every` batches instead.
 Everything else (resume, checkpoints, per-epoch held-out PGD check, the manifest entry) is train_robust's.
@@ -66,9 +66,11 @@ def overpowered_pairs(clf: nn.Module, G: Generator, eps: float, norm: str = "lin
     lam = torch.ones(pairs, device=dev)
     opt = torch.optim.Adam([z], lr=lr)
     found = torch.zeros(pairs, dtype=torch.bool, device=dev)
-    keep = torch.zeros((2, pairs, *G(z[0, :1]).shape[1:]), device=dev)
+    keep: torch.Tensor | None = None
     for _ in range(steps):
         x1, x2 = G(z[0]), G(z[1])
+        if keep is None:
+            keep = torch.zeros((2, *x1.shape), device=dev)
         l1, l2 = clf(x1), clf(x2)
         dist = pair_excess(x1, x2, eps, norm)
         with torch.no_grad():
@@ -85,6 +87,9 @@ def overpowered_pairs(clf: nn.Module, G: Generator, eps: float, norm: str = "lin
         loss.backward()
         opt.step()
         lam = (lam + lambda_lr * dist.detach()).clamp_min(0.0)  # dual ascent on the distance constraint
+    if keep is None:  # steps == 0: no pair was looked for
+        with torch.no_grad():
+            keep = torch.zeros((2, *G(z[0]).shape), device=dev)
     return keep[0], keep[1], found
 
 
@@ -112,11 +117,8 @@ def consistency_hook(args: argparse.Namespace, G: Generator, sigma: float) -> tr
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = train_robust.parser(__doc__)
+    p = train_robust.parser(__doc__, eps=0.3)  # the standard MNIST threat; --eps 0.1 for Fashion-MNIST
     p.set_defaults(method="pgd", lr=1e-4, epochs=2, eps_ramp=0.0, init="classifier_S_trades0.3")
-    for a in p._actions:
-        if a.dest == "eps":
-            a.required, a.default = False, 0.3  # noqa: SLF001 (the standard MNIST threat; --eps 0.1 for FMNIST)
     p.add_argument("--op-every", type=int, default=235, help="batches between overpowered-pair steps (0: never)")
     p.add_argument("--op-weight", type=float, default=1e-2, help="the consistency loss weight (authors: 1e-2)")
     p.add_argument("--op-pairs", type=int, default=50, help="pairs per overpowered attack (authors: 50)")

@@ -196,13 +196,14 @@ def ship(args: argparse.Namespace, model: nn.Module, history: list, extra: dict 
                            models_dir=args.models_dir)  # fmt: skip
 
 
-def parser(doc: str | None = None) -> argparse.ArgumentParser:
-    """The training options (train_enhanced adds its own to these)."""
+def parser(doc: str | None = None, eps: float | None = None) -> argparse.ArgumentParser:
+    """The training options (train_enhanced adds its own to these); `eps` None makes --eps required."""
     p = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
     p.add_argument("--method", choices=("trades", "pgd"), default="trades")
     p.add_argument("--arch", default="S", help="classifier network (A–E, S)")
-    p.add_argument("--eps", type=float, required=True, help="L∞ training budget (MNIST 0.3, Fashion-MNIST 0.1)")
+    p.add_argument("--eps", type=float, required=eps is None, default=eps,
+                   help="L∞ training budget (MNIST 0.3, Fashion-MNIST 0.1)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="attack steps per batch")
     p.add_argument("--alpha-frac", type=float, default=0.25, help="attack step size as a fraction of ε")
     p.add_argument("--beta", type=float, default=6.0, help="TRADES' robustness weight")

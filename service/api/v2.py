@@ -178,14 +178,13 @@ def _own_names(st: _State) -> list[str]:
 @dataclass
 class _Purification:
     defense: str
-    steps: int | None
-    restarts: int | None
+    cfg: ProjectionConfig | None  # None for defense "none"
     seed: int | None
 
 
 def _purification(params: dict[str, Any], st: _State, dataset: str, classifier: str | None) -> _Purification:
-    """Our request parameters, checked and capped; they are removed from `params` (never forwarded).
-    `classifier` None: a proxied model (it classifies upstream)."""
+    """Our request parameters, checked and capped (the projection built once, before any work); they are removed
+    from `params` (never forwarded). `classifier` None: a proxied model (it classifies upstream)."""
     s = st.settings
     proxied = classifier is None
     reg = st.batcher.engine.registry
@@ -197,17 +196,12 @@ def _purification(params: dict[str, Any], st: _State, dataset: str, classifier: 
     seed = params.pop("seed", None)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1):
         raise oip.OIPError(f"parameter 'seed' must be an integer in [0, {2**31 - 1}], got {seed!r}")
-    p = _Purification(defense, params.pop("steps", None), params.pop("restarts", None), seed)
-    if defense != "none":
-        _config(p, st)  # the steps/restarts rule, checked before any work
-    return p
-
-
-def _config(p: _Purification, st: _State) -> ProjectionConfig:
+    steps, restarts = params.pop("steps", None), params.pop("restarts", None)
     try:
-        return projection_config(p.defense, p.steps, p.restarts, st.settings)
+        cfg = None if defense == "none" else projection_config(defense, steps, restarts, s)
     except ParameterError as exc:
         raise oip.OIPError(f"parameter {exc}") from None
+    return _Purification(defense, cfg, seed)
 
 
 def _purify_parameters(p: _Purification, dataset: str, r: PurifyResult | DefendResult, images: int) -> dict:
@@ -378,8 +372,7 @@ async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.Infer
         classifier_for(st.batcher.engine.registry, ds, clf, p.defense)  # checked before any work
     except NotShipped as exc:
         raise oip.OIPError(str(exc), status=404) from None
-    cfg = None if p.defense == "none" else _config(p, st)
-    r = await st.batcher.defend(x, ds, clf, p.defense, cfg, p.seed)
+    r = await st.batcher.defend(x, ds, clf, p.defense, p.cfg, p.seed)
     wanted = [o.name for o in req.outputs] if req.outputs is not None else None
     for w in wanted or []:
         if w not in OWN_OUTPUTS:
@@ -407,7 +400,8 @@ async def _infer_proxied(st: _State, name: str, req: oip.InferRequest, headers: 
     up = st.proxy.upstream(name)
     assert up is not None
     p = _purification(req.parameters, st, up.dataset, None)  # strips our parameters from what is forwarded
-    cfg = _config(p, st)
+    cfg = p.cfg
+    assert cfg is not None  # a proxied model always purifies
     result: list[PurifyResult] = []
 
     async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
@@ -440,7 +434,7 @@ async def predictions(name: str, request: Request) -> Response:
             p = _purification(params, st, up.dataset, None)
             if params:
                 raise oip.OIPError(f"unknown query parameters {sorted(params)}")
-            r = await st.batcher.purify(x, up.dataset, _config(p, st), p.seed)
+            r = await st.batcher.purify(x, up.dataset, p.cfg, p.seed)
             png = await asyncio.to_thread(imaging.encode_png, r.images[0])
             content, ctype = await st.proxy.predictions(name, png, "image/png", dict(request.headers))
             meta = _purify_parameters(p, up.dataset, r, 1)
