@@ -10,9 +10,9 @@ requests with equal keys are concatenated along the batch axis, up to `max_batch
 to fill at most `max_wait_ms` (or 10 % of the lane's previous batch when that is longer, never more than
 `max_fill_ms`), counted from the later of the oldest request's arrival and the worker becoming free.
 
-Two lanes, each with its own queue, worker thread and fill window: `fast` for undefended classification (ONNX,
-milliseconds; its window is `fast_wait_ms`), `slow` for projections and calls. A `defense=none` request never
-waits behind a projection.
+Two lanes, each with its own queue, worker thread and fill window: `fast` for undefended classification and
+MagNet (ONNX and a small autoencoder, milliseconds; its window is `fast_wait_ms`), `slow` for projections and
+calls. A `defense=none` or `magnet` request never waits behind a projection.
 
 Limits, checked at `submit` before anything is queued:
 - the compute budget: a request's cost (generator passes, images × steps × restarts) above `max_request_cost`
@@ -43,13 +43,14 @@ from typing import Any, Protocol
 import torch
 
 from service.config import Settings
-from service.engine import DefendResult, Engine, PurifyResult, Stop
+from service.engine import PROJECTING, DefendResult, Engine, PurifyResult, Stop
 from service.metrics import Metrics
 from service.purify import Cancelled, ProjectionConfig
 
 log = logging.getLogger(__name__)
 
 FILL_FRACTION = 0.1  # a batch may wait this fraction of the previous batch's compute time to fill
+FAST_OPS = ("classify", "reform")  # no projection: undefended classification and MagNet's autoencoder pass
 UNIT_EWMA = 0.3  # weight of the newest batch in the lane's seconds-per-cost-unit estimate
 ADMIT_MARGIN = 1.25  # admission wants the estimate × this within the timeout (rates drift under load)
 
@@ -106,7 +107,8 @@ class Job(Protocol):
 
 @dataclass(frozen=True)
 class DefendJob:
-    """Classify, purifying first unless defense == "none" (then `cfg` and `seed` must be None)."""
+    """Classify, purifying first unless defense == "none" (MagNet: reformed by its autoencoder; `cfg` and `seed`
+    are None for both)."""
 
     dataset: str
     classifier: str
@@ -116,13 +118,13 @@ class DefendJob:
 
     @property
     def op(self) -> str:
-        return "classify" if self.defense == "none" else "defend"
+        return {"none": "classify", "magnet": "reform"}.get(self.defense, "defend")
 
     def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> DefendResult:
         return engine.defend(x, self.dataset, self.classifier, self.defense, self.cfg, self.seed, stop)
 
     def cost(self, n: int) -> tuple[int, str]:
-        if self.defense == "none":
+        if self.defense not in PROJECTING:
             return 0, f"{n} image(s), no projection"
         return projection_cost(n, self.cfg or ProjectionConfig())
 
@@ -146,7 +148,7 @@ class DefendJob:
         ]
 
     def record(self, metrics: Metrics, out: DefendResult) -> None:
-        if self.defense != "none":
+        if self.defense in PROJECTING:
             init = self.cfg.init if self.cfg else "random"
             metrics.observe_purification(self.dataset, init, len(out.labels), out.steps)
         if out.flagged is not None:
@@ -374,7 +376,7 @@ class Batcher:
         return sum(len(lane.live()) for lane in self.lanes.values())
 
     def lane_of(self, job: Any) -> _Lane:
-        return self.lanes["fast" if getattr(job, "op", None) == "classify" else "slow"]
+        return self.lanes["fast" if getattr(job, "op", None) in FAST_OPS else "slow"]
 
     async def calibrate(self, dataset: str) -> None:
         """Run one small projection batch through the slow lane so admission has a measured rate from the first
@@ -435,7 +437,7 @@ class Batcher:
         cfg: ProjectionConfig | None = None,
         seed: int | None = None,
     ) -> DefendResult:
-        if defense == "none":
+        if defense not in PROJECTING:
             cfg, seed = None, None
         return (await self.submit(DefendJob(dataset, classifier, defense, cfg, seed), x)).value
 

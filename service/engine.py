@@ -20,8 +20,9 @@ from service.config import Settings
 from service.purify import Projection, ProjectionConfig, check_images, project
 from service.registry import Registry
 
-Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify"]
-DEFENSES: tuple[str, ...] = ("none", "defense-gan", "invert-classify", "enhanced-invert-classify")
+Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet"]
+DEFENSES: tuple[str, ...] = ("none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet")
+PROJECTING: tuple[str, ...] = ("defense-gan", "invert-classify", "enhanced-invert-classify")  # onto G's range
 WARM_START: tuple[str, ...] = ("invert-classify", "enhanced-invert-classify")  # project from E(x)
 Stop = Callable[[], bool]  # asked between projection steps: True cancels (service.purify.Cancelled)
 ENHANCED = "_enhanced"  # classifier_X_enhanced: classifier_X adversarially fine-tuned on G's range
@@ -37,9 +38,17 @@ class NotShipped(LookupError):
     """A model the request needs is not in the registry (HTTP 404)."""
 
 
+def require_magnet(registry: Registry, dataset: str) -> None:
+    if not registry.has(f"{dataset}/magnet"):
+        raise NotShipped(f"no MagNet autoencoders are shipped for {dataset}")
+
+
 def classifier_for(registry: Registry, dataset: str, classifier: str, defense: str) -> str:
     """The classifier a defense classifies with: `classifier`, or for enhanced-invert-classify its enhanced
-    counterpart (NotShipped, naming the shipped ones, when there is none). The one rule for v1, v2 and the engine."""
+    counterpart (NotShipped, naming the shipped ones, when there is none; for magnet, NotShipped without MagNet's
+    autoencoders). The one rule for v1, v2 and the engine, checked before any work."""
+    if defense == "magnet":
+        require_magnet(registry, dataset)
     if defense != "enhanced-invert-classify":
         return classifier
     enhanced = enhanced_classifier(registry, dataset, classifier)
@@ -96,11 +105,14 @@ def _strict_int(name: str, v: object, low: int, high: int) -> int | None:
     return v
 
 
-def projection_config(defense: str, steps: object, restarts: object, s: Settings) -> ProjectionConfig:
+def projection_config(defense: str, steps: object, restarts: object, s: Settings) -> ProjectionConfig | None:
     """The projection a defense name implies, with the caller's overrides (None: the server's defaults): the one
     rule for steps and restarts of /v1, /v2 and the proxy. Integers only (a JSON `true` is not 1), restarts in
     [1, max_restarts], steps in [1, max_steps] — 0 only with the encoder's warm start (classify E(x) unrefined;
-    from a random start it would classify noise)."""
+    from a random start it would classify noise). None for a defense that does not project ("none", "magnet"):
+    steps and restarts do not apply to it."""
+    if defense not in PROJECTING:
+        return None
     warm = defense in WARM_START
     st = _strict_int("steps", steps, 0 if warm else 1, s.max_steps)
     rs = _strict_int("restarts", restarts, 1, s.max_restarts)
@@ -140,6 +152,16 @@ class DefendResult:
     timings_ms: dict[str, float]
     steps: int
     restarts: int
+
+
+@dataclass
+class MagNetResult:
+    """MagNet's reformer output and detector verdict (either detector over its threshold flags an image)."""
+
+    images: torch.Tensor  # AE_I(x), N×1×28×28
+    mse: np.ndarray  # detector I's score: the reformer's reconstruction MSE
+    flagged: np.ndarray
+    threshold: float  # detector I's (detector II, on the mean absolute error, has its own)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -201,6 +223,19 @@ class Engine:
                             det.fpr if det else None, (mse > det.threshold) if det else None, cfg.steps,
                             cfg.restarts, cfg.init, {"purify_ms": ms})  # fmt: skip
 
+    def reform(self, x: torch.Tensor, dataset: str) -> MagNetResult:
+        """MagNet: the reformed images AE_I(x) and the verdict of its two detectors (NotShipped without one)."""
+        check_images(x)
+        require_magnet(self.registry, dataset)
+        net = self.registry.magnet(dataset, self.device)
+        cal = self.registry.get(f"{dataset}/magnet").raw["detector"]
+        with torch.no_grad():
+            xd = x.to(self.device)
+            reformed = net(xd)
+            s1, s2 = (s.cpu().numpy() for s in net.scores(xd))
+        flagged = (s1 > cal["I"]["threshold"]) | (s2 > cal["II"]["threshold"])
+        return MagNetResult(reformed.cpu(), s1, flagged, float(cal["I"]["threshold"]))
+
     def classify(self, x: torch.Tensor, dataset: str, classifier: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, probabilities) of x through the ONNX classifier."""
         return labels_and_probs(self.onnx(dataset, classifier).logits(x))
@@ -220,6 +255,8 @@ class Engine:
             labels, probs = self.classify(x, dataset, classifier)
             timings["classify_ms"] = (time.perf_counter() - t) * 1e3
             return DefendResult(labels, probs, None, None, None, None, timings, 0, 0)
+        if defense == "magnet":
+            return self._magnet(x, dataset, classifier, timings)
         cfg = cfg or ProjectionConfig(init="encoder" if defense in WARM_START else "random")
         t = time.perf_counter()
         proj = self.purify(x, dataset, cfg, seed=seed, stop=stop)
@@ -232,3 +269,12 @@ class Engine:
         flagged = (mse > det.threshold) if det else None
         return DefendResult(labels, probs, proj.images, mse, flagged, det.threshold if det else None, timings,
                             cfg.steps, cfg.restarts)  # fmt: skip
+
+    def _magnet(self, x: torch.Tensor, dataset: str, classifier: str, timings: dict[str, float]) -> DefendResult:
+        t = time.perf_counter()
+        m = self.reform(x, dataset)
+        timings["purify_ms"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        labels, probs = self.classify(m.images, dataset, classifier)
+        timings["classify_ms"] = (time.perf_counter() - t) * 1e3
+        return DefendResult(labels, probs, m.images, m.mse, m.flagged, m.threshold, timings, 0, 0)

@@ -214,13 +214,52 @@ class AdvGANDiscriminator(nn.Module):
         return self.net(x).squeeze(1)
 
 
+MAGNET_STRUCTURES = {"I": (3, "average", 3), "II": (3,)}  # Meng & Chen 2017, MNIST (official train_defense.py)
+
+
+def magnet_autoencoder(structure: tuple[int | str, ...]) -> nn.Sequential:
+    """MagNet's denoising autoencoder: 3×3 "same" convolutions with sigmoid activations, `structure` down (ints are
+    channels, "average" a 2×2 average pool), mirrored up (pools become 2× upsampling), then a sigmoid 3×3 conv to
+    one channel."""
+    layers: list[nn.Module] = []
+    ch = 1
+    for part, pool in [(p, nn.AvgPool2d(2)) for p in structure] + [(p, nn.Upsample(scale_factor=2))
+                                                                   for p in reversed(structure)]:  # fmt: skip
+        if isinstance(part, int):
+            layers += [nn.Conv2d(ch, part, 3, padding=1), nn.Sigmoid()]
+            ch = part
+        else:
+            layers.append(pool)
+    return nn.Sequential(*layers, nn.Conv2d(ch, 1, 3, padding=1), nn.Sigmoid())
+
+
+class MagNet(nn.Module):
+    """MagNet (Meng & Chen 2017) for one dataset: the reformer is autoencoder I; the detectors are the
+    reconstruction errors of autoencoder I (mean squared, p=2) and autoencoder II (mean absolute, p=1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ae1 = magnet_autoencoder(MAGNET_STRUCTURES["I"])
+        self.ae2 = magnet_autoencoder(MAGNET_STRUCTURES["II"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reformed image AE_I(x)."""
+        return self.ae1(x)
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image detector scores: mean |x − AE_I(x)|² and mean |x − AE_II(x)|."""
+        dims = tuple(range(1, x.dim()))
+        return (x - self.ae1(x)).pow(2).mean(dims), (x - self.ae2(x)).abs().mean(dims)
+
+
 def build(kind: str, arch: str | None = None, **kwargs: object) -> nn.Module:
-    """Build any registry network by kind: generator, critic, encoder, classifier (with arch), advgan."""
+    """Build any registry network by kind: generator, critic, encoder, classifier (with arch), advgan, magnet."""
     if kind == "classifier":
         if arch is None:
             raise ValueError("a classifier needs an arch (A–E, S)")
         return build_classifier(arch)
-    builders = {"generator": Generator, "critic": Critic, "encoder": Encoder, "advgan": AdvGANGenerator}
+    builders = {"generator": Generator, "critic": Critic, "encoder": Encoder, "advgan": AdvGANGenerator,
+                "magnet": MagNet}  # fmt: skip
     if kind not in builders:
         raise ValueError(f"unknown network kind {kind!r}")
     return builders[kind](**kwargs)  # type: ignore[arg-type]

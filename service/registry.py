@@ -166,6 +166,9 @@ class Registry:
         key = f"{dataset}/encoder"
         return self.module(key, device) if self.has(key) else None  # type: ignore[return-value]
 
+    def magnet(self, dataset: str, device: torch.device | str = "cpu") -> nets.MagNet:
+        return self.module(f"{dataset}/magnet", device)  # type: ignore[return-value]
+
     def classifier(self, dataset: str, name: str = "classifier_A", device: torch.device | str = "cpu") -> nn.Module:
         return self.module(f"{dataset}/{name}", device)
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.attacks import Defended, Unrolled, detector_aware, latent, pgd, pgd_l2
+from service.attacks import Defended, Reformed, Unrolled, detector_aware, latent, pgd, pgd_l2
 from service.purify import ProjectionConfig
 from service.registry import Registry
 from training import data
@@ -80,6 +80,20 @@ BARE_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 DEFENDED_ATTACKS = ("bpda-apgd-ce", "bpda-apgd-t", "exact-apgd-ce", "latent", "square")
 # against "correct or flagged" (the detector rejects what it flags): attacks that also keep the MSE under threshold
 DETECT_ATTACKS = ("detector-aware", "latent")
+CHEAP = ("none", "magnet")  # no projection: full-size clean accuracy, AutoAttack's own settings
+
+
+def attacks_for(defense: str, bare: tuple[str, ...] = BARE_ATTACKS) -> tuple[str, ...]:
+    """The worst-case attacks of a pipeline: AutoAttack on bare classifiers and through MagNet's autoencoder
+    (exactly differentiable), the adaptive set behind a projection."""
+    return bare if defense == "none" else BARE_ATTACKS if defense == "magnet" else DEFENDED_ATTACKS
+
+
+def detect_attacks_for(defense: str) -> tuple[str, ...]:
+    """Against "correct or flagged": detector-aware PGD (and behind a projection, the latent attack)."""
+    return ("detector-aware",) if defense == "magnet" else DETECT_ATTACKS
+
+
 WARM = ProjectionConfig(steps=25, restarts=1, init="encoder")
 CACHE = ROOT / "runs" / "robustness"
 DOCS = ROOT / "docs"
@@ -132,9 +146,15 @@ class Pipeline:
         clf = reg.classifier(dataset, classifier)
         self.weights_sha = reg.get(f"{dataset}/{classifier}").files["weights"]["sha256"]
         self.ort = OrtForward(reg, dataset, classifier) if defense == "none" else None
+        self.bpda = self.exact = self.threshold = self.reformed = None
         if defense == "none":
             self.forward: nn.Module = clf
-            self.bpda = self.exact = self.threshold = None
+        elif defense == "magnet":
+            cal = reg.get(f"{dataset}/magnet").raw["detector"]
+            thresholds = (float(cal["I"]["threshold"]), float(cal["II"]["threshold"]))
+            self.forward = self.reformed = Reformed(clf, reg.magnet(dataset), thresholds)
+            self.threshold = thresholds[0]
+            self.weights_sha += reg.get(f"{dataset}/magnet").files["weights"]["sha256"][:16]
         else:
             gen, enc = reg.generator(dataset), reg.encoder(dataset)
             self.bpda = Defended(clf, gen, WARM, encoder=enc, seed=0)
@@ -156,7 +176,9 @@ class Pipeline:
 
     @torch.no_grad()
     def flagged(self, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-        """The detector's verdict on x (reconstruction MSE over its calibrated threshold)."""
+        """The detector's verdict on x (reconstruction MSE over its calibrated threshold; MagNet: either detector)."""
+        if self.reformed is not None:
+            return torch.cat([self.reformed.excess(x[i : i + batch]) > 0 for i in range(0, len(x), batch)])
         assert self.bpda is not None and self.threshold is not None
         recon = torch.cat([self.bpda.purify(x[i : i + batch]) for i in range(0, len(x), batch)])
         return (recon - x).pow(2).flatten(1).mean(1) > self.threshold
@@ -171,8 +193,8 @@ class Pipeline:
                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
         """The attack `name` against this pipeline, as x, y ↦ x_adv."""
         b = budget
-        if self.defense == "none" and name in BARE_ATTACKS:
-            model = self.ort if name == "square" else self.forward  # Square only queries: ONNX Runtime
+        if self.defense in ("none", "magnet") and name in BARE_ATTACKS:  # MagNet: exact gradients through the AE
+            model = self.ort if name == "square" and self.ort else self.forward  # Square only queries: ONNX Runtime
             targets = b.fab_targets if name == "fab-t" else 9
             return make_reference(model, norm, eps, name, seed, b.iters, targets, b.square_queries, b.batch)
         if name == "square":
@@ -186,8 +208,9 @@ class Pipeline:
                 return lambda x, y: x  # the latent attack is L∞ only: nothing to add under L2
             return lambda x, y: latent(self.bpda, x, y, eps=eps, steps=budget.latent_steps)
         if name == "detector-aware":
-            assert self.bpda is not None and self.threshold is not None
-            return lambda x, y: detector_aware(self.bpda, x, y, self.threshold, eps=eps, alpha=eps / 10,
+            target = self.reformed or self.bpda
+            assert target is not None and self.threshold is not None
+            return lambda x, y: detector_aware(target, x, y, self.threshold, eps=eps, alpha=eps / 10,
                                                steps=budget.defended_iters * 2, norm=norm, seed=seed)  # fmt: skip
         if name == "pgd-ours":  # the service's own PGD, cross-checked against APGD-CE
             fn = pgd if norm == "linf" else pgd_l2
@@ -270,7 +293,7 @@ def sanity(p: Pipeline, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
         adv = p.attack(attack, norm, e, seed, b)(x, y)
         return float((p.correct(adv, y) & within(adv, x, norm, e)).float().mean())
 
-    grad = "apgd-ce" if p.defense == "none" else "bpda-apgd-ce"
+    grad = "apgd-ce" if p.defense in CHEAP else "bpda-apgd-ce"
     few = Budget(iters=10, defended_iters=10, batch=budget.batch)
     factors = (0.0, 0.5, 1.0, 1.5, 2.0, 3.5)
     sweep = {f"{eps * f:g}": round(acc(grad, eps * f, budget), 4) for f in factors}
@@ -290,13 +313,19 @@ def sanity(p: Pipeline, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float,
 
 def pipelines(reg: Registry, dataset: str, defended: list[str] | None = None) -> list[tuple[str, str]]:
     """Every classifier bare; behind the warm-start projection the `defended` ones (default: the adversarially
-    trained and the enhanced)."""
+    trained and the enhanced); behind MagNet (where shipped) classifier A, the papers' model, and the
+    adversarially trained ones."""
     out = [(c, "none") for c in reg.classifiers(dataset)]
+    robust = [
+        c
+        for c in reg.classifiers(dataset)
+        if reg.get(f"{dataset}/{c}").raw.get("training", {}).get("method") in ("pgd", "trades", "enhanced-inc")
+    ]
     if reg.has(f"{dataset}/encoder") and reg.has(f"{dataset}/generator"):
-        for c in reg.classifiers(dataset):
-            method = reg.get(f"{dataset}/{c}").raw.get("training", {}).get("method")
-            if (c in defended) if defended is not None else method in ("pgd", "trades", "enhanced-inc"):
-                out.append((c, "invert-classify"))
+        out += [(c, "invert-classify") for c in (defended if defended is not None else robust)]
+    if reg.has(f"{dataset}/magnet"):
+        out += [(c, "magnet") for c in ["classifier_A", *robust] if reg.has(f"{dataset}/{c}")
+                and not c.endswith("_enhanced")]  # fmt: skip
     return out
 
 
@@ -337,11 +366,13 @@ def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str
     p = Pipeline(reg, dataset, classifier, defense)
     method = reg.get(f"{dataset}/{classifier}").raw.get("training", {}).get("method", "standard")
     robust_trained = method in ("pgd", "trades", "enhanced-inc")
-    attacks = tuple(args.bare_attacks) if defense == "none" else DEFENDED_ATTACKS
-    clean = clean_accuracy(p, dataset, 10000 if defense == "none" else args.clean_n)
+    attacks = attacks_for(defense, tuple(args.bare_attacks))
+    clean = clean_accuracy(p, dataset, 10000 if defense in CHEAP else args.clean_n)
     threats = {}
     for norm, eps in THREATS[dataset]:
-        if defense != "none":
+        if defense == "magnet":
+            n = args.n_baseline
+        elif defense != "none":
             n = args.defended_n if (norm, eps) == STANDARD[dataset] else args.defended_n_other
         elif method == "enhanced-inc":
             n = args.n_enhanced
@@ -358,8 +389,9 @@ def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str
     if defense != "none" and p.threshold is not None:
         norm, eps = STANDARD[dataset]
         n = min(args.defended_n, len(x))
-        cell = worst_case(p, x[:n], y[:n], norm, eps, DETECT_ATTACKS, args.seed, budget, "correct-or-flagged")
-        out["detect_or_correct"] = {threat_key(norm, eps): cell, "threshold": p.threshold}
+        detect = detect_attacks_for(defense)
+        cell = worst_case(p, x[:n], y[:n], norm, eps, detect, args.seed, budget, "correct-or-flagged")
+        out["detect_or_correct"] = {threat_key(norm, eps): cell, "threshold": p.threshold, "attacks": detect}
     return out
 
 
@@ -379,8 +411,8 @@ def record(results: list[dict], default: dict | None, dataset: str, info: dict, 
         if "detect_or_correct" in r:
             d = r["detect_or_correct"]
             rob[r["defense"]]["detect_or_correct"] = {
-                t: {k: c[k] for k in ("accuracy", "ci", "n")} | {"attacks": list(DETECT_ATTACKS)}
-                for t, c in d.items() if t != "threshold"
+                t: {k: c[k] for k in ("accuracy", "ci", "n")} | {"attacks": list(d["attacks"])}
+                for t, c in d.items() if t not in ("threshold", "attacks")
             } | {"threshold": d["threshold"]}  # fmt: skip
     if default is not None:
         man.setdefault("defaults", {})[dataset] = {**default, "threat": threat_key(*STANDARD[dataset]),
@@ -405,7 +437,8 @@ def render(docs: Path = DOCS) -> str:
         "2,000 (behind the projection). An image counts",
         "as robust only if every attack failed on it. Bare pipelines: AutoAttack standard (APGD-CE, APGD-T, FAB-T,",
         "Square 5,000) from the authors' `pyautoattack`. Behind the warm-start projection: BPDA-APGD-CE/T,",
-        "APGD-CE through the exactly differentiated 25-step projection, the latent attack (L∞), Square.",
+        "APGD-CE through the exactly differentiated 25-step projection, the latent attack (L∞), Square. Through",
+        "MagNet's autoencoder reformer (exactly differentiable): AutoAttack standard, as on a bare classifier.",
         "",
     ]
     for path in sorted(docs.glob("robustness-*.json")):
@@ -434,14 +467,16 @@ def render(docs: Path = DOCS) -> str:
         dets = [r for r in doc["results"] if "detect_or_correct" in r]
         if dets:
             lines += ["", "Correct or flagged (the detector's rejections count as defended) at "
-                      f"{threat_key(*STANDARD[ds])}, under attacks that also keep the reconstruction MSE under the "
-                      "threshold (detector-aware BPDA-PGD, latent):", "",
-                      "| classifier | defense | threshold | worst case | plain worst case |",
-                      "|---|---|---|---|---|"]  # fmt: skip
+                      f"{threat_key(*STANDARD[ds])}, under attacks that also keep the detectors under their "
+                      "thresholds (detector-aware PGD: BPDA through a projection, exact through MagNet; the latent "
+                      "attack):", "",
+                      "| classifier | defense | threshold | attacks | worst case | plain worst case |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
             for r in dets:
                 d, std_ = r["detect_or_correct"], threat_key(*STANDARD[ds])
-                lines.append(f"| {r['classifier']} | {r['defense']} | {d['threshold']:.4f} | {_cell(d.get(std_))} | "
-                             f"{_cell(r['threats'].get(std_))} |")  # fmt: skip
+                names = ", ".join(d.get("attacks", DETECT_ATTACKS))
+                lines.append(f"| {r['classifier']} | {r['defense']} | {d['threshold']:.4f} | {names} | "
+                             f"{_cell(d.get(std_))} | {_cell(r['threats'].get(std_))} |")  # fmt: skip
         lines += ["", "Per attack (robust images left after each, in order) for the standard threat:", ""]
         std = threat_key(*STANDARD[ds])
         for r in doc["results"]:
@@ -549,7 +584,7 @@ def holdout(reg: Registry, args: argparse.Namespace, default: dict, budget: Budg
     y = torch.from_numpy(arr["y_test"][lo:hi].astype(np.int64))
     p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"])
     norm, eps = STANDARD[args.dataset]
-    attacks = BARE_ATTACKS if p.defense == "none" else DEFENDED_ATTACKS
+    attacks = attacks_for(p.defense)
     cell = worst_case(p, x, y, norm, eps, attacks, args.seed + 1, budget, images=f"test[{lo}:{hi}]")
     return {"pipeline": p.name, "threat": threat_key(norm, eps), "test_indices": [lo, hi],
             **{k: v for k, v in cell.items() if k != "robust_flags"}}  # fmt: skip
@@ -571,7 +606,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--defended", nargs="*", help="the classifiers to evaluate behind the projection")
     p.add_argument(
         "--defense",
-        choices=("none", "invert-classify"),
+        choices=("none", "invert-classify", "magnet"),
         help="evaluate these pipelines only (nothing is recorded; a second process can fill the cache)",
     )
     p.add_argument("--fab-targets", type=int, default=9, help="FAB-T's target classes (AutoAttack standard: 9)")

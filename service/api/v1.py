@@ -26,6 +26,7 @@ from service.batcher import Batcher, DefendJob, PurifyJob
 from service.config import Settings
 from service.engine import (
     ENHANCED,
+    PROJECTING,
     WARM_START,
     DefendResult,
     Defense,
@@ -114,7 +115,9 @@ class ClassifyParams(_Params):
     defense: Defense | None = Field(
         None,
         description="none | defense-gan (random restarts) | invert-classify (encoder warm start) | "
-        "enhanced-invert-classify (warm start, then the classifier's adversarially fine-tuned `_enhanced` twin)",
+        "enhanced-invert-classify (warm start, then the classifier's adversarially fine-tuned `_enhanced` twin) | "
+        "magnet (MagNet's autoencoder reformer and its two reconstruction-error detectors; steps and restarts do "
+        "not apply)",
     )
     return_purified: bool = Field(False, description="include each purified image as base64 PNG")
 
@@ -320,8 +323,11 @@ def resolve_classifier(model: str | None, registry: Registry, s: Settings) -> tu
     return ds, clf
 
 
-def projection(defense: str, dataset: str, p: _Params, registry: Registry, s: Settings) -> ProjectionConfig:
-    """The projection a defense implies (404 when its generator or encoder is not shipped)."""
+def projection(defense: str, dataset: str, p: _Params, registry: Registry, s: Settings) -> ProjectionConfig | None:
+    """The projection a defense implies, None where it does not project (404 when the generator or encoder it
+    needs is not shipped)."""
+    if defense not in PROJECTING:
+        return None
     if not registry.has(f"{dataset}/generator"):
         raise HTTPException(
             404,
@@ -379,7 +385,7 @@ async def classify(
         clf = classifier_for(registry, ds, clf, defense)
     except NotShipped as exc:
         raise HTTPException(404, str(exc)) from exc
-    cfg = projection(defense, ds, p, registry, settings) if defense != "none" else None
+    cfg = projection(defense, ds, p, registry, settings)
     job = DefendJob(ds, clf, defense, cfg, p.seed if cfg else None)
     out = await batcher.submit(job, x)
     r: DefendResult = out.value
@@ -427,6 +433,7 @@ async def _purify(
     p = parse_params(params, raw, settings)
     ds = _dataset(p.dataset, registry, settings)
     cfg = projection(p.defense, ds, p, registry, settings)
+    assert cfg is not None  # PurifyParams names projecting defenses only
     out = await batcher.submit(PurifyJob(ds, cfg, p.seed), x)
     timings = {"decode_ms": decode_ms, "queue_ms": out.queue_ms, **out.value.timings_ms, "engine_ms": out.compute_ms}
     return p, out.value, ds, t0, timings  # type: ignore[return-value]
@@ -532,6 +539,10 @@ async def models(registry: Registry = Depends(get_registry), settings: Settings 
         defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
         if gen and enc and any(c.endswith(ENHANCED) for c in clfs):
             defenses.append("enhanced-invert-classify")
+        if registry.has(f"{ds}/magnet"):
+            defenses.append("magnet")
+            cal = registry.get(f"{ds}/magnet").raw.get("detector", {})
+            det["magnet"] = {k: cal[k] for k in ("I", "II", "drop_rate", "n", "test_fpr") if k in cal}
         datasets[ds] = {
             "classes": _class_names(registry, ds),
             "classifiers": clfs,

@@ -34,6 +34,7 @@ from service.batcher import Batcher, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
 from service.engine import (
     DEFENSES,
+    PROJECTING,
     DefendResult,
     NotShipped,
     ParameterError,
@@ -178,7 +179,7 @@ def _own_names(st: _State) -> list[str]:
 @dataclass
 class _Purification:
     defense: str
-    cfg: ProjectionConfig | None  # None for defense "none"
+    cfg: ProjectionConfig | None  # None for a defense that does not project (none, magnet)
     seed: int | None
 
 
@@ -189,8 +190,9 @@ def _purification(params: dict[str, Any], st: _State, dataset: str, classifier: 
     proxied = classifier is None
     reg = st.batcher.engine.registry
     defense = params.pop("defense", None) or default_defense(reg, dataset, classifier, s.default_defense, proxied)
-    # a proxied model classifies upstream: neither "none" nor our enhanced classifiers apply to it
-    allowed = tuple(d for d in DEFENSES if d not in ("none", "enhanced-invert-classify")) if proxied else DEFENSES
+    # a proxied model classifies upstream: it is purified by a projection (never "none", MagNet or our enhanced
+    # classifiers)
+    allowed = tuple(d for d in DEFENSES if d in PROJECTING and d != "enhanced-invert-classify") if proxied else DEFENSES
     if defense not in allowed:
         raise oip.OIPError(f"parameter 'defense' must be one of {list(allowed)}, got {defense!r}")
     seed = params.pop("seed", None)
@@ -198,7 +200,7 @@ def _purification(params: dict[str, Any], st: _State, dataset: str, classifier: 
         raise oip.OIPError(f"parameter 'seed' must be an integer in [0, {2**31 - 1}], got {seed!r}")
     steps, restarts = params.pop("steps", None), params.pop("restarts", None)
     try:
-        cfg = None if defense == "none" else projection_config(defense, steps, restarts, s)
+        cfg = projection_config(defense, steps, restarts, s)
     except ParameterError as exc:
         raise oip.OIPError(f"parameter {exc}") from None
     return _Purification(defense, cfg, seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.attacks.adaptive import Defended, Unrolled, bpda, detector_aware, eot, latent
+from service.attacks.adaptive import Defended, Reformed, Unrolled, bpda, detector_aware, eot, latent
 from service.attacks.advgan import advgan
 from service.attacks.cw import CW_DEFENSE_GAN, cw, cw_defense_gan
 from service.attacks.fgsm import fgsm, rand_fgsm
@@ -53,6 +53,7 @@ __all__ = [
     "AttackSpec",
     "CW_DEFENSE_GAN",
     "Defended",
+    "Reformed",
     "Substitute",
     "Unrolled",
     "advgan",

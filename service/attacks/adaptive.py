@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,27 @@ class Unrolled(Defended):
             mse = (recon - target).pow(2).mean(dim=(1, 2, 3)).view(n, r)
             rows = torch.arange(n, device=x.device) * r + mse.argmin(dim=1)
             return recon[rows]
+
+
+class Reformed(nn.Module):
+    """logits = classifier(AE(x)): MagNet's reformer pipeline (Meng & Chen 2017) with its exact gradient — the
+    autoencoder is a plain differentiable network, so every white-box attack applies to it directly (Carlini &
+    Wagner 2017, "MagNet and 'Efficient Defenses…' are not robust"). `excess(x)`: per image, the worse of its two
+    detectors' score / threshold, minus 1 (> 0: flagged)."""
+
+    def __init__(self, classifier: nn.Module, magnet: nn.Module, thresholds: tuple[float, float]) -> None:
+        super().__init__()
+        self.classifier, self.magnet, self.thresholds = classifier, magnet, thresholds
+
+    def purify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.magnet(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.magnet(x))
+
+    def excess(self, x: torch.Tensor) -> torch.Tensor:
+        s1, s2 = self.magnet.scores(x)  # type: ignore[operator]
+        return torch.maximum(s1 / self.thresholds[0], s2 / self.thresholds[1]) - 1
 
 
 def _require_defended(model: nn.Module) -> Defended:
@@ -287,7 +309,7 @@ def detector_aware(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    threshold: float,
+    threshold: float | None = None,
     eps: float = 0.3,
     alpha: float = 0.03,
     steps: int = 100,
@@ -295,30 +317,42 @@ def detector_aware(
     norm: str = "linf",
     seed: int = 0,
 ) -> torch.Tensor:
-    """BPDA-PGD against "correct or flagged": it must fool the classifier *and* keep the reconstruction MSE under the
-    detector's `threshold`. Ascends CE(f(G(z*(x))), y) − weight·max(0, mse(x)/threshold − 1), where the MSE's
-    gradient is exact by the envelope theorem (∇ₓ min_z ‖G(z) − x‖² = 2(x − G(z*))). Returns per image the last
-    iterate that was misread and unflagged (the final iterate where none was).
+    """PGD against "correct or flagged": it must fool the classifier *and* stay under the detector. Ascends
+    CE(f(purify(x)), y) − weight·max(0, over(x)), where over(x) is how far the detector is above its threshold:
+    - `Defended` (BPDA): mse(x)/threshold − 1, the MSE's gradient exact by the envelope theorem
+      (∇ₓ min_z ‖G(z) − x‖² = 2(x − G(z*)));
+    - `Reformed` (MagNet; `threshold` unused): its two detectors' worse ratio, differentiated exactly.
+    Returns per image the last iterate that was misread and unflagged (the final iterate where none was).
     """
-    m = _require_defended(model)
+    over = _detector_excess(model, threshold)
     x0 = images.detach()
     n, gen = len(x0), torch.Generator().manual_seed(seed)
     adv = _project_ball(x0 + torch.empty(x0.shape).uniform_(-eps, eps, generator=gen).to(x0) * 0.5, x0, eps, norm)
     best, found = adv.clone(), torch.zeros(n, dtype=torch.bool, device=x0.device)
     for i in range(steps + 1):
         x = adv.detach().requires_grad_(True)
-        recon = m.purify(x)  # G(z*) forward, straight-through backward
-        logits = m.classifier(recon)
-        mse = (x - recon.detach()).pow(2).flatten(1).mean(1)
+        recon = model.purify(x)  # type: ignore[operator]
+        logits = model.classifier(recon)  # type: ignore[operator]
+        excess = over(x, recon)
         with torch.no_grad():
-            hit = _misread(logits, labels, False) & (mse <= threshold)
+            hit = _misread(logits, labels, False) & (excess <= 0)
             best[hit], found = adv[hit], found | hit
         if i == steps:
             break
-        loss = F.cross_entropy(logits, labels, reduction="sum") - weight * torch.relu(mse / threshold - 1).sum()
+        loss = F.cross_entropy(logits, labels, reduction="sum") - weight * torch.relu(excess).sum()
         (g,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
             flat = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(n, 1, 1, 1)
             adv = _project_ball(adv + alpha * (g.sign() if norm == "linf" else g / flat), x0, eps, norm)
     best[~found] = adv[~found]
     return best.detach()
+
+
+def _detector_excess(model: nn.Module, threshold: float | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """x, purified ↦ per image how far the model's detector is above its threshold (≤ 0: not flagged)."""
+    if isinstance(model, Reformed):
+        return lambda x, recon: model.excess(x)
+    _require_defended(model)
+    if threshold is None:
+        raise ValueError("detector_aware through a projection needs the detector's threshold")
+    return lambda x, recon: (x - recon.detach()).pow(2).flatten(1).mean(1) / threshold - 1
