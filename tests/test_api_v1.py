@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -331,6 +332,26 @@ def test_the_openapi_document_tells_the_truth(client: TestClient) -> None:
     r = client.post("/v1/classify", json={**example, "steps": 2, "restarts": 1})
     assert r.status_code == 200, "the schema's own example is a valid request"
     assert "text/plain" in next(iter(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
+
+
+def test_the_page_and_its_assets_come_from_the_package(client: TestClient) -> None:
+    """GET / serves service/static/index.html with a same-origin-only CSP; its assets exist and name no other
+    origin (no CDN, no external font); nothing outside the static folder is reachable through it."""
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert "/" not in client.get("/openapi.json").json()["paths"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert asset in r.text
+        a = client.get(asset)
+        assert a.status_code == 200 and len(a.text) > 1000
+        assert "https://" not in a.text and "http://" not in a.text.replace("http://www.w3.org/2000/svg", "")
+    assert "http" not in r.text.replace('href="/docs"', "")
+    for path in ("/static/../config.py", "/static/%2e%2e/config.py", "/static/../../models/manifest.json"):
+        assert client.get(path).status_code == 404
+    api = client.get("/static/app.js").text
+    assert "localStorage" not in api and "sessionStorage" not in api and "document.cookie" not in api
+    assert set(re.findall(r'"(/v1/[a-z]+)"', api)) == {"/v1/models", "/v1/classify", "/v1/attack"}
 
 
 def test_models_says_whether_attacks_are_on(client: TestClient, tiny_models: Path) -> None:
