@@ -43,13 +43,10 @@ WARM = ("invert-classify", 25, 1)  # the encoder start at the L and R its detect
 def server() -> Iterator[Server]:
     # no warm-up (the first request warms what it uses); a 1 s drain, so the cancelled projection does not hold
     # the shutdown; a step cap and a timeout that admit a projection slow enough to cancel
-    srv = Server(MODELS, True, MG_ATTACK__ENABLED="true", MG_ATTACK__API_KEYS=json.dumps([KEY]), MG_WARM_UP="false",
-                 MG_DRAIN_S="1", MG_MAX_STEPS="2500", MG_REQUEST_TIMEOUT_S="3600")  # fmt: skip
-    try:
-        srv.wait_ready()
+    with Server.running(MODELS, True, MG_ATTACK__ENABLED="true", MG_ATTACK__API_KEYS=json.dumps([KEY]),
+                        MG_WARM_UP="false", MG_DRAIN_S="1", MG_MAX_STEPS="2500",
+                        MG_REQUEST_TIMEOUT_S="3600") as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
