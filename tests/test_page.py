@@ -53,6 +53,7 @@ def server() -> Iterator[Server]:
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP violations, script errors
     for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(options=opts, service=ChromeService(executable_path=str(CHROMEDRIVER)))
@@ -64,7 +65,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
 
 @pytest.fixture
 def page(browser: webdriver.Chrome, server: Server, request: pytest.FixtureRequest) -> Iterator[webdriver.Chrome]:
-    """The page freshly loaded, its models read; a screenshot of it is saved after the test, pass or fail."""
+    """The page freshly loaded, its models read, the console drained of earlier tests' entries; a screenshot of it
+    is saved after the test, pass or fail."""
+    browser.get_log("browser")
     browser.get(server.url + "/")
     WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
     yield browser
@@ -145,6 +148,7 @@ def test_page_is_self_contained_labelled_and_keyboard_drawable(page: webdriver.C
     assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
     resources = page.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(u.startswith(server.url + "/") for u in resources), resources  # nothing off-origin
+    assert page.get_log("browser") == [], "no script error, CSP violation or failed load on the console"
     models = httpx.get(server.url + "/v1/models").json()
     datasets = [o.get_attribute("value") for o in Select(el(page, "dataset")).options]
     assert datasets == list(models["datasets"])
