@@ -31,9 +31,21 @@ fi
 if [ "$dev" = 1 ]; then
   # test-only reference implementation of FGSM/PGD; its declared dependencies (torchvision, ...) are not needed
   pip install -q --no-deps "torchattacks==3.5.1"
-  # validates docker-compose.yml without a Docker engine (Debian's docker-compose 1.29)
-  if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq docker-compose) >/dev/null 2>&1 || echo "note: docker-compose not installed"
+  # system packages: docker-compose validates docker-compose.yml without a Docker engine (Debian's 1.29);
+  # chromium and chromium-driver run the page's browser tests (tests/test_page.py; no browser download)
+  apt_pkgs=""
+  command -v docker-compose >/dev/null 2>&1 || apt_pkgs="docker-compose"
+  { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || apt_pkgs="$apt_pkgs chromium chromium-driver"
+  if [ -n "$apt_pkgs" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing with apt-get:$apt_pkgs"
+      # shellcheck disable=SC2086 # one word per package
+      (apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 $apt_pkgs) >/dev/null 2>&1 \
+        || echo "note: apt-get could not install:$apt_pkgs"
+    else
+      echo "note: not installed (needs root and apt-get):$apt_pkgs; tests/test_page.py skips without chromium"
+    fi
   fi
+  if [ -x /usr/bin/chromium ]; then echo "browser for the page's tests: $(/usr/bin/chromium --version 2>/dev/null)"; fi
 fi
 python -c "import torch, onnxruntime; print('torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from PIL import Image
 
 from service import imaging
 from service.api.app import create_app
-from service.config import Settings
+from service.attacks import ATTACKS
+from service.config import AttackSettings, Settings
 from service.engine import Engine
 from service.purify import ProjectionConfig
 from service.registry import ManifestError, Registry
@@ -93,6 +95,25 @@ def test_classify_matches_the_engine(client: TestClient, tiny_registry: Registry
     purified = imaging.decode_files([base64.b64decode(body["predictions"][1]["purified_png"])], 10**6, 8)
     assert torch.allclose(purified, direct.purified[1:2], atol=1 / 255)
     assert {"decode_ms", "queue_ms", "purify_ms", "classify_ms", "total_ms"} <= set(body["timings_ms"])
+
+
+def test_return_input_is_the_model_input(client: TestClient) -> None:
+    """The 28×28 input as the model saw it: a 28×28 image comes back unchanged; a larger one after the decoder's
+    resizing (imaging.decode_files), with or without a defense."""
+    big = np.kron(DIGITS[0], np.ones((3, 3), dtype=np.uint8))[5:, :]  # 79×84: resized and centred
+    resized = np.round(imaging.decode_files([png(big)], 10**6, 1)[0, 0].numpy() * 255)
+    for data, defense, want in ((png(DIGITS[1]), "defense-gan", DIGITS[1]), (png(big), "none", resized)):
+        files = {"file": ("x.png", data, "image/png")}
+        r = client.post("/v1/classify", data={"return_input": "true", "defense": defense}, files=files)
+        assert r.status_code == 200, r.text
+        pred = r.json()["predictions"][0]
+        assert pred["purified_png"] is None, "return_input does not ask for the purified image"
+        back = np.asarray(Image.open(io.BytesIO(base64.b64decode(pred["input_png"]))))
+        assert back.shape == (28, 28) and np.array_equal(back, want)
+    r = client.post("/v1/classify", json={"image": b64(png(DIGITS[0])), "return_input": "yes please"})
+    assert r.status_code == 422 and "return_input" in r.json()["error"]
+    plain = client.post("/v1/classify", json={"image": b64(png(DIGITS[0]))}).json()
+    assert plain["predictions"][0]["input_png"] is None
 
 
 def test_undefended_and_invert_classify(client: TestClient, tiny_registry: Registry) -> None:
@@ -311,6 +332,37 @@ def test_the_openapi_document_tells_the_truth(client: TestClient) -> None:
     r = client.post("/v1/classify", json={**example, "steps": 2, "restarts": 1})
     assert r.status_code == 200, "the schema's own example is a valid request"
     assert "text/plain" in next(iter(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
+
+
+def test_the_page_and_its_assets_come_from_the_package(client: TestClient) -> None:
+    """GET / serves service/static/index.html with a same-origin-only CSP; its assets exist and name no other
+    origin (no CDN, no external font); nothing outside the static folder is reachable through it."""
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert "/" not in client.get("/openapi.json").json()["paths"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert asset in r.text
+        a = client.get(asset)
+        assert a.status_code == 200 and len(a.text) > 1000
+        assert "https://" not in a.text and "http://" not in a.text.replace("http://www.w3.org/2000/svg", "")
+    assert "http" not in r.text.replace('href="/docs"', "")
+    for path in ("/static/../config.py", "/static/%2e%2e/config.py", "/static/../../models/manifest.json"):
+        assert client.get(path).status_code == 404
+    api = client.get("/static/app.js").text
+    assert "localStorage" not in api and "sessionStorage" not in api and "document.cookie" not in api
+    assert set(re.findall(r'"(/v1/[a-z]+)"', api)) == {"/v1/models", "/v1/classify", "/v1/attack"}
+
+
+def test_models_says_whether_attacks_are_on(client: TestClient, tiny_models: Path) -> None:
+    assert client.get("/v1/models").json()["attack"] == {"enabled": False}
+    s = settings(tiny_models, warm_up=False).model_copy(update={"attack": AttackSettings(enabled=True)})
+    with TestClient(create_app(s)) as c:
+        info = c.get("/v1/models").json()["attack"]
+    assert info["enabled"] is True and info["caps"]["max_generator_evals"] == s.attack.max_generator_evals
+    assert set(info["methods"]) == set(ATTACKS)
+    assert info["methods"]["fgsm"] == {"norm": "linf", "params": ["eps"], "defaults": {"eps": 0.3}, "target": "any"}
+    assert info["methods"]["bpda"]["target"] == "defended" and info["methods"]["pgd-l2"]["norm"] == "l2"
 
 
 def test_docs_render_offline_from_the_package(client: TestClient) -> None:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -104,16 +105,23 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
+    @classmethod
+    @contextmanager
+    def running(cls, models: Path, real: bool, **env_overrides: str) -> Iterator[Server]:
+        """A started, ready server; stopped on leaving."""
+        srv = cls(models, real, **env_overrides)
+        try:
+            srv.wait_ready()
+            yield srv
+        finally:
+            srv.stop()
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models, real = e2e_models(tmp_path_factory.mktemp("e2e_models"))
-    srv = Server(models, real)
-    try:
-        srv.wait_ready()
+    with Server.running(models, real) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

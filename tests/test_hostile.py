@@ -36,12 +36,8 @@ ENV = {"MG_REQUEST_TIMEOUT_S": str(TIMEOUT_S), "MG_MAX_STEPS": "1000000", "MG_MA
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models, real = e2e_models(tmp_path_factory.mktemp("hostile_models"))
-    srv = Server(models, real, **ENV)
-    try:
-        srv.wait_ready()
+    with Server.running(models, real, **ENV) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def png(a: np.ndarray) -> bytes:

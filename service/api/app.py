@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import swagger_ui_bundle
@@ -22,7 +23,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,6 +40,13 @@ from service.registry import ManifestError, Registry
 log = logging.getLogger("service.api")
 
 DOCS_ASSETS = "/docs-assets"
+STATIC_URL, STATIC_DIR = "/static", Path(__file__).resolve().parent.parent / "static"  # the page's own files
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 OPTIONAL_ROUTERS = ("service.api.v2", "service.api.attack")  # written by other modules; included when present
 
 
@@ -238,6 +246,16 @@ def _offline_docs(app: FastAPI) -> None:
                                    swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")  # fmt: skip
 
 
+def _page(app: FastAPI) -> None:
+    """GET /: the page (service/static/index.html), its assets under /static. It calls only the public API; the
+    Content-Security-Policy lets it reach nothing but this origin (no CDN, no external font, no inline script)."""
+    app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service app. `settings` defaults to the environment's (MG_* variables)."""
     settings = settings or get_settings()
@@ -256,6 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.not_ready_reason = "warming up"
     app.state.registry = app.state.engine = app.state.batcher = None
     _offline_docs(app)
+    _page(app)
     app.add_middleware(EdgeMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics,
                        body_timeout_s=settings.body_timeout_s)  # fmt: skip
     _install_error_handlers(app)

@@ -22,6 +22,7 @@ from starlette.datastructures import UploadFile
 
 from service import imaging
 from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
+from service.attacks import runner
 from service.batcher import Batcher, DefendJob, PurifyJob
 from service.config import Settings
 from service.engine import (
@@ -120,6 +121,8 @@ class ClassifyParams(_Params):
         "not apply)",
     )
     return_purified: bool = Field(False, description="include each purified image as base64 PNG")
+    return_input: bool = Field(False, description="include each input as the model sees it (28×28, after decoding, "
+                               "grayscale and resizing) as base64 PNG")  # fmt: skip
 
 
 class PurifyParams(_Params):
@@ -141,6 +144,7 @@ class Prediction(BaseModel):
     mse: float | None = Field(None, description="reconstruction MSE of the purified image (defended calls)")
     flagged: bool | None = Field(None, description="detector: MSE above the calibrated threshold")
     purified_png: str | None = Field(None, description="base64 PNG, with return_purified=true")
+    input_png: str | None = Field(None, description="the model's 28×28 input as base64 PNG, with return_input=true")
 
 
 class ClassifyResponse(BaseModel):
@@ -352,6 +356,13 @@ def _class_names(registry: Registry, ds: str) -> list[str]:
     return registry.class_names(ds) if registry.has(f"{ds}/generator") else [str(i) for i in range(10)]
 
 
+async def _pngs(images: Any) -> list[str] | None:
+    """Base64 PNGs of N×1×28×28 images (in a worker thread), or None for None."""
+    if images is None:
+        return None
+    return await run_in_threadpool(lambda: [imaging.png_base64(img) for img in images])
+
+
 # -- routes -----------------------------------------------------------------------------------------
 @router.post(
     "/classify",
@@ -389,9 +400,8 @@ async def classify(
     job = DefendJob(ds, clf, defense, cfg, p.seed if cfg else None)
     out = await batcher.submit(job, x)
     r: DefendResult = out.value
-    pngs = None
-    if p.return_purified and r.purified is not None:
-        pngs = await run_in_threadpool(lambda: [imaging.png_base64(img) for img in r.purified])
+    pngs = await _pngs(r.purified if p.return_purified else None)
+    inputs = await _pngs(x if p.return_input else None)
     names = _class_names(registry, ds)
     preds = []
     for i in range(len(r.labels)):
@@ -404,6 +414,7 @@ async def classify(
                 "mse": None if r.mse is None else float(r.mse[i]),
                 "flagged": None if r.flagged is None else bool(r.flagged[i]),
                 "purified_png": None if pngs is None else pngs[i],
+                "input_png": None if inputs is None else inputs[i],
             }
         )
     timings = {
@@ -478,7 +489,7 @@ async def purify(
         return Response(
             await run_in_threadpool(imaging.encode_npy, r.images), media_type="application/x-npy", headers=headers
         )
-    pngs = await run_in_threadpool(lambda: [imaging.png_base64(img) for img in r.images])
+    pngs = await _pngs(r.images)
     images = [
         {"png_base64": pngs[i], "mse": float(r.mse[i]), "flagged": None if r.flagged is None else bool(r.flagged[i])}
         for i in range(len(pngs))
@@ -591,6 +602,7 @@ async def models(registry: Registry = Depends(get_registry), settings: Settings 
             "encoder_steps": s.encoder_steps,
             "encoder_restarts": s.encoder_restarts,
         },
+        "attack": runner.catalog(s.attack),
         "caps": {
             "max_steps": s.max_steps,
             "max_restarts": s.max_restarts,

@@ -78,6 +78,25 @@ def defaults(spec: AttackSpec) -> dict[str, Any]:
     return {n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
+def catalog(caps: AttackSettings) -> dict[str, Any]:
+    """What GET /v1/models says of POST /v1/attack: off → only `enabled`; on → every method's threat model, its
+    caller-settable parameters with their defaults, whether it needs target=defended, and the caps."""
+    if not caps.enabled:
+        return {"enabled": False}
+    methods = {
+        name: {
+            "norm": spec.norm,
+            "params": list(spec.params),
+            "defaults": {k: v for k, v in defaults(spec).items() if k in spec.params},
+            "target": "defended" if spec.adaptive else "any",
+        }
+        for name, spec in ATTACKS.items()
+    }
+    keep = ("max_iterations", "max_restarts", "max_eot_samples", "max_search_steps", "max_projection_steps",
+            "max_generator_evals", "timeout_s")  # fmt: skip
+    return {"enabled": True, "methods": methods, "caps": {k: getattr(caps, k) for k in keep}}
+
+
 def plan(
     method: str,
     raw: dict[str, Any],
