@@ -73,3 +73,13 @@ def wait_ready(client: TestClient) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(client.get("/readyz").json())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
