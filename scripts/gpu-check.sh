@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 MISSING=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv uvicorn python-multipart
-         swagger-ui-bundle annotated-types typing-inspection)
+         swagger-ui-bundle annotated-types typing-inspection pyautoattack)
 if [ "${1:-}" = wheels ]; then
   pins=$(.venv/bin/python -m pip freeze | awk -F== -v names="${MISSING[*]}" '
     BEGIN { n = split(names, a, " "); for (i = 1; i <= n; i++) want[a[i]] = 1 }

@@ -154,8 +154,9 @@ class StepGraphs:
     """Fixed-shape step loops, one per (generator, optimizer settings, row bucket), reused across calls.
 
     Rows are padded to `bucket(rows)` (every row's gradient depends on that row alone, so padding changes nothing),
-    and the optimizer state is zeroed per call. With `capture` (CUDA only) each learning rate's step is one
-    `torch.cuda.CUDAGraph` replayed L times; without, the same static loop runs eagerly (what tests check on CPU).
+    and the optimizer state is zeroed per call. With `capture` (CUDA only) the step at each of the two learning rates
+    (before and after the decay) is one `torch.cuda.CUDAGraph`, captured when the loop is built and replayed L times
+    in all; without, the same static loop runs eagerly (what tests check on CPU).
     At most `size` loops are kept (least recently used goes). One projection at a time: calls serialize.
     """
 
@@ -167,27 +168,23 @@ class StepGraphs:
     def loop(self, z0: torch.Tensor, target: torch.Tensor, generator: nn.Module,
              cfg: ProjectionConfig) -> tuple[Descent, Callable[[float], None]]:  # fmt: skip
         """Load z0 and target into a cached static loop: (its state, `step(lr)`); call under `self.lock`."""
-        key = (id(generator), bucket(len(z0)), z0.device, cfg.optimizer, cfg.lr, cfg.momentum, cfg.z_max_norm,
-               cfg.z_min_norm)  # fmt: skip
+        key = (id(generator), bucket(len(z0)), z0.device, cfg.optimizer, cfg.lr, cfg.momentum, cfg.decay,
+               cfg.z_max_norm, cfg.z_min_norm)  # fmt: skip
         if key not in self._loops:
             z = torch.zeros(key[1], z0.shape[1], device=z0.device)
             t = torch.zeros(key[1], *target.shape[1:], device=target.device)
-            self._loops[key] = (Descent(z, t, generator, cfg, capturable=self.capture), {})
+            descent, graphs = Descent(z, t, generator, cfg, capturable=self.capture), {}
+            for lr in dict.fromkeys((cfg.lr, cfg.lr * cfg.decay)) if self.capture else ():
+                graphs[lr] = capture(descent, lr, next(iter(graphs.values()), None))  # before any call's steps
+            self._loops[key] = (descent, graphs)
             while len(self._loops) > self.size:
                 self._loops.popitem(last=False)
         self._loops.move_to_end(key)
         descent, graphs = self._loops[key]
-        descent.reset(z0, target)
+        descent.reset(z0, target)  # also undoes the capture's warm-up steps
         if not self.capture:
             return descent, descent
-
-        def step(lr: float) -> None:
-            if lr not in graphs:
-                graphs[lr] = capture(descent, lr, next(iter(graphs.values()), None))
-                descent.reset(z0, target)  # capture's warm-up steps moved z
-            graphs[lr].replay()
-
-        return descent, step
+        return descent, lambda lr: graphs[lr].replay()
 
 
 def capture(descent: Descent, lr: float, share: torch.cuda.CUDAGraph | None) -> torch.cuda.CUDAGraph:
@@ -201,16 +198,17 @@ def capture(descent: Descent, lr: float, share: torch.cuda.CUDAGraph | None) -> 
             descent.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=share.pool() if share is not None else None):
+    # thread_local: the other lane's thread (ONNX Runtime, pinned copies) may call CUDA while this one captures
+    with torch.cuda.graph(graph, pool=share.pool() if share is not None else None, capture_error_mode="thread_local"):
         descent.step()
     return graph
 
 
 class Pacer:
-    """Keeps the host at most `every` steps ahead of a CUDA device (so `stop()` between steps still stops work
-    that has not run); a no-op on CPU, where each step runs before the call returns."""
+    """Keeps the host within 2·`every` steps of a CUDA device (so `stop()` between steps still stops work that has
+    not run, while `every` steps stay queued); a no-op on CPU, where each step runs before the call returns."""
 
-    def __init__(self, device: torch.device, every: int = 10) -> None:
+    def __init__(self, device: torch.device, every: int = 5) -> None:
         self.every = every if device.type == "cuda" else 0
         self.pending: torch.cuda.Event | None = None
 
@@ -235,7 +233,7 @@ def project(
 ) -> Projection:
     """Project images x (N×1×28×28 in [0, 1]) onto the range of `generator`; see the module docstring.
     `stop()` is asked before every step: True raises `Cancelled` (the caller is gone), within one step (on CUDA
-    within `Pacer.every` steps). `graphs`: run the step loop there (static shapes; CUDA graphs on a GPU)."""
+    within 10 steps: `Pacer`). `graphs`: run the step loop there (static shapes; CUDA graphs on a GPU)."""
     cfg = cfg or ProjectionConfig()
     check_images(x)
     if cfg.steps < 0 or cfg.restarts < 1:

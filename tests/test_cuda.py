@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +99,18 @@ def test_onnx_runtime_on_cuda_says_when_it_falls_back_to_cpu(tiny_registry: Regi
 
 
 # -- on a CUDA device -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def fp32() -> Iterator[None]:
+    """Full float32 convolutions and matmuls (no TF32, torch's default for cuDNN), to compare with the CPU."""
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["sgd", "adam-constrained", "encoder"])
-def test_cuda_graphs_match_the_eager_loop_and_the_cpu(registry: Registry, cfg: ProjectionConfig) -> None:
+def test_cuda_graphs_match_the_eager_loop_and_the_cpu(registry: Registry, cfg: ProjectionConfig, fp32: None) -> None:
     dev = torch.device("cuda")
     G, E = registry.generator("mnist", dev), registry.encoder("mnist", dev)
     graphs = StepGraphs()
@@ -109,8 +119,8 @@ def test_cuda_graphs_match_the_eager_loop_and_the_cpu(registry: Registry, cfg: P
         cpu = project(x, registry.generator("mnist"), cfg, encoder=registry.encoder("mnist"), seed=n)
         eager = project(x.to(dev), G, cfg, encoder=E, seed=n)
         graphed = project(x.to(dev), G, cfg, encoder=E, seed=n, graphs=graphs)
-        assert torch.allclose(graphed.z.cpu(), eager.z.cpu(), atol=1e-4)
-        assert torch.allclose(graphed.mse.cpu(), cpu.mse, atol=1e-4)
+        assert torch.allclose(graphed.z.cpu(), eager.z.cpu(), atol=1e-3), (graphed.z.cpu() - eager.z.cpu()).abs().max()
+        assert torch.allclose(graphed.mse.cpu(), cpu.mse, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.cuda
@@ -144,7 +154,7 @@ def test_a_graphed_projection_is_cancelled_within_a_few_steps(registry: Registry
 
 
 @pytest.mark.cuda
-def test_the_engine_on_cuda_returns_host_tensors_and_the_cpu_answer(registry: Registry) -> None:
+def test_the_engine_on_cuda_returns_host_tensors_and_the_cpu_answer(registry: Registry, fp32: None) -> None:
     gpu, cpu = Engine(registry, "cuda"), Engine(registry, "cpu")
     assert gpu.graphs is not None
     x = images(8)
@@ -152,7 +162,7 @@ def test_the_engine_on_cuda_returns_host_tensors_and_the_cpu_answer(registry: Re
     a = gpu.defend(x, "mnist", "classifier_A", "defense-gan", cfg, seed=0)
     b = cpu.defend(x, "mnist", "classifier_A", "defense-gan", cfg, seed=0)
     assert a.purified is not None and a.purified.device.type == "cpu" and a.purified.is_pinned()
-    assert np.allclose(a.mse, b.mse, atol=1e-4) and (a.labels == b.labels).mean() >= 7 / 8
+    assert np.allclose(a.mse, b.mse, rtol=1e-3, atol=1e-5) and (a.labels == b.labels).mean() >= 7 / 8
 
 
 @pytest.mark.cuda
@@ -189,3 +199,18 @@ def test_the_gpu_check_runs_dry_on_cpu(tiny_models: Path, tmp_path: Path) -> Non
     assert h["requests"] == 4 and h["req_s"] > 0 and h["direct_img_s"] > 0 and h["merged"] >= 1
     md = (tmp_path / "gpu.md").read_text()
     assert r["environment"]["device"] in md and "| defense-gan | 3 | 2 | 4 |" in md
+
+
+@pytest.mark.cuda
+def test_robustness_pipelines_attack_on_cuda_with_cpu_images(registry: Registry, fp32: None) -> None:
+    from training import robustness
+
+    x = images(16)
+    y = torch.from_numpy(np.asarray(Engine(registry, "cpu").classify(x, "mnist", "classifier_A")[0], dtype=np.int64))
+    budget = robustness.Budget(iters=5, defended_iters=2, latent_steps=3)
+    for defense, attack in (("none", "pgd-ours"), ("none", "apgd-ce"), ("invert-classify", "latent")):
+        cpu = robustness.Pipeline(registry, "mnist", "classifier_A", defense)
+        gpu = robustness.Pipeline(registry, "mnist", "classifier_A", defense, "cuda")
+        assert (gpu.correct(x, y) == cpu.correct(x, y)).float().mean() >= 15 / 16
+        adv = gpu.attack(attack, "linf", 0.3, 0, budget)(x, y)
+        assert adv.device.type == "cpu" and robustness.within(adv, x, "linf", 0.3).all()
