@@ -248,7 +248,8 @@ def markdown(r: dict) -> str:
               ["setting", "L", "R", "batch", "eager img/s", "graphs img/s", "graphs/eager", "TFLOP/s (best)",
                "of peak"], proj, r.get("projection")),
         table("ONNX Runtime classifiers", ["classifier", "batch", "CPU img/s", "CUDA img/s", "CUDA/CPU"], onnx_rows,
-              r.get("onnx")),
+              r.get("onnx")) + "".join(sorted({f"\nCUDA n/a: {x['cuda_note']}\n" for x in _rows(r.get("onnx"))
+                                               if "cuda_note" in x})),
         table("HTTP /v1/classify against the engine called directly",
               ["clients", "requests", "req/s", "p50 ms", "p99 ms", "merged", "direct img/s", "HTTP/direct"],
               http_rows, r.get("http")),

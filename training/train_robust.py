@@ -167,7 +167,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
             losses.append(loss.detach())
             extra = (hook(model, opt, step) if hook else None) or {}
             if progress.due(step):
-                progress(step, loss=float(loss), eps=eps, epoch=epoch + 1, **extra)
+                progress(step, loss=float(losses[-1]), eps=eps, epoch=epoch + 1, **extra)
             if time.time() - last_ckpt > args.ckpt_minutes * 60:
                 _save_ckpt(folder, model, opt, step, history, segments)
                 last_ckpt = time.time()
