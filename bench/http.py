@@ -100,7 +100,8 @@ def free_port() -> int:
 def spawn(models_dir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """`python -m service` (real uvicorn) on a free loopback port with these MG_ settings: (process, base URL)."""
     port = free_port()
-    full = {**os.environ, "MG_MODELS_DIR": str(models_dir), "PYTHONPATH": str(ROOT), **(env or {})}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep carried packages
+    full = {**os.environ, "MG_MODELS_DIR": str(models_dir), "PYTHONPATH": path, **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                             env=full, cwd=ROOT)  # fmt: skip
     return proc, f"http://127.0.0.1:{port}"
