@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes (batch 1 and 4, few steps): runs on CPU")
     p.add_argument("--timeout", type=float, default=450.0, help="seconds for the whole run (sections stop there)")
-    p.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    p.add_argument("--models-dir", type=Path, default=Settings().models_dir, help="default: MG_MODELS_DIR, models/")
     p.add_argument("--sections", default="tests,projection,peak,onnx,http")
     p.add_argument("--threads", type=int, default=None, help="CPU threads here and in the server (dry run: 1)")
     a = p.parse_args(argv)

@@ -17,7 +17,7 @@ from service.registry import Registry, sha256_file
 from training.onnx_export import export_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "models"
+MODELS = Path(os.environ.get("MG_MODELS_DIR") or ROOT / "models")  # the shipped models (a GPU check: a subset)
 
 torch.set_num_threads(int(os.environ.get("MG_TEST_THREADS", "2")))
 

@@ -208,7 +208,7 @@ def test_robustness_pipelines_attack_on_cuda_with_cpu_images(registry: Registry,
     x = images(16)
     y = torch.from_numpy(np.asarray(Engine(registry, "cpu").classify(x, "mnist", "classifier_A")[0], dtype=np.int64))
     budget = robustness.Budget(iters=5, defended_iters=2, latent_steps=3)
-    for defense, attack in (("none", "pgd-ours"), ("none", "apgd-ce"), ("invert-classify", "latent")):
+    for defense, attack in (("none", "pgd-ours"), ("invert-classify", "latent")):
         cpu = robustness.Pipeline(registry, "mnist", "classifier_A", defense)
         gpu = robustness.Pipeline(registry, "mnist", "classifier_A", defense, "cuda")
         assert (gpu.correct(x, y) == cpu.correct(x, y)).float().mean() >= 15 / 16
