@@ -268,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=Settings().models_dir, help="default: MG_MODELS_DIR, models/")
     p.add_argument("--sections", default="tests,projection,peak,onnx,http")
     p.add_argument("--threads", type=int, default=None, help="CPU threads here and in the server (dry run: 1)")
+    p.add_argument("--device", default="auto", help="torch's device: auto (CUDA when present), cuda or cpu")
     a = p.parse_args(argv)
     if a.threads or a.dry_run:
         torch.set_num_threads(a.threads or 1)  # tiny ops on a busy CPU: more threads only wait on each other
     t0 = time.monotonic()
-    device = pick_device("auto")
+    device = pick_device(a.device)
     if device.type != "cuda" and not a.dry_run:
         print("bench.gpu: no CUDA device here; run with --dry-run for the CPU check", file=sys.stderr)
         return 2
