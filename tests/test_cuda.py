@@ -99,6 +99,20 @@ def test_onnx_runtime_on_cuda_says_when_it_falls_back_to_cpu(tiny_registry: Regi
     assert np.allclose(clf.logits(x), OnnxClassifier(graph, weights).logits(x), atol=1e-4)
 
 
+def test_training_jobs_default_to_cuda_where_present() -> None:
+    from training import robustness, train_classifier, train_enhanced, train_robust
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    parsed = [
+        train_classifier.parse(["--dataset", "mnist", "--model", "A"]),
+        train_enhanced.parse(["--dataset", "mnist"]),
+        train_robust.parse(["--dataset", "mnist", "--eps", "0.3"]),
+        robustness.parse(["--dataset", "mnist"]),
+    ]
+    assert [a.device for a in parsed] == [want] * 4
+    assert train_robust.parse(["--dataset", "mnist", "--eps", "0.3", "--device", "cpu"]).device == "cpu"
+
+
 # -- on a CUDA device -----------------------------------------------------------------------------------------------
 @pytest.fixture
 def fp32() -> Iterator[None]:
