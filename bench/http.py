@@ -97,6 +97,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(models_dir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m service` (real uvicorn) on a free loopback port with these MG_ settings: (process, base URL)."""
+    port = free_port()
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep carried packages
+    full = {**os.environ, "MG_MODELS_DIR": str(models_dir), "PYTHONPATH": path, **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+                            env=full, cwd=ROOT)  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll /readyz until it answers 200 (warm-up done); TimeoutError past `timeout_s` or if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TimeoutError(f"the server exited with status {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} was not ready within {timeout_s:g} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -126,21 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = a.url
     if a.spawn:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "MG_MODELS_DIR": str(settings.models_dir), "PYTHONPATH": str(ROOT)}
-        if a.threads:
-            env["MG_TORCH_THREADS"] = str(a.threads)
-        proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                env=env, cwd=ROOT)  # fmt: skip
+        proc, url = spawn(settings.models_dir, {"MG_TORCH_THREADS": str(a.threads)} if a.threads else None)
     try:
-        for _ in range(900):
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, proc=proc)
         info = httpx.get(url + "/v1/models", timeout=10).json()
         max_batch = int(os.environ.get("MG_MAX_BATCH_SIZE", settings.max_batch_size))
         engine = Engine(Registry(settings.models_dir), "cpu")

@@ -59,11 +59,20 @@ def naive_project(x: torch.Tensor, G: Generator, cfg: ProjectionConfig) -> torch
     return torch.cat(out)
 
 
+def sync() -> None:
+    """Wait for queued CUDA work (timings of asynchronous kernels); nothing on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int = 1) -> float:  # type: ignore[no-untyped-def]
+    """Median wall seconds of fn() over `repeat` runs, queued device work included."""
     times = []
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -84,35 +93,44 @@ def section_speed(reg: Registry, args: argparse.Namespace, x: torch.Tensor) -> N
         print(f"| {b} | {b / t:.3f} | {naive_ips:.3f} | {b / t / naive_ips:.1f}× |", flush=True)
 
 
-def matmul_flops(n: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(n: int, device: torch.device | str = "cpu") -> float:
+    """Dense n×n float32 matmul FLOP/s on `device` (under the current TF32 setting)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     t = timed(lambda: a @ b, repeat=5)
     return 2 * n**3 / t
 
 
-def section_flops(reg: Registry, args: argparse.Namespace, x: torch.Tensor) -> None:
-    G = reg.generator("mnist")
-    b = max(args.batches)
-    n_lat = b * args.restarts
-    z = torch.randn(n_lat, G.latent_dim, requires_grad=True)
-    target = x[:b].repeat_interleave(args.restarts, 0)
+def step_flops(G: Generator, z: torch.Tensor, target: torch.Tensor) -> int:
+    """FLOPs of one projection step on these latents: generator forward + backward to z."""
+    with FlopCounterMode(display=False) as fc:  # counted with .backward(): the counter cannot hook autograd.grad
+        (G(z) - target).pow(2).mean(dim=(1, 2, 3)).sum().backward()
+    return fc.get_total_flops()
+
+
+def measure_flops(G: Generator, x: torch.Tensor, restarts: int, peak_sizes: tuple[int, ...] = (2048, 4096),
+                  steps: int = 20) -> dict[str, float]:  # fmt: skip
+    """One step on all of x's N·R latents (on G's device): its FLOPs, achieved FLOP/s, the dense matmul peak."""
+    device = next(G.parameters()).device
+    z = torch.randn(len(x) * restarts, G.latent_dim, device=device, requires_grad=True)
+    target = x.to(device).repeat_interleave(restarts, 0)
 
     def step() -> None:
         loss = (G(z) - target).pow(2).mean(dim=(1, 2, 3)).sum()
         torch.autograd.grad(loss, z)
 
-    with FlopCounterMode(display=False) as fc:  # counted with .backward(): the counter cannot hook autograd.grad
-        (G(z) - target).pow(2).mean(dim=(1, 2, 3)).sum().backward()
-    flops_step = fc.get_total_flops()
-    steps = 20
+    flops = step_flops(G, z, target)
     step()
     t = timed(lambda: [step() for _ in range(steps)]) / steps
-    achieved = flops_step / t
-    peak = max(matmul_flops(2048), matmul_flops(4096))
-    print(f"\n## flops: one step on {n_lat} latents = {flops_step / 1e9:.2f} GFLOP (fwd + bwd to z)")
+    peak = max(matmul_flops(n, device) for n in peak_sizes)
+    return {"latents": len(z), "step_flops": flops, "achieved": flops / t, "peak": peak}
+
+
+def section_flops(reg: Registry, args: argparse.Namespace, x: torch.Tensor) -> None:
+    f = measure_flops(reg.generator("mnist"), x[: max(args.batches)], args.restarts)
+    print(f"\n## flops: one step on {f['latents']} latents = {f['step_flops'] / 1e9:.2f} GFLOP (fwd + bwd to z)")
     print("| achieved GFLOP/s | dense matmul GFLOP/s | ratio |\n|---|---|---|")
-    print(f"| {achieved / 1e9:.1f} | {peak / 1e9:.1f} | {achieved / peak:.2f} |", flush=True)
+    print(f"| {f['achieved'] / 1e9:.1f} | {f['peak'] / 1e9:.1f} | {f['achieved'] / f['peak']:.2f} |", flush=True)
 
 
 def defended_acc(reg: Registry, ds: str, x: torch.Tensor, y: torch.Tensor, cfg: ProjectionConfig) -> float:

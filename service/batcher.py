@@ -6,9 +6,10 @@
     await batcher.call(fn, *args)            → fn(*args) run on the engine worker, unbatched (attacks, anything)
 
 A job key is a frozen dataclass (`DefendJob`, `PurifyJob`, or your own with `op`, `run`, `split`, `cost`):
-requests with equal keys are concatenated along the batch axis, up to `max_batch_size` images, waiting for a batch
-to fill at most `max_wait_ms` (or 10 % of the lane's previous batch when that is longer, never more than
-`max_fill_ms`), counted from the later of the oldest request's arrival and the worker becoming free.
+requests with equal keys are concatenated along the batch axis, up to `max_batch_size` images (from_settings: on a
+GPU engine MG_CUDA_BATCH_SIZE, see `service.device.batch_size`), waiting for a batch to fill at most `max_wait_ms`
+(or 10 % of the lane's previous batch when that is longer, never more than `max_fill_ms`), counted from the later
+of the oldest request's arrival and the worker becoming free.
 
 Two lanes, each with its own queue, worker thread and fill window: `fast` for undefended classification and
 MagNet (ONNX and a small autoencoder, milliseconds; its window is `fast_wait_ms`), `slow` for projections and
@@ -43,6 +44,7 @@ from typing import Any, Protocol
 import torch
 
 from service.config import Settings
+from service.device import batch_size
 from service.engine import PROJECTING, DefendResult, Engine, PurifyResult, Stop
 from service.metrics import Metrics
 from service.purify import Cancelled, ProjectionConfig
@@ -325,7 +327,7 @@ class Batcher:
 
     @classmethod
     def from_settings(cls, engine: Engine, s: Settings, metrics: Metrics | None = None) -> Batcher:
-        return cls(engine, s.max_batch_size, s.max_wait_ms, s.max_queue, s.request_timeout_s, metrics,
+        return cls(engine, batch_size(s, engine.device), s.max_wait_ms, s.max_queue, s.request_timeout_s, metrics,
                    name=str(engine.device), max_request_cost=s.max_request_cost, max_fill_ms=s.max_fill_ms,
                    fast_wait_ms=s.fast_wait_ms)  # fmt: skip
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+CUDA_BATCH_CAP = 4096  # MG_CUDA_BATCH_SIZE above this is refused at start (its static loops would take ~15 GiB)
 
 
 class AttackSettings(BaseModel):
@@ -64,6 +65,7 @@ class Settings(BaseSettings):
 
     models_dir: Path = ROOT / "models"
     device: str = "auto"  # "auto", "cpu", "cuda"
+    cuda_graphs: bool = True  # on a GPU: the projection's step loop as CUDA graphs (False: eager kernels)
     torch_threads: int | None = None
 
     # defaults of a defended call, and their caps
@@ -85,7 +87,9 @@ class Settings(BaseSettings):
     max_batch_images: int = 64
 
     # batching and load
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # images per engine call on CPU
+    # on a GPU (service.device.batch_size): throughput grows with the batch up to the device's width
+    cuda_batch_size: int = Field(512, ge=1, le=CUDA_BATCH_CAP)
     max_wait_ms: float = 5.0
     max_queue: int = 256  # live requests per lane (fast: undefended; slow: projections)
     request_timeout_s: float = 120.0

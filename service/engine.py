@@ -17,7 +17,8 @@ import torch
 
 from service.classify import OnnxClassifier, labels_and_probs
 from service.config import Settings
-from service.purify import Projection, ProjectionConfig, check_images, project
+from service.device import pick_device, to_device, to_host
+from service.purify import Projection, ProjectionConfig, StepGraphs, check_images, project
 from service.registry import Registry
 
 Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet"]
@@ -164,21 +165,24 @@ class MagNetResult:
     threshold: float  # detector I's (detector II, on the mean absolute error, has its own)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Engine:
-    """Purify and classify with the registry's models. Thread-safe for concurrent callers."""
+    """Purify and classify with the registry's models. Thread-safe for concurrent callers.
 
-    def __init__(self, registry: Registry, device: str = "auto", ort_threads: int | None = None) -> None:
+    On CUDA the projection's step loop runs as CUDA graphs (`cuda_graphs`, MG_CUDA_GRAPHS) and the classifiers on
+    ONNX Runtime's CUDA provider where the installed onnxruntime has it (else CPU, logged)."""
+
+    def __init__(self, registry: Registry, device: str = "auto", ort_threads: int | None = None,
+                 cuda_graphs: bool = True) -> None:  # fmt: skip
         self.registry = registry
         self.device = pick_device(device)
         self._ort_threads = ort_threads
+        self.graphs = StepGraphs() if cuda_graphs and self.device.type == "cuda" else None
         self._sessions: dict[str, OnnxClassifier] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, registry: Registry, s: Settings) -> Engine:
+        return cls(registry, s.device, ort_threads=s.torch_threads, cuda_graphs=s.cuda_graphs)
 
     # -- models -------------------------------------------------------------------------------------
     def onnx(self, dataset: str, classifier: str) -> OnnxClassifier:
@@ -186,7 +190,8 @@ class Engine:
         with self._lock:
             if key not in self._sessions:
                 graph, weights = self.registry.read(key, "onnx"), self.registry.read(key, "weights")
-                self._sessions[key] = OnnxClassifier(graph, weights, threads=self._ort_threads)
+                self._sessions[key] = OnnxClassifier(graph, weights, threads=self._ort_threads,
+                                                     device=self.device.type)  # fmt: skip
             return self._sessions[key]
 
     def warm_up(self) -> None:
@@ -208,8 +213,8 @@ class Engine:
         enc = self.registry.encoder(dataset, self.device) if cfg.init == "encoder" else None
         if cfg.init == "encoder" and enc is None:
             raise ValueError(f"no encoder is shipped for {dataset}")
-        p = project(x.to(self.device), gen, cfg, encoder=enc, seed=seed, stop=stop)
-        return Projection(images=p.images.cpu(), z=p.z.cpu(), mse=p.mse.cpu(), restart_mse=p.restart_mse.cpu())
+        p = project(to_device(x, self.device), gen, cfg, encoder=enc, seed=seed, stop=stop, graphs=self.graphs)
+        return Projection(*to_host(p.images, p.z, p.mse, p.restart_mse))
 
     def purify_result(self, x: torch.Tensor, dataset: str, cfg: ProjectionConfig, seed: int | None = None,
                       stop: Stop | None = None) -> PurifyResult:  # fmt: skip

@@ -11,6 +11,8 @@ z₀ = E(x) (plus small noise for the extra starts), the warm start that needs f
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -99,6 +101,126 @@ def initial_latents(
     return (z0[:, None, :] + cfg.encoder_noise * noise[None]).reshape(n * r, latent_dim)
 
 
+class Descent:
+    """The step loop's state: latents z (a leaf), their targets, and the optimizer. `step()` is one projection step
+    in place with no host sync, so with fixed tensor addresses it can be captured in a CUDA graph."""
+
+    def __init__(self, z: torch.Tensor, target: torch.Tensor, generator: nn.Module, cfg: ProjectionConfig,
+                 capturable: bool = False) -> None:  # fmt: skip
+        self.z, self.target, self.generator, self.cfg = z.requires_grad_(True), target, generator, cfg
+        if cfg.optimizer == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.Adam([self.z], lr=cfg.lr, capturable=capturable)
+        else:
+            self.opt = torch.optim.SGD([self.z], lr=cfg.lr, momentum=cfg.momentum)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def __call__(self, lr: float) -> None:
+        """One step at learning rate `lr`."""
+        self.set_lr(lr)
+        self.step()
+
+    def step(self) -> None:
+        cfg = self.cfg
+        loss = (self.generator(self.z) - self.target).pow(2).mean(dim=(1, 2, 3)).sum()
+        (self.z.grad,) = torch.autograd.grad(loss, self.z)
+        self.opt.step()
+        if cfg.z_max_norm is not None or cfg.z_min_norm is not None:
+            with torch.no_grad():
+                norm = self.z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                self.z.mul_(norm.clamp(min=cfg.z_min_norm, max=cfg.z_max_norm) / norm)
+
+    def reset(self, z0: torch.Tensor, target: torch.Tensor) -> None:
+        """Start over from z0 (its rows first; rows beyond are zero padding), as a fresh optimizer would."""
+        with torch.no_grad():
+            for buf, src in ((self.z, z0), (self.target, target)):
+                buf[len(src) :].zero_()
+                buf[: len(src)].copy_(src)
+            for state in self.opt.state.values():
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        v.zero_()
+        self.set_lr(self.cfg.lr)
+
+
+def bucket(rows: int, smallest: int = 16) -> int:
+    """The static row count a batch of `rows` latents runs at: the next power of two (at least `smallest`)."""
+    return max(smallest, 1 << (rows - 1).bit_length())
+
+
+class StepGraphs:
+    """Fixed-shape step loops, one per (generator, optimizer settings, row bucket), reused across calls.
+
+    Rows are padded to `bucket(rows)` (every row's gradient depends on that row alone, so padding changes nothing),
+    and the optimizer state is zeroed per call. With `capture` (CUDA only) the step at each of the two learning rates
+    (before and after the decay) is one `torch.cuda.CUDAGraph`, captured when the loop is built and replayed L times
+    in all; without, the same static loop runs eagerly (what tests check on CPU).
+    At most `size` loops are kept (least recently used goes). One projection at a time: calls serialize.
+    """
+
+    def __init__(self, capture: bool = True, size: int = 8) -> None:
+        self.capture, self.size = capture, size
+        self._loops: OrderedDict[tuple, tuple[Descent, dict[float, torch.cuda.CUDAGraph]]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def loop(self, z0: torch.Tensor, target: torch.Tensor, generator: nn.Module,
+             cfg: ProjectionConfig) -> tuple[Descent, Callable[[float], None]]:  # fmt: skip
+        """Load z0 and target into a cached static loop: (its state, `step(lr)`); call under `self.lock`."""
+        key = (id(generator), bucket(len(z0)), z0.device, cfg.optimizer, cfg.lr, cfg.momentum, cfg.decay,
+               cfg.z_max_norm, cfg.z_min_norm)  # fmt: skip
+        if key not in self._loops:
+            z = torch.zeros(key[1], z0.shape[1], device=z0.device)
+            t = torch.zeros(key[1], *target.shape[1:], device=target.device)
+            descent, graphs = Descent(z, t, generator, cfg, capturable=self.capture), {}
+            for lr in dict.fromkeys((cfg.lr, cfg.lr * cfg.decay)) if self.capture else ():
+                graphs[lr] = capture(descent, lr, next(iter(graphs.values()), None))  # before any call's steps
+            self._loops[key] = (descent, graphs)
+            while len(self._loops) > self.size:
+                self._loops.popitem(last=False)
+        self._loops.move_to_end(key)
+        descent, graphs = self._loops[key]
+        descent.reset(z0, target)  # also undoes the capture's warm-up steps
+        if not self.capture:
+            return descent, descent
+        return descent, lambda lr: graphs[lr].replay()
+
+
+def capture(descent: Descent, lr: float, share: torch.cuda.CUDAGraph | None) -> torch.cuda.CUDAGraph:
+    """One step of `descent` at learning rate `lr` as a CUDA graph (warmed up on a side stream first, as capture
+    needs); graphs of one loop share a memory pool."""
+    descent.set_lr(lr)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            descent.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the other lane's thread (ONNX Runtime, pinned copies) may call CUDA while this one captures
+    with torch.cuda.graph(graph, pool=share.pool() if share is not None else None, capture_error_mode="thread_local"):
+        descent.step()
+    return graph
+
+
+class Pacer:
+    """Keeps the host within 2·`every` steps of a CUDA device (so `stop()` between steps still stops work that has
+    not run, while `every` steps stay queued); a no-op on CPU, where each step runs before the call returns."""
+
+    def __init__(self, device: torch.device, every: int = 5) -> None:
+        self.every = every if device.type == "cuda" else 0
+        self.pending: torch.cuda.Event | None = None
+
+    def tick(self, step: int) -> None:
+        if not self.every or (step + 1) % self.every:
+            return
+        if self.pending is not None:
+            self.pending.synchronize()
+        self.pending = torch.cuda.Event()
+        self.pending.record()
+
+
 def project(
     x: torch.Tensor,
     generator: nn.Module,
@@ -107,9 +229,11 @@ def project(
     encoder: nn.Module | None = None,
     seed: int | None = 0,
     stop: Callable[[], bool] | None = None,
+    graphs: StepGraphs | None = None,
 ) -> Projection:
     """Project images x (N×1×28×28 in [0, 1]) onto the range of `generator`; see the module docstring.
-    `stop()` is asked before every step: True raises `Cancelled` (the caller is gone), within one step."""
+    `stop()` is asked before every step: True raises `Cancelled` (the caller is gone), within one step (on CUDA
+    within 10 steps: `Pacer`). `graphs`: run the step loop there (static shapes; CUDA graphs on a GPU)."""
     cfg = cfg or ProjectionConfig()
     check_images(x)
     if cfg.steps < 0 or cfg.restarts < 1:
@@ -117,34 +241,35 @@ def project(
     if any(p.requires_grad for p in generator.parameters()):
         raise ValueError("freeze the generator first (service.purify.freeze): its weights must not get gradients")
     n, r = x.shape[0], cfg.restarts
-    latent_dim = generator.latent_dim
     target = x.repeat_interleave(r, dim=0)  # N·R×1×H×W, aligned with the latents
-    z = initial_latents(x, latent_dim, cfg, encoder, seed).requires_grad_(True)
-    decay_step = math.ceil(cfg.decay_at * cfg.steps)
-    if cfg.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam([z], lr=cfg.lr)
+    z0 = initial_latents(x, generator.latent_dim, cfg, encoder, seed)
+    if graphs is None:
+        descent = Descent(z0, target, generator, cfg)
+        descend(descent, cfg, stop, x.device)
+        z = descent.z.detach()
     else:
-        opt = torch.optim.SGD([z], lr=cfg.lr, momentum=cfg.momentum)
-    for step in range(cfg.steps):
-        if stop is not None and stop():
-            raise Cancelled(f"projection cancelled at step {step} of {cfg.steps}")
-        if step == decay_step:
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * cfg.decay
-        loss = (generator(z) - target).pow(2).mean(dim=(1, 2, 3)).sum()
-        (z.grad,) = torch.autograd.grad(loss, z)
-        opt.step()
-        if cfg.z_max_norm is not None or cfg.z_min_norm is not None:
-            with torch.no_grad():
-                norm = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                z.mul_(norm.clamp(min=cfg.z_min_norm, max=cfg.z_max_norm) / norm)
+        with graphs.lock:
+            descent, step = graphs.loop(z0, target, generator, cfg)
+            descend(step, cfg, stop, x.device)
+            z = descent.z.detach()[: n * r].clone()
     with torch.no_grad():
-        z = z.detach()
         recon = generator(z)
         mse = (recon - target).pow(2).mean(dim=(1, 2, 3)).view(n, r)
         best = mse.argmin(dim=1)
         rows = torch.arange(n, device=x.device) * r + best
         return Projection(images=recon[rows], z=z[rows], mse=mse[torch.arange(n), best], restart_mse=mse)
+
+
+def descend(step: Callable[[float], None], cfg: ProjectionConfig, stop: Callable[[], bool] | None,
+            device: torch.device) -> None:  # fmt: skip
+    """Run cfg.steps calls of `step(lr)`, lr × decay from step ⌈decay_at·L⌉, asking `stop()` before each."""
+    decay_step = math.ceil(cfg.decay_at * cfg.steps)
+    pacer = Pacer(device)
+    for i in range(cfg.steps):
+        if stop is not None and stop():
+            raise Cancelled(f"projection cancelled at step {i} of {cfg.steps}")
+        step(cfg.lr * cfg.decay if i >= decay_step else cfg.lr)
+        pacer.tick(i)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from service.registry import Registry, sha256_file
 from training.onnx_export import export_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "models"
+MODELS = Path(os.environ.get("MG_MODELS_DIR") or ROOT / "models")  # the shipped models (a GPU check: a subset)
 
 torch.set_num_threads(int(os.environ.get("MG_TEST_THREADS", "2")))
 
@@ -73,3 +73,13 @@ def wait_ready(client: TestClient) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(client.get("/readyz").json())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from service.device import pick_device
 from service.registry import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,13 +26,22 @@ RUNS_DIR = ROOT / "runs"
 MANIFEST = MODELS_DIR / "manifest.json"
 
 
-def setup(seed: int, threads: int | None = None) -> torch.device:
-    """Seed everything, set CPU threads, and pick CUDA when present."""
+def setup(seed: int, threads: int | None = None, device: str = "auto") -> torch.device:
+    """Seed everything, set CPU threads, and return the device to train on ("auto": CUDA when present)."""
     np.random.seed(seed)
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels once
+    return dev
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """--device: where a job trains; CUDA by default where one is present (data and model moved there once)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when a GPU is present)")  # fmt: skip
 
 
 def command_line() -> str:
@@ -122,8 +133,12 @@ class Progress:
     def __init__(self, total: int, every: int = 50, start: int = 0) -> None:
         self.total, self.every, self.start, self.t0 = total, every, start, time.time()
 
+    def due(self, step: int) -> bool:
+        """Whether `step` prints a line (read a device scalar, a host sync, only then)."""
+        return not step % self.every or step == self.total
+
     def __call__(self, step: int, **scalars: float) -> None:
-        if step % self.every and step != self.total:
+        if not self.due(step):
             return
         done = max(step - self.start, 1)
         el = time.time() - self.t0

@@ -50,7 +50,7 @@ from service.attacks import Defended, Reformed, Unrolled, detector_aware, latent
 from service.purify import ProjectionConfig
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, ROOT, command_line, git_commit, setup
+from training.common import MODELS_DIR, ROOT, add_device_option, command_line, git_commit, setup
 from training.eval_generator import wilson
 
 THREATS: dict[str, tuple[tuple[str, float], ...]] = {
@@ -120,12 +120,15 @@ class Budget:
 
 
 def make_reference(model: Callable, norm: str, eps: float, attack: str, seed: int, iters: int, targets: int,
-                   queries: int, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
+                   queries: int, batch: int, device: torch.device | str = "cpu"
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
     """One AutoAttack component, configured as the standard version does (pyautoattack, the authors' code):
-    one restart, `iters` iterations, `targets` target classes (standard: 100 and 9), Square with `queries`."""
+    one restart, `iters` iterations, `targets` target classes (standard: 100 and 9), Square with `queries`.
+    It computes on `device` (the model's) and returns the adversarial images where the inputs were."""
     from pyautoattack import AutoAttack
 
-    aa = AutoAttack(model, attacks=[attack], version="custom", norm=NORMS[norm], eps=eps, seed=seed, device="cpu")
+    aa = AutoAttack(model, attacks=[attack], version="custom", norm=NORMS[norm], eps=eps, seed=seed,
+                    device=str(device))  # fmt: skip
     aa.logger.setLevel(logging.ERROR)  # its "dynamic defense" warning is why the projection gets BPDA/exact/latent
     aa.apgd.n_restarts, aa.apgd.n_iter = 1, iters
     aa.apgd_targeted.n_restarts, aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes = 1, iters, targets
@@ -138,12 +141,19 @@ def make_reference(model: Callable, norm: str, eps: float, attack: str, seed: in
     return run
 
 
-class Pipeline:
-    """classifier ∘ (projection), with the modules each attack needs."""
+Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    def __init__(self, reg: Registry, dataset: str, classifier: str, defense: str) -> None:
-        self.dataset, self.classifier, self.defense = dataset, classifier, defense
-        clf = reg.classifier(dataset, classifier)
+
+class Pipeline:
+    """classifier ∘ (projection), with the modules each attack needs, on `device`; images in and out stay on the
+    CPU (each call moves its batch)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, reg: Registry, dataset: str, classifier: str, defense: str,
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+        self.dataset, self.classifier, self.defense, self.device = dataset, classifier, defense, torch.device(device)
+        clf = reg.classifier(dataset, classifier, self.device)
         self.weights_sha = reg.get(f"{dataset}/{classifier}").files["weights"]["sha256"]
         self.ort = OrtForward(reg, dataset, classifier) if defense == "none" else None
         self.bpda = self.exact = self.threshold = self.reformed = None
@@ -152,11 +162,11 @@ class Pipeline:
         elif defense == "magnet":
             cal = reg.get(f"{dataset}/magnet").raw["detector"]
             thresholds = (float(cal["I"]["threshold"]), float(cal["II"]["threshold"]))
-            self.forward = self.reformed = Reformed(clf, reg.magnet(dataset), thresholds)
+            self.forward = self.reformed = Reformed(clf, reg.magnet(dataset, self.device), thresholds)
             self.threshold = thresholds[0]
             self.weights_sha += reg.get(f"{dataset}/magnet").files["weights"]["sha256"][:16]
         else:
-            gen, enc = reg.generator(dataset), reg.encoder(dataset)
+            gen, enc = reg.generator(dataset, self.device), reg.encoder(dataset, self.device)
             self.bpda = Defended(clf, gen, WARM, encoder=enc, seed=0)
             self.exact = Unrolled(clf, gen, WARM, encoder=enc, seed=0)
             self.forward = self.bpda  # forward: the real projection (straight-through backward)
@@ -171,16 +181,17 @@ class Pipeline:
 
     @torch.no_grad()
     def correct(self, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> torch.Tensor:
-        return torch.cat([self.forward(x[i : i + batch]).argmax(1) == y[i : i + batch]
+        return torch.cat([self.forward(x[i : i + batch].to(self.device)).argmax(1).cpu() == y[i : i + batch]
                           for i in range(0, len(x), batch)])  # fmt: skip
 
     @torch.no_grad()
     def flagged(self, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
         """The detector's verdict on x (reconstruction MSE over its calibrated threshold; MagNet: either detector)."""
         if self.reformed is not None:
-            return torch.cat([self.reformed.excess(x[i : i + batch]) > 0 for i in range(0, len(x), batch)])
+            return torch.cat([self.reformed.excess(x[i : i + batch].to(self.device)).cpu() > 0
+                              for i in range(0, len(x), batch)])  # fmt: skip
         assert self.bpda is not None and self.threshold is not None
-        recon = torch.cat([self.bpda.purify(x[i : i + batch]) for i in range(0, len(x), batch)])
+        recon = torch.cat([self.bpda.purify(x[i : i + batch].to(self.device)).cpu() for i in range(0, len(x), batch)])
         return (recon - x).pow(2).flatten(1).mean(1) > self.threshold
 
     def judge(self, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -189,32 +200,37 @@ class Pipeline:
             return self.correct
         return lambda x, y: self.correct(x, y) | self.flagged(x)
 
-    def attack(self, name: str, norm: str, eps: float, seed: int, budget: Budget
-               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:  # fmt: skip
-        """The attack `name` against this pipeline, as x, y ↦ x_adv."""
-        b = budget
+    def on_device(self, fn: Attack) -> Attack:
+        """An attack of ours (tensors on the model's device) as one taking and returning CPU tensors."""
+        return lambda x, y: fn(x.to(self.device), y.to(self.device)).cpu()
+
+    def attack(self, name: str, norm: str, eps: float, seed: int, budget: Budget) -> Attack:
+        """The attack `name` against this pipeline, as x, y ↦ x_adv (CPU tensors; it computes on the device)."""
+        b, dev = budget, self.device
         if self.defense in ("none", "magnet") and name in BARE_ATTACKS:  # MagNet: exact gradients through the AE
             model = self.ort if name == "square" and self.ort else self.forward  # Square only queries: ONNX Runtime
             targets = b.fab_targets if name == "fab-t" else 9
-            return make_reference(model, norm, eps, name, seed, b.iters, targets, b.square_queries, b.batch)
+            return make_reference(model, norm, eps, name, seed, b.iters, targets, b.square_queries, b.batch, dev)
         if name == "square":
-            return make_reference(self.forward, norm, eps, name, seed, 0, 0, b.defended_square_queries, b.batch)
+            return make_reference(self.forward, norm, eps, name, seed, 0, 0, b.defended_square_queries, b.batch, dev)
         if name.startswith(("bpda-", "exact-")):
             kind, _, attack = name.partition("-")
             model = self.bpda if kind == "bpda" else self.exact
-            return make_reference(model, norm, eps, attack, seed, b.defended_iters, b.defended_targets, 0, b.batch)
+            return make_reference(model, norm, eps, attack, seed, b.defended_iters, b.defended_targets, 0, b.batch,
+                                  dev)  # fmt: skip
         if name == "latent":
             if norm != "linf":
                 return lambda x, y: x  # the latent attack is L∞ only: nothing to add under L2
-            return lambda x, y: latent(self.bpda, x, y, eps=eps, steps=budget.latent_steps)
+            return self.on_device(lambda x, y: latent(self.bpda, x, y, eps=eps, steps=budget.latent_steps))
         if name == "detector-aware":
             target = self.reformed or self.bpda
             assert target is not None and self.threshold is not None
-            return lambda x, y: detector_aware(target, x, y, self.threshold, eps=eps, alpha=eps / 10,
-                                               steps=budget.defended_iters * 2, norm=norm, seed=seed)  # fmt: skip
+            return self.on_device(lambda x, y: detector_aware(target, x, y, self.threshold, eps=eps, alpha=eps / 10,
+                                                              steps=budget.defended_iters * 2, norm=norm,
+                                                              seed=seed))  # fmt: skip
         if name == "pgd-ours":  # the service's own PGD, cross-checked against APGD-CE
             fn = pgd if norm == "linf" else pgd_l2
-            return lambda x, y: fn(self.forward, x, y, eps=eps, alpha=eps / 10, steps=budget.iters)
+            return self.on_device(lambda x, y: fn(self.forward, x, y, eps=eps, alpha=eps / 10, steps=budget.iters))
         raise ValueError(f"unknown attack {name!r}")
 
 
@@ -233,8 +249,10 @@ def _cache_path(p: Pipeline, norm: str, eps: float, attacks: tuple[str, ...], n:
     b = {k: v for k, v in budget.__dict__.items() if k != "fab_targets"}
     if "fab-t" in attacks and budget.fab_targets != 9:
         b["fab_targets"] = budget.fab_targets
+    # the device only where it is not the CPU (GPU kernels round differently; the CPU cells keep their keys)
     key = json.dumps([p.dataset, p.name, p.weights_sha, norm, eps, attacks, n, seed, b]
-                     + ([judge] if judge != "correct" else []) + ([images] if images else []))  # fmt: skip
+                     + ([judge] if judge != "correct" else []) + ([images] if images else [])
+                     + ([p.device.type] if p.device.type != "cpu" else []))  # fmt: skip
     return CACHE / f"{p.dataset}-{p.name}-{norm}{eps:g}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -357,13 +375,13 @@ class OrtForward:
         self.session = OnnxClassifier(reg.read(key, "onnx"), reg.read(key, "weights"), threads=torch.get_num_threads())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.logits(x.detach().cpu().numpy()))
+        return torch.from_numpy(self.session.logits(x.detach().cpu().numpy())).to(x.device)
 
 
 def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str, x: torch.Tensor,
                       y: torch.Tensor, args: argparse.Namespace, budget: Budget) -> dict:  # fmt: skip
     """Clean accuracy and the per-image worst case under every threat of the dataset."""
-    p = Pipeline(reg, dataset, classifier, defense)
+    p = Pipeline(reg, dataset, classifier, defense, args.device)
     method = reg.get(f"{dataset}/{classifier}").raw.get("training", {}).get("method", "standard")
     robust_trained = method in ("pgd", "trades", "enhanced-inc")
     attacks = attacks_for(defense, tuple(args.bare_attacks))
@@ -528,7 +546,7 @@ def info_block() -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    setup(args.seed, args.threads)
+    args.device = setup(args.seed, args.threads, args.device)
     reg = Registry(args.models_dir)
     budget = Budget(fab_targets=args.fab_targets)
     if args.quick:
@@ -548,7 +566,7 @@ def run(args: argparse.Namespace) -> dict:
     doc: dict = {"dataset": args.dataset, "threats": THREATS[args.dataset], "info": info_block(),
                  "results": [strip_flags(r) for r in results], "default": default}  # fmt: skip
     if default and not args.no_sanity:
-        p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"])
+        p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"], args.device)
         norm, eps = STANDARD[args.dataset]
         n = min(args.sanity_n, len(x))
         path = _cache_path(p, norm, eps, ("sanity", "pgd-ours"), n, args.seed, budget, "correct", "")
@@ -582,7 +600,7 @@ def holdout(reg: Registry, args: argparse.Namespace, default: dict, budget: Budg
     lo, hi = 5000, 5000 + args.holdout
     x = torch.from_numpy(data.to_float(arr["x_test"][lo:hi]))
     y = torch.from_numpy(arr["y_test"][lo:hi].astype(np.int64))
-    p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"])
+    p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"], args.device)
     norm, eps = STANDARD[args.dataset]
     attacks = attacks_for(p.defense)
     cell = worst_case(p, x, y, norm, eps, attacks, args.seed + 1, budget, images=f"test[{lo}:{hi}]")
@@ -622,6 +640,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, nothing written")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    add_device_option(p)
     p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     return p.parse_args(argv)
 

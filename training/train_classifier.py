@@ -23,7 +23,7 @@ from torch import nn
 from service.attacks import fgsm
 from service.nets import build_classifier
 from training import data
-from training.common import MODELS_DIR, batches, command_line, save_weights, setup, update_manifest
+from training.common import MODELS_DIR, add_device_option, batches, command_line, save_weights, setup, update_manifest
 from training.onnx_export import export_onnx, onnx_max_diff
 
 
@@ -36,7 +36,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None) -> nn.Module:
     """Train and return the classifier (CPU, eval mode); `arrays` overrides the cached dataset (tests)."""
-    device = setup(args.seed, args.threads)
+    device = setup(args.seed, args.threads, args.device)
     arrays = arrays if arrays is not None else data.load(args.dataset)
     x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
     y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64)).to(device)
@@ -48,7 +48,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     t0 = time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
         for idx in batches(len(x_tr), args.batch, rng):
             xb, yb = x_tr[idx], y_tr[idx]
             if args.adv_eps > 0:
@@ -61,11 +61,11 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
+            total += loss.detach()
             steps += 1
-        acc = accuracy(model, x_te, y_te)
-        args.history = [*getattr(args, "history", []), total / steps]
-        print(f"epoch {epoch}/{args.epochs} loss {total / steps:.4f} test acc {acc:.4f} "
+        acc, mean_loss = accuracy(model, x_te, y_te), float(total) / steps
+        args.history = [*getattr(args, "history", []), mean_loss]
+        print(f"epoch {epoch}/{args.epochs} loss {mean_loss:.4f} test acc {acc:.4f} "
               f"({(time.time() - t0) / 60:.1f} min)", flush=True)  # fmt: skip
     model = model.cpu().eval()
     return model
@@ -117,6 +117,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adv-eps", type=float, default=0.0, help="FGSM adversarial training at this ε (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    add_device_option(p)
     p.add_argument("--no-ship", action="store_true", help="train and report only")
     return p.parse_args(argv)
 

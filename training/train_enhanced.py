@@ -54,6 +54,7 @@ def pair_excess(a: torch.Tensor, b: torch.Tensor, eps: float, norm: str) -> torc
 
 
 Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+DONE_EVERY = 10  # overpowered_pairs asks whether every pair is found this often (each ask waits for the device)
 
 
 def overpowered_pairs(clf: nn.Module, G: Generator, eps: float, norm: str = "linf", pairs: int = 50,
@@ -67,7 +68,7 @@ def overpowered_pairs(clf: nn.Module, G: Generator, eps: float, norm: str = "lin
     opt = torch.optim.Adam([z], lr=lr)
     found = torch.zeros(pairs, dtype=torch.bool, device=dev)
     keep: torch.Tensor | None = None
-    for _ in range(steps):
+    for i in range(steps):
         x1, x2 = G(z[0]), G(z[1])
         if keep is None:
             keep = torch.zeros((2, *x1.shape), device=dev)
@@ -75,14 +76,15 @@ def overpowered_pairs(clf: nn.Module, G: Generator, eps: float, norm: str = "lin
         dist = pair_excess(x1, x2, eps, norm)
         with torch.no_grad():
             hit = ~found & (l1.argmax(1) != l2.argmax(1)) & (pair_distance(x1, x2, norm) <= eps)
-            keep[0, hit], keep[1, hit] = x1[hit], x2[hit]
+            keep = torch.where(hit[None, :, None, None, None], torch.stack((x1, x2)), keep)
             found |= hit
-        if found.all():
+        if i % DONE_EVERY == 0 and found.all():  # a host sync: asked every DONE_EVERY steps only
             break
         live = (~found).float()
         alike = (l1.argmax(1) == l2.argmax(1)).float()  # CE pushes only pairs still labelled alike
         reg = 1e-4 * z.norm(dim=2).sum(0)
-        loss = ((-soft_ce(l1, l2) * alike + lam * dist + reg) * live).sum() / live.sum()
+        # found pairs are kept as they were found; once all are, the loss is 0 until the next check
+        loss = ((-soft_ce(l1, l2) * alike + lam * dist + reg) * live).sum() / live.sum().clamp_min(1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -134,9 +136,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace, arrays: dict | None = None) -> tuple[nn.Module, list]:
     """train_robust's PGD training from `--init`, with the overpowered-pair steps between its batches."""
     reg = Registry(args.models_dir)
-    G = reg.generator(args.dataset)
-    for q in G.parameters():
-        q.requires_grad_(False)
+    G = reg.generator(args.dataset, args.device)  # frozen, on the device the classifier trains on
     sigma = float(reg.get(f"{args.dataset}/generator").raw.get("latent_std", 1.0))
     return train_robust.train(args, arrays, hook=consistency_hook(args, G, sigma))
 

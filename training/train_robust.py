@@ -38,7 +38,7 @@ from service.attacks import fgsm, pgd
 from service.nets import build_classifier
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, RUNS_DIR, Progress, batches, command_line, setup
+from training.common import MODELS_DIR, RUNS_DIR, Progress, add_device_option, batches, command_line, setup
 from training.train_classifier import accuracy, ship_classifier
 
 MONITOR = 500  # held-out test images for the per-epoch check (the last ones; the slice is the first 1,000)
@@ -131,7 +131,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
           hook: Hook | None = None) -> tuple[nn.Module, list]:  # fmt: skip
     """Train (or resume) and return the model (CPU, eval mode) and the per-epoch history. `hook(model, opt, step)`
     runs after each batch's step (an extra objective's own step); what it returns is shown in the progress line."""
-    device = setup(args.seed, args.threads)
+    device = setup(args.seed, args.threads, args.device)
     arrays = arrays if arrays is not None else data.load(args.dataset)
     x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
     y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64)).to(device)
@@ -150,7 +150,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
     if args.max_steps:
         total = min(total, args.max_steps)
     progress, last_ckpt = Progress(total, every=args.log_every, start=start), time.time()
-    step, args.losses = start, []
+    step, losses = start, []  # device scalars: read once at the end (and when a progress line prints)
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         rng = np.random.default_rng(args.seed * 1000 + epoch)  # the epoch's order, the same after a resume
@@ -164,9 +164,10 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
             loss.backward()
             opt.step()
             step += 1
-            args.losses.append(loss.item())
+            losses.append(loss.detach())
             extra = (hook(model, opt, step) if hook else None) or {}
-            progress(step, loss=args.losses[-1], eps=eps, epoch=epoch + 1, **extra)
+            if progress.due(step):
+                progress(step, loss=float(losses[-1]), eps=eps, epoch=epoch + 1, **extra)
             if time.time() - last_ckpt > args.ckpt_minutes * 60:
                 _save_ckpt(folder, model, opt, step, history, segments)
                 last_ckpt = time.time()
@@ -179,6 +180,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
                   f"FGSM {m['fgsm']:.3f} PGD-20 {m['pgd20']:.3f} (ε={args.eps:g})", flush=True)  # fmt: skip
             _save_ckpt(folder, model, opt, step, history, segments)
             last_ckpt = time.time()
+    args.losses = torch.stack(losses).tolist() if losses else []
     return model.cpu().eval(), history
 
 
@@ -213,6 +215,7 @@ def parser(doc: str | None = None, eps: float | None = None) -> argparse.Argumen
     p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    add_device_option(p)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many batches (smoke tests)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--monitor", type=int, default=MONITOR, help="held-out test images for the per-epoch check")

@@ -220,7 +220,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except ManifestError as exc:
         log.error("refusing to start: %s", exc)
         raise
-    engine = Engine(registry, s.device, ort_threads=s.torch_threads)
+    engine = Engine.from_settings(registry, s)
     batcher = Batcher.from_settings(engine, s, app.state.metrics)
     await batcher.start()
     app.state.registry, app.state.engine, app.state.batcher = registry, engine, batcher

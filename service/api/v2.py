@@ -70,7 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from service.engine import Engine
         from service.registry import Registry
 
-        engine = Engine(Registry(settings.models_dir), settings.device)
+        engine = Engine.from_settings(Registry(settings.models_dir), settings)
         own_batcher = Batcher.from_settings(engine, settings)
         await own_batcher.start()
     app.state.mg_v2 = _State(settings, getattr(app.state, "batcher", None) or own_batcher, proxy)
