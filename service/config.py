@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     # None: the manifest's default pipeline (service.engine.default_defense)
-    default_defense: Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify"] | None = None
+    default_defense: Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet"] | None = (
+        None
+    )
     warm_up: bool = True  # run every model once at start-up; /readyz answers 200 after it
 
     attack: AttackSettings = Field(default_factory=AttackSettings)

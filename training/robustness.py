@@ -288,8 +288,14 @@ def worst_case(p: Pipeline, x: torch.Tensor, y: torch.Tensor, norm: str, eps: fl
     return out
 
 
-def clean_accuracy(p: Pipeline, dataset: str, n: int) -> dict:
-    """Clean accuracy on the first n of the full test set (the 10,000 when the dataset cache exists)."""
+def clean_accuracy(p: Pipeline, dataset: str, n: int, reg: Registry | None = None) -> dict:
+    """Clean accuracy on the first n of the full test set (the 10,000 when the dataset cache exists). A bare
+    classifier's full-test-set accuracy is the one its training job measured and recorded (the same weights,
+    the same images), when `reg` is given and the record covers n images."""
+    rec = reg.get(f"{dataset}/{p.classifier}").metrics if reg is not None and p.defense == "none" else {}
+    if rec.get("clean_test_accuracy") is not None and rec.get("test_images") == n:
+        k = round(rec["clean_test_accuracy"] * n)
+        return {"accuracy": round(k / n, 4), "n": n, "ci": [round(v, 4) for v in wilson(k, n)]}
     try:
         arr = data.load(dataset)
         xs, ys = arr["x_test"][:n], arr["y_test"][:n]
@@ -385,7 +391,7 @@ def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str
     method = reg.get(f"{dataset}/{classifier}").raw.get("training", {}).get("method", "standard")
     robust_trained = method in ("pgd", "trades", "enhanced-inc")
     attacks = attacks_for(defense, tuple(args.bare_attacks))
-    clean = clean_accuracy(p, dataset, 10000 if defense in CHEAP else args.clean_n)
+    clean = clean_accuracy(p, dataset, 10000 if defense in CHEAP else args.clean_n, reg)
     threats = {}
     for norm, eps in THREATS[dataset]:
         if defense == "magnet":
