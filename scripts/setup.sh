@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up Manifold Guard in ./.venv on a fresh machine.
 #   scripts/setup.sh          runtime: torch 2.13.0 (CPU wheel) first, then the project
-#   scripts/setup.sh --dev    also the test and training tools
+#   scripts/setup.sh --dev    also the test and training tools, and Ray Serve (the .[ray] extra)
 #   scripts/setup.sh --gpu    onnxruntime-gpu instead of onnxruntime (never both installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first, pinned: its CPU wheel is what the project's range resolves to without pulling a CUDA build
 pip install -q torch==2.13.0
 extras=""
-[ "$dev" = 1 ] && extras="dev,test"
+[ "$dev" = 1 ] && extras="dev,test,ray"  # one pip command: one resolution over every extra
 if [ "$gpu" = 1 ]; then
   pip install -q -e ".[${extras:+$extras,}train]"
   pip uninstall -q -y onnxruntime || true
