@@ -17,8 +17,9 @@ PY=${PYTHON:-python3}
 [ -d .venv ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null 2>&1 || true
-# torch first, pinned: its CPU wheel is what the project's range resolves to without pulling a CUDA build
-pip install -q torch==2.13.0
+# torch first, pinned: its CPU wheel is what the project's range resolves to without pulling a CUDA build;
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes it from PyTorch's CPU index (as the CPU image does)
+pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 extras=""
 [ "$dev" = 1 ] && extras="dev,test,ray"  # one pip command: one resolution over every extra
 if [ "$gpu" = 1 ]; then
