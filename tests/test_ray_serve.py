@@ -131,6 +131,32 @@ def test_ray_answers_equal_the_single_process_and_merge(ray_url: str, local: Tes
     assert any(c[:2] == ["fast", "classify"] for c in stats["calls"]), stats  # defense=none took the fast lane
 
 
+def test_run_batch_groups_by_job_key_and_isolates_a_failing_request(tiny_registry: Any) -> None:
+    """The engine deployment's batch function without a cluster: equal keys are one engine call, answered in the
+    batch's order and equal to direct calls; a failing merged call is retried per request."""
+    from service.batcher import DefendJob
+    from service.engine import Engine
+    from service.purify import ProjectionConfig
+    from tests.test_batcher import Picky, images
+
+    engine = Engine(tiny_registry, "cpu")
+    a = DefendJob("mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=3, restarts=2), 1)
+    b = DefendJob("mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=3, restarts=2), 2)
+    picky = Picky()
+    xs = [images(1, 0), images(2, 1), images(1, 2)]
+    blank, grey = torch.zeros(1, 1, 28, 28), torch.full((1, 1, 28, 28), 0.5)
+    work = [(a, xs[0]), (b, xs[1]), (a, xs[2]), (picky, blank), (picky, grey)]
+    items = [ray_app.Work(job, x, int(x.shape[0])) for job, x in work]
+    answers, calls = ray_app.run_batch(engine, items)
+    assert [(o.batch_requests, o.batch_images) for o in answers[:3]] == [(2, 2), (1, 2), (2, 2)]
+    assert calls == [("defend", 2, 2), ("defend", 1, 2), ("picky", 1, 1)]  # the merged picky call failed
+    for answer, job, x in zip(answers[:3], (a, b, a), xs, strict=True):
+        direct = engine.defend(x, job.dataset, job.classifier, job.defense, job.cfg, job.seed)
+        assert np.array_equal(answer.value.labels, direct.labels)
+        assert np.allclose(answer.value.mse, direct.mse, atol=FLOAT_TOL)
+    assert isinstance(answers[3], ValueError) and torch.allclose(answers[4].value, torch.tensor([0.5]))
+
+
 def test_the_config_file_validates_and_builds_the_application() -> None:
     """deploy/ray/serve.yaml passes Ray's own schema, and its import_path with its args builds the application."""
     import yaml
