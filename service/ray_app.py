@@ -31,14 +31,15 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from service.api.app import create_app
+from service.api.app import BatcherFactory, create_app
 from service.batcher import (
     Batcher,
+    DefendJob,
     NotRunning,
     Outcome,
+    PurifyJob,
     QueueFull,
     RequestTimeout,
-    _CallJob,
     concat,
     fill_window,
     spans,
@@ -142,9 +143,12 @@ async def _result(response: DeploymentResponse) -> Any:
     return await response
 
 
+REMOTE = (DefendJob, PurifyJob)  # the jobs the engine deployment runs: data-only keys, pickled to the replicas
+
+
 class RayBatcher(Batcher):
-    """The ingress's batcher: the budget is checked here, batching happens in the engine deployment; `call` (warm-up,
-    attacks) runs on this replica's own worker, as in the single process."""
+    """The ingress's batcher: the budget is checked here, `DefendJob`s and `PurifyJob`s are batched by the engine
+    deployment; any other job (`call`: warm-up, attacks) runs on this replica's own worker, as in the single process."""
 
     handle: DeploymentHandle | None = None
     remote = 0  # requests sent to the engine and not yet answered
@@ -154,7 +158,7 @@ class RayBatcher(Batcher):
         return super().depth + self.remote
 
     async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None) -> Outcome:
-        if isinstance(job, _CallJob):
+        if not isinstance(job, REMOTE):
             return await super().submit(job, x, timeout)
         if not self.running or self.handle is None:
             raise NotRunning("the service is shutting down" if self.draining else "the batcher is not running")
@@ -167,7 +171,7 @@ class RayBatcher(Batcher):
         answer = await self._await(response, timeout)
         if isinstance(answer, BaseException):
             raise answer
-        if self.metrics and hasattr(job, "record"):
+        if self.metrics:
             job.record(self.metrics, answer.value)
         return answer  # type: ignore[no-any-return]
 
@@ -198,12 +202,13 @@ class RayBatcher(Batcher):
         return QueueFull(self.remote, retry_after=1.0)
 
 
-def ray_batcher(handle: DeploymentHandle) -> Any:
+def ray_batcher(handle: DeploymentHandle) -> BatcherFactory:
     """A `create_app` batcher factory whose batchers send work to `handle` (the engine deployment)."""
 
     def build(engine: Engine, s: Settings, metrics: Metrics) -> Batcher:
         b = RayBatcher.from_settings(engine, s, metrics)
-        b.handle = handle  # type: ignore[attr-defined]
+        assert isinstance(b, RayBatcher)
+        b.handle = handle
         return b
 
     return build
