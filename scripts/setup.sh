@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up Manifold Guard in ./.venv on a fresh machine.
 #   scripts/setup.sh          runtime: torch 2.13.0 (CPU wheel) first, then the project
-#   scripts/setup.sh --dev    also the test and training tools
+#   scripts/setup.sh --dev    also the test and training tools, and Ray Serve (the .[ray] extra)
 #   scripts/setup.sh --gpu    onnxruntime-gpu instead of onnxruntime (never both installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +17,11 @@ PY=${PYTHON:-python3}
 [ -d .venv ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null 2>&1 || true
-# torch first, pinned: its CPU wheel is what the project's range resolves to without pulling a CUDA build
-pip install -q torch==2.13.0
+# torch first, pinned: its CPU wheel is what the project's range resolves to without pulling a CUDA build;
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes it from PyTorch's CPU index (as the CPU image does)
+pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 extras=""
-[ "$dev" = 1 ] && extras="dev,test"
+[ "$dev" = 1 ] && extras="dev,test,ray"  # one pip command: one resolution over every extra
 if [ "$gpu" = 1 ]; then
   pip install -q -e ".[${extras:+$extras,}train]"
   pip uninstall -q -y onnxruntime || true

@@ -73,6 +73,26 @@ def projection_cost(n: int, cfg: ProjectionConfig) -> tuple[int, str]:
     return n * max(cfg.steps, 1) * cfg.restarts, f"{n} image(s) × {cfg.steps} steps × {cfg.restarts} restarts"
 
 
+def fill_window(base_s: float, last_batch_s: float, max_fill_s: float) -> float:
+    """How long a batch waits to fill: `base_s`, or 10 % of the previous batch when longer, at most `max_fill_s`."""
+    return min(max(base_s, FILL_FRACTION * last_batch_s), max_fill_s)
+
+
+def concat(xs: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The requests' images as one batch (None when no request carries images)."""
+    present = [x for x in xs if x is not None]
+    return (present[0] if len(present) == 1 else torch.cat(present)) if present else None
+
+
+def spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """Each request's [start, end) rows in the concatenated batch."""
+    out, i = [], 0
+    for n in sizes:
+        out.append((i, i + n))
+        i += n
+    return out
+
+
 class QueueFull(RuntimeError):
     """The request cannot be served in time (queue full, or the estimated wait exceeds its timeout): HTTP 503,
     retry after `retry_after` seconds."""
@@ -387,11 +407,16 @@ class Batcher:
         await self.submit(PurifyJob(dataset, ProjectionConfig(steps=5, restarts=4), seed=0), x, timeout=600)
 
     # -- submitting ---------------------------------------------------------------------------------
-    def admit(self, job: Any, n: int, timeout: float) -> tuple[_Lane, int]:
-        """(lane, cost) for a request, or OverBudget / QueueFull before anything is queued."""
+    def check_budget(self, job: Any, n: int) -> int:
+        """The request's cost (generator passes), or OverBudget above `max_request_cost`."""
         cost, what = job.cost(n) if hasattr(job, "cost") else (0, "")
         if self.max_request_cost is not None and cost > self.max_request_cost:
             raise OverBudget(cost, self.max_request_cost, what)
+        return int(cost)
+
+    def admit(self, job: Any, n: int, timeout: float) -> tuple[_Lane, int]:
+        """(lane, cost) for a request, or OverBudget / QueueFull before anything is queued."""
+        cost = self.check_budget(job, n)
         lane = self.lane_of(job)
         live = len(lane.live())
         wait = lane.estimated_wait()
@@ -484,7 +509,7 @@ class Batcher:
         """Wait for the head's batch to fill, from the later of its arrival and the worker becoming free: clients
         answered by the last batch get a moment to send their next request and join this one."""
         assert lane.wake is not None
-        window = min(max(lane.wait_s, FILL_FRACTION * lane.last_batch_s), self.max_fill_s)
+        window = fill_window(lane.wait_s, lane.last_batch_s, self.max_fill_s)
         deadline = max(head.enqueued, lane.free_since) + window
         while self._pending_images(lane, head.job) < self.max_batch_size and not head.future.done():
             remaining = deadline - time.perf_counter()
@@ -543,8 +568,7 @@ class Batcher:
         batch = self._late(lane, batch)
         if not batch:
             return
-        xs = [it.x for it in batch if it.x is not None]
-        x = (xs[0] if len(xs) == 1 else torch.cat(xs)) if xs else None
+        x = concat([it.x for it in batch])
         cost = sum(it.cost for it in batch)
         cancel = threading.Event()
 
@@ -576,10 +600,8 @@ class Batcher:
         seconds = time.perf_counter() - started
         lane.last_batch_s = seconds
         lane.learn(cost, seconds)
-        bounds, i = [], 0
-        for it in batch:
-            bounds.append((i, i + it.n))
-            i += it.n
+        bounds = spans([it.n for it in batch])
+        i = bounds[-1][1]
         parts = job.split(out, bounds)
         for it, part in zip(batch, parts, strict=True):
             if not it.future.done():

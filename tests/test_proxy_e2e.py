@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -326,6 +327,57 @@ def test_kserve_manifest_is_consistent(upstream_onnx: Path, monkeypatch: pytest.
     session = ort.InferenceSession(str(upstream_onnx), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == up.input_name and f'name: "{up.input_name}"' in config
     assert f'name: "{session.get_outputs()[0].name}"' in config and f'name: "{up.model}"' in config
+
+
+def unknown_fields(value: object, type_name: str) -> list[str]:
+    """Keys of a manifest that KServe's (or Kubernetes') generated model `type_name` does not have, recursively."""
+    import kserve.models
+    import kubernetes.client.models
+
+    if m := re.fullmatch(r"[Ll]ist\[(.+)\]", type_name):
+        return [u for v in value for u in unknown_fields(v, m.group(1))] if isinstance(value, list) else [type_name]
+    cls = getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name, None)
+    if cls is None or not isinstance(value, dict):  # a scalar, a map, or an untyped object
+        return []
+    by_json = {v: k for k, v in cls.attribute_map.items()}
+    out = [f"{type_name}.{key}" for key in value if key not in by_json]
+    return out + [
+        u for key, v in value.items() if key in by_json for u in unknown_fields(v, cls.openapi_types[by_json[key]])
+    ]
+
+
+def test_kserve_manifest_uses_current_fields_and_triton_options() -> None:
+    """Every field of inferenceservice.yaml exists in the installed KServe SDK's v1beta1 models; Triton gets the
+    current option (not the deprecated --strict-model-config), and its config.pbtxt parses as Triton's ModelConfig."""
+    import yaml
+
+    isvc = yaml.safe_load((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert unknown_fields(isvc, "V1beta1InferenceService") == []
+    assert unknown_fields(
+        {"spec": {"predictor": {"model": {"storageUrl": "x"}}}}, "V1beta1InferenceService"
+    )  # can fail
+    args = isvc["spec"]["predictor"]["model"]["args"]
+    assert "--disable-auto-complete-config" in args and not any("strict-model-config" in a for a in args)
+    (container,) = isvc["spec"]["transformer"]["containers"]
+    assert container["securityContext"]["runAsNonRoot"] and container["securityContext"]["runAsUser"] == 10001
+    assert "USER 10001:10001" in (ROOT / "Dockerfile").read_text()  # the image's user is the pod's
+    import importlib.util
+
+    from google.protobuf import text_format
+
+    # Triton's ModelConfig schema, loaded alone: tritonclient.grpc's package would register protos KServe has too
+    triton = importlib.util.find_spec("tritonclient")
+    assert triton is not None and triton.submodule_search_locations
+    path = Path(next(iter(triton.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    assert spec is not None and spec.loader is not None
+    model_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_config)
+
+    text = (ROOT / "deploy" / "kserve" / "model-repository" / "mnist" / "config.pbtxt").read_text()
+    config = text_format.Parse(text, model_config.ModelConfig())
+    assert config.backend == "onnxruntime" and config.max_batch_size == 64 and len(config.input) == 1
 
 
 def test_concurrent_proxied_requests_batch_without_changing_answers(servers: dict, images: np.ndarray) -> None:

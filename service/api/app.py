@@ -13,7 +13,7 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("refusing to start: %s", exc)
         raise
     engine = Engine.from_settings(registry, s)
-    batcher = Batcher.from_settings(engine, s, app.state.metrics)
+    batcher = app.state.batcher_factory(engine, s, app.state.metrics)
     await batcher.start()
     app.state.registry, app.state.engine, app.state.batcher = registry, engine, batcher
     log.info("models from %s verified; engine on %s", s.models_dir, engine.device)
@@ -256,8 +256,12 @@ def _page(app: FastAPI) -> None:
         return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The service app. `settings` defaults to the environment's (MG_* variables)."""
+BatcherFactory = Callable[[Engine, Settings, Metrics], Batcher]
+
+
+def create_app(settings: Settings | None = None, batcher_factory: BatcherFactory | None = None) -> FastAPI:
+    """The service app. `settings` defaults to the environment's (MG_* variables); `batcher_factory` builds what
+    the routes submit work to (default: the in-process `Batcher`; Ray Serve's ingress: `service.ray_app`)."""
     settings = settings or get_settings()
     app = FastAPI(
         docs_url=None,  # served below from the package's own Swagger UI files, not a CDN
@@ -269,6 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.batcher_factory = batcher_factory or Batcher.from_settings
     app.state.metrics = Metrics()
     app.state.ready = False
     app.state.not_ready_reason = "warming up"
