@@ -8,8 +8,7 @@ Two deployments; `python -m service` (one process, `service.batcher`) stays the 
 - `ingress` serves `service.api.app.create_app` (the same routes, validation, caps and errors) with a `RayBatcher`:
   the compute budget is checked there (`Batcher.check_budget`), then each request goes to the engine deployment's
   lane of the in-process batcher (`fast` for defense=none and magnet, `slow` for projections). Attacks
-  (`Batcher.call`) run on
-  the ingress replica itself.
+  (`Batcher.call`) run on the ingress replica itself.
 - `engine` holds an `Engine` per replica on the replica's share of the machine (`num_cpus`, `num_gpus`, fractions
   allowed). Its lanes are `@serve.batch` methods: a batch's requests are grouped by their job key (`DefendJob`,
   `PurifyJob`: dataset, classifier, defense, steps, restarts, init, seed) and each group runs as one engine call,
