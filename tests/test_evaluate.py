@@ -184,7 +184,15 @@ def test_quick_mode_on_shipped_models(tmp_path: Path) -> None:
     assert clean["acc"] >= 0.9  # a trained model A on 24 MNIST test images
     fgsm = doc["results"]["whitebox"]["fgsm"]["A"]["none"]["cell"]
     assert fgsm["k"] < clean["k"]  # FGSM ε=0.3 hurts the undefended model
-    assert "QUICK SMOKE RUN" in out.read_text()
+    page = out.read_text()
+    assert "QUICK SMOKE RUN" in page
+    if reg.has("mnist/magnet"):  # the MagNet column: oblivious FGSM, then the reformer, and PGD through it
+        magnet = doc["results"]["whitebox"]["fgsm"]["A"]["magnet"]
+        assert "cell" in magnet and "defended" in magnet
+        pgd_through = doc["results"]["adaptive"]["eot"]["A"]["magnet"]["cell"]
+        assert pgd_through["k"] <= magnet["cell"]["k"] + 2  # the exact-gradient attack is no weaker than oblivious
+        # the paper's figure beside ours: FGSM on A, MagNet column, 0.191 in Defense-GAN Table 4
+        assert re.search(r"\| FGSM ε=0\.3 \| A \| MagNet \| 0\.191 \| " + CELL.pattern, page), page
 
 
 @pytest.fixture(scope="module")
