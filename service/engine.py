@@ -233,13 +233,13 @@ class Engine:
         check_images(x)
         require_magnet(self.registry, dataset)
         net = self.registry.magnet(dataset, self.device)
-        cal = self.registry.get(f"{dataset}/magnet").raw["detector"]
+        t1, t2 = self.registry.magnet_thresholds(dataset)
         with torch.no_grad():
-            xd = x.to(self.device)
+            xd = to_device(x, self.device)
             reformed = net(xd)
-            s1, s2 = (s.cpu().numpy() for s in net.scores(xd))
-        flagged = (s1 > cal["I"]["threshold"]) | (s2 > cal["II"]["threshold"])
-        return MagNetResult(reformed.cpu(), s1, flagged, float(cal["I"]["threshold"]))
+            images, s1, s2 = to_host(reformed, *net.scores(xd, reformed))
+        flagged = (s1 > t1) | (s2 > t2)
+        return MagNetResult(images, s1.numpy(), flagged.numpy(), t1)
 
     def classify(self, x: torch.Tensor, dataset: str, classifier: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, probabilities) of x through the ONNX classifier."""

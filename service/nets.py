@@ -246,10 +246,12 @@ class MagNet(nn.Module):
         """The reformed image AE_I(x)."""
         return self.ae1(x)
 
-    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image detector scores: mean |x − AE_I(x)|² and mean |x − AE_II(x)|."""
+    def scores(self, x: torch.Tensor, reformed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image detector scores: mean |x − AE_I(x)|² and mean |x − AE_II(x)| (`reformed`: AE_I(x) when the
+        caller already has it)."""
         dims = tuple(range(1, x.dim()))
-        return (x - self.ae1(x)).pow(2).mean(dims), (x - self.ae2(x)).abs().mean(dims)
+        reformed = self.ae1(x) if reformed is None else reformed
+        return (x - reformed).pow(2).mean(dims), (x - self.ae2(x)).abs().mean(dims)
 
 
 def build(kind: str, arch: str | None = None, **kwargs: object) -> nn.Module:

@@ -169,6 +169,11 @@ class Registry:
     def magnet(self, dataset: str, device: torch.device | str = "cpu") -> nets.MagNet:
         return self.module(f"{dataset}/magnet", device)  # type: ignore[return-value]
 
+    def magnet_thresholds(self, dataset: str) -> tuple[float, float]:
+        """MagNet's calibrated thresholds: detector I (mean squared error), detector II (mean absolute error)."""
+        cal = self.get(f"{dataset}/magnet").raw["detector"]
+        return float(cal["I"]["threshold"]), float(cal["II"]["threshold"])
+
     def classifier(self, dataset: str, name: str = "classifier_A", device: torch.device | str = "cpu") -> nn.Module:
         return self.module(f"{dataset}/{name}", device)
 

@@ -210,8 +210,7 @@ class Evaluation:
         self.G = reg.generator(dataset) if reg.has(f"{dataset}/generator") else None
         self.E = reg.encoder(dataset)
         self.M = reg.magnet(dataset) if reg.has(f"{dataset}/magnet") else None
-        cal = reg.get(f"{dataset}/magnet").raw["detector"] if self.M is not None else {}
-        self.M_thresholds = (float(cal["I"]["threshold"]), float(cal["II"]["threshold"])) if cal else (0.0, 0.0)
+        self.M_thresholds = reg.magnet_thresholds(dataset) if self.M is not None else (0.0, 0.0)
         self.proj_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.adv_cache: dict[tuple, torch.Tensor] = {}
         self.cached_seconds = 0.0  # compute time of the cache entries this run reused
@@ -320,7 +319,6 @@ class Evaluation:
         clf = self.reg.module(self.key(arch, col))  # type: ignore[arg-type]
         cfg = self.projection(col)
         out: dict = {}
-        det = None
         flagged = None
         if cfg is not None:
             images, mse = self.project(adv, cfg, f"{label} {COLUMNS[col][0]}")
@@ -330,8 +328,8 @@ class Evaluation:
         elif col == "magnet":  # MagNet's reformer, and either of its detectors over its threshold
             pipeline = self.magnet_pipeline(clf)
             with torch.no_grad():
-                images = torch.cat([self.M(adv[i : i + 500]) for i in range(0, len(adv), 500)])  # type: ignore[misc]
-                flagged = torch.cat([pipeline.excess(adv[i : i + 500]) > 0 for i in range(0, len(adv), 500)])
+                images = torch.cat([pipeline.purify(adv[i : i + 500]) for i in range(0, len(adv), 500)])
+                flagged = pipeline.excess(adv, images) > 0
             out["mse"] = (adv - images).pow(2).flatten(1).mean(1)
         else:
             images = adv

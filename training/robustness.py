@@ -160,8 +160,7 @@ class Pipeline:
         if defense == "none":
             self.forward: nn.Module = clf
         elif defense == "magnet":
-            cal = reg.get(f"{dataset}/magnet").raw["detector"]
-            thresholds = (float(cal["I"]["threshold"]), float(cal["II"]["threshold"]))
+            thresholds = reg.magnet_thresholds(dataset)
             self.forward = self.reformed = Reformed(clf, reg.magnet(dataset, self.device), thresholds)
             self.threshold = thresholds[0]
             self.weights_sha += reg.get(f"{dataset}/magnet").files["weights"]["sha256"][:16]

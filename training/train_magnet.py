@@ -25,7 +25,7 @@ from torch import nn
 from service.nets import MAGNET_STRUCTURES, MagNet
 from training import data
 from training.common import MODELS_DIR, RUNS_DIR, Progress, batches, command_line, save_weights, setup, update_manifest
-from training.train_robust import _load_ckpt, _save_ckpt
+from training.train_robust import load_ckpt, save_ckpt
 
 VALIDATION = 5000
 DROP_RATE = 0.001
@@ -68,7 +68,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     folder = Path(args.run_dir) / args.dataset
     per_epoch = len(x_tr) // args.batch
     total = args.max_steps or args.epochs * per_epoch
-    step, history, _ = _load_ckpt(folder, net, opt)
+    step, history, _ = load_ckpt(folder, net, opt)
     rng = np.random.default_rng(args.seed + step)
     progress, last = Progress(total, every=args.log_every, start=step), time.time()
     net.train()
@@ -88,7 +88,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
                 history.append(validate(net, x_val, step / per_epoch))
                 net.train()
             if time.time() - last > args.ckpt_minutes * 60 or step == total:
-                _save_ckpt(folder, net, opt, step, history, [])
+                save_ckpt(folder, net, opt, step, history, [])
                 last = time.time()
             if step >= total:
                 break

@@ -104,7 +104,7 @@ def init_weights(model: nn.Module, args: argparse.Namespace) -> None:
 Hook = Callable[[nn.Module, torch.optim.Optimizer, int], "dict[str, float] | None"]
 
 
-def _save_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list,
+def save_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list,
                segments: list) -> None:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.tmp"))
@@ -114,7 +114,7 @@ def _save_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step:
     (folder / "state.tmp").replace(folder / "state.pt")
 
 
-def _load_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list, list]:
+def load_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list, list]:
     """(step, per-epoch history, the commands that ran so far with the step each started at)."""
     if not (folder / "state.pt").exists():
         return 0, [], []
@@ -141,7 +141,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
     init_weights(model, args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     folder = Path(args.run_dir) / model_name(args)
-    start, history, segments = _load_ckpt(folder, model, opt)
+    start, history, segments = load_ckpt(folder, model, opt)
     if not segments or segments[-1]["command"] != command_line():
         segments.append({"from_step": start, "command": command_line()})  # a resume with other settings is recorded
     args.segments = segments
@@ -169,7 +169,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
             if progress.due(step):
                 progress(step, loss=float(losses[-1]), eps=eps, epoch=epoch + 1, **extra)
             if time.time() - last_ckpt > args.ckpt_minutes * 60:
-                _save_ckpt(folder, model, opt, step, history, segments)
+                save_ckpt(folder, model, opt, step, history, segments)
                 last_ckpt = time.time()
             if step >= total:
                 break
@@ -178,7 +178,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
             history.append({"epoch": round(step / per_epoch, 2), **m})
             print(f"epoch {step / per_epoch:.2f}: held-out {len(x_mon)} clean {m['clean']:.3f} "
                   f"FGSM {m['fgsm']:.3f} PGD-20 {m['pgd20']:.3f} (ε={args.eps:g})", flush=True)  # fmt: skip
-            _save_ckpt(folder, model, opt, step, history, segments)
+            save_ckpt(folder, model, opt, step, history, segments)
             last_ckpt = time.time()
     args.losses = torch.stack(losses).tolist() if losses else []
     return model.cpu().eval(), history

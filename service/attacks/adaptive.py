@@ -123,8 +123,8 @@ class Reformed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.magnet(x))
 
-    def excess(self, x: torch.Tensor) -> torch.Tensor:
-        s1, s2 = self.magnet.scores(x)  # type: ignore[operator]
+    def excess(self, x: torch.Tensor, reformed: torch.Tensor | None = None) -> torch.Tensor:
+        s1, s2 = self.magnet.scores(x, reformed)  # type: ignore[operator]
         return torch.maximum(s1 / self.thresholds[0], s2 / self.thresholds[1]) - 1
 
 
@@ -351,7 +351,7 @@ def detector_aware(
 def _detector_excess(model: nn.Module, threshold: float | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """x, purified ↦ per image how far the model's detector is above its threshold (≤ 0: not flagged)."""
     if isinstance(model, Reformed):
-        return lambda x, recon: model.excess(x)
+        return lambda x, recon: model.excess(x, recon)
     _require_defended(model)
     if threshold is None:
         raise ValueError("detector_aware through a projection needs the detector's threshold")
