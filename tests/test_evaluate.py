@@ -278,3 +278,31 @@ def test_report_prints_the_recorded_robustness(own_tiny: Path, tmp_path: Path, c
     row = next(line for line in lines if "| defense-gan |" in line)
     assert f"{ev['defense-gan']['clean']['acc']:.2f} (24)" in row
     assert f"{rob['accuracy']:.2f} ({rob['worst_attack']})" in row
+
+
+def test_advgan_tables_measure_each_shipped_row(registry: Registry, tmp_path: Path) -> None:
+    """AdvGAN Tables 3/4 on a few images: every shipped row has its clean error and each attack's success (what the
+    model gets wrong, recounted here), the paper's figure beside it; rows not trained say so."""
+    from training import eval_advgan
+
+    args = eval_advgan.parse(["--n", "12", "--out", str(tmp_path / "advgan.md"), "--no-record", "--threads", "1"])
+    doc = eval_advgan.run(args)
+    rows = {r["classifier"]: r for r in doc["rows"]}
+    assert len(rows) == 9 and rows["classifier_A_adv0.3"]["shipped"]
+    xs, ys = data.load_slice("mnist")
+    x, y = torch.from_numpy(data.to_float(xs[:12])), torch.from_numpy(ys[:12].astype(np.int64))
+    for r in doc["rows"]:
+        if not r["shipped"]:
+            continue
+        model = registry.classifier("mnist", r["classifier"])
+        with torch.no_grad():
+            wrong = int((model(x).argmax(1) != y).sum())
+        assert r["clean_error"]["rate"] == round(100 * wrong / 12, 2) and r["clean_error"]["n"] == 12
+        for cell in [*r["semi_white_box"].values(), *r["black_box"].values()]:
+            assert cell is None or cell["ci"][0] <= cell["rate"] <= cell["ci"][1]
+        assert r["black_box"]["AdvGAN"] is not None  # the source's generator (advgan_A) is shipped
+    page = (tmp_path / "advgan.md").read_text()
+    assert "Table 3" in page and "Table 4" in page and "(paper 4.3)" in page
+    assert json.loads((tmp_path / "advgan-mnist.json").read_text())["n"] == 12
+    if not rows["classifier_C_pgd0.3"]["shipped"]:
+        assert "not trained (`classifier_C_pgd0.3`)" in page

@@ -261,3 +261,32 @@ def test_training_set_bound_projects_onto_the_nearest_image() -> None:
     assert mse[0] == 0 and mse[1] > 0
     with pytest.raises(SystemExit):  # a bound is not the shipped generator's figure
         eval_generator.parse(["--dataset", "mnist", "--range", "train-set", "--record"])
+
+
+def test_ensemble_training_rotates_sources_and_ships_its_statics(tiny_models: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Tramèr et al.'s ensemble adversarial training: batch i's adversarial half comes from source i mod
+    (1 + statics), the model itself first; the shipped entry names the method and its static models."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models, root)
+    xs, ys = data.load_slice("mnist")
+    arrays = {"x_train": xs[:256], "y_train": ys[:256], "x_test": xs[256:320], "y_test": ys[256:320]}
+    args = train_classifier.parse(["--dataset", "mnist", "--model", "D", "--epochs", "1", "--batch", "64",
+                                   "--adv-eps", "0.3", "--adv-static", "A", "--models-dir", str(root)])  # fmt: skip
+    used = []
+    real_fgsm = train_classifier.fgsm
+
+    def spy(model: torch.nn.Module, *a: object, **k: object) -> torch.Tensor:
+        used.append(model[0].__class__.__name__)  # D starts with Flatten, A with Conv2d
+        return real_fgsm(model, *a, **k)
+
+    monkeypatch.setattr(train_classifier, "fgsm", spy)
+    model = train_classifier.train(args, arrays)
+    assert used == ["Flatten", "Conv2d", "Flatten", "Conv2d"]
+    train_classifier.ship(args, model)
+    entry = json.loads((root / "manifest.json").read_text())["artifacts"]["mnist/classifier_D_ens0.3"]
+    assert entry["training"]["method"] == "ensemble" and entry["training"]["static"] == ["mnist/classifier_A"]
+    assert entry["training"]["threat"] == {"norm": "linf", "eps": 0.3}
+    Registry(root).verify()
+    with pytest.raises(SystemExit):
+        train_classifier.parse(["--dataset", "mnist", "--model", "D", "--adv-static", "A"])  # no --adv-eps

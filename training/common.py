@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -98,10 +100,13 @@ def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR, keep_m
     its files are the same; new files (a retrained model) drop it, since it describes other weights.
     `keep_measured` keeps it although a file changed (a re-export of the same weights).
     """
-    manifest = Path(models_dir) / "manifest.json"
-    man = json.loads(manifest.read_text()) if manifest.exists() else {"schema": 1, "artifacts": {}}
+    with edit_manifest(models_dir) as man:
+        _merge_entry(man, key, entry, Path(models_dir), keep_measured)
+
+
+def _merge_entry(man: dict, key: str, entry: dict, models_dir: Path, keep_measured: bool) -> None:
     old = man["artifacts"].get(key, {})
-    files = {role: {"path": f["path"], "sha256": sha256_file(Path(models_dir) / f["path"])}
+    files = {role: {"path": f["path"], "sha256": sha256_file(models_dir / f["path"])}
              for role, f in entry["files"].items()}  # fmt: skip
     # measured fields (metrics, detector calibration) of the old files
     kept = old if keep_measured or old.get("files") == files else {}
@@ -112,19 +117,30 @@ def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR, keep_m
     merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     man["artifacts"][key] = dict(sorted(merged.items()))
     man["artifacts"] = dict(sorted(man["artifacts"].items()))
+
+
+@contextlib.contextmanager
+def edit_manifest(models_dir: Path = MODELS_DIR) -> Iterator[dict]:
+    """Read models/manifest.json, yield it for changes, write it back atomically, all under an exclusive lock:
+    training jobs running side by side each read-modify-write it, and a reader never sees half a file."""
+    manifest = Path(models_dir) / "manifest.json"
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(man, indent=2) + "\n")
+    with open(manifest.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        man = json.loads(manifest.read_text()) if manifest.exists() else {"schema": 1, "artifacts": {}}
+        yield man
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(man, indent=2) + "\n")
+        tmp.replace(manifest)
 
 
 def record_metrics(key: str, metrics: dict, models_dir: Path = MODELS_DIR, **fields: object) -> None:
     """Merge measured metrics (and top-level `fields`) into an existing manifest entry; files stay as they are."""
-    manifest = Path(models_dir) / "manifest.json"
-    man = json.loads(manifest.read_text())
-    entry = man["artifacts"][key]
-    entry.setdefault("metrics", {}).update(metrics)
-    for name, value in fields.items():
-        entry[name] = {**entry.get(name, {}), **value} if isinstance(value, dict) else value
-    manifest.write_text(json.dumps(man, indent=2) + "\n")
+    with edit_manifest(models_dir) as man:
+        entry = man["artifacts"][key]
+        entry.setdefault("metrics", {}).update(metrics)
+        for name, value in fields.items():
+            entry[name] = {**entry.get(name, {}), **value} if isinstance(value, dict) else value
 
 
 class Progress:

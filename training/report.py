@@ -26,9 +26,13 @@ def _how(t: dict) -> str:
     eps, method = (t.get("threat") or {}).get("eps"), t.get("method")
     if method == "fgsm":
         return f"{t.get('epochs')} epochs, FGSM ε={eps:g}"
+    if method == "ensemble":
+        static = ", ".join(s.split("_")[-1] for s in t.get("static", []))
+        return f"{t.get('epochs')} epochs, ensemble FGSM ε={eps:g} (static {static})"
     if method in ("trades", "pgd"):
         beta = f" β={t['beta']:g}" if method == "trades" else ""
-        return f"{t.get('epochs')} epochs, {method.upper()} ε={eps:g}{beta}, {t['steps']} steps"
+        init = f" from {t['init'].split('/')[-1]}" if t.get("init") else ""
+        return f"{t.get('epochs')} epochs{init}, {method.upper()} ε={eps:g}{beta}, {t['steps']} steps"
     if method == "enhanced-inc":
         return (f"{t.get('epochs')} epochs from {t.get('init')}: PGD ε={eps:g}, {t['steps']} steps + overpowered "
                 f"pairs every {t.get('op_every')} batches, Enhanced INC")  # fmt: skip

@@ -50,7 +50,7 @@ from service.attacks import Defended, Reformed, Unrolled, detector_aware, latent
 from service.purify import ProjectionConfig
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, ROOT, add_device_option, command_line, git_commit, setup
+from training.common import MODELS_DIR, ROOT, add_device_option, command_line, edit_manifest, git_commit, setup
 from training.eval_generator import wilson
 
 THREATS: dict[str, tuple[tuple[str, float], ...]] = {
@@ -420,27 +420,25 @@ def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str
 
 def record(results: list[dict], default: dict | None, dataset: str, info: dict, models_dir: Path) -> None:
     """Each pipeline's figures into its classifier's manifest entry; the dataset's default pipeline."""
-    manifest = models_dir / "manifest.json"
-    man = json.loads(manifest.read_text())
-    for r in results:
-        entry = man["artifacts"][f"{dataset}/{r['classifier']}"]
-        rob = entry.setdefault("metrics", {}).setdefault("robustness", {})
-        rob[r["defense"]] = {
-            "clean": r["clean"],
-            **{t: {k: v[k] for k in ("accuracy", "ci", "n")} | {"attacks": list(r["attacks"])}
-               for t, v in r["threats"].items()},
-            "evaluation": info,
-        }  # fmt: skip
-        if "detect_or_correct" in r:
-            d = r["detect_or_correct"]
-            rob[r["defense"]]["detect_or_correct"] = {
-                t: {k: c[k] for k in ("accuracy", "ci", "n")} | {"attacks": list(d["attacks"])}
-                for t, c in d.items() if t not in ("threshold", "attacks")
-            } | {"threshold": d["threshold"]}  # fmt: skip
-    if default is not None:
-        man.setdefault("defaults", {})[dataset] = {**default, "threat": threat_key(*STANDARD[dataset]),
-                                                    "command": info["command"]}  # fmt: skip
-    manifest.write_text(json.dumps(man, indent=2) + "\n")
+    with edit_manifest(models_dir) as man:
+        for r in results:
+            entry = man["artifacts"][f"{dataset}/{r['classifier']}"]
+            rob = entry.setdefault("metrics", {}).setdefault("robustness", {})
+            rob[r["defense"]] = {
+                "clean": r["clean"],
+                **{t: {k: v[k] for k in ("accuracy", "ci", "n")} | {"attacks": list(r["attacks"])}
+                   for t, v in r["threats"].items()},
+                "evaluation": info,
+            }  # fmt: skip
+            if "detect_or_correct" in r:
+                d = r["detect_or_correct"]
+                rob[r["defense"]]["detect_or_correct"] = {
+                    t: {k: c[k] for k in ("accuracy", "ci", "n")} | {"attacks": list(d["attacks"])}
+                    for t, c in d.items() if t not in ("threshold", "attacks")
+                } | {"threshold": d["threshold"]}  # fmt: skip
+        if default is not None:
+            man.setdefault("defaults", {})[dataset] = {**default, "threat": threat_key(*STANDARD[dataset]),
+                                                        "command": info["command"]}  # fmt: skip
 
 
 def _cell(t: dict | None) -> str:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.attacks import generator_key
 from service.nets import AdvGANDiscriminator, AdvGANGenerator
 from service.registry import Registry
 from training import data
@@ -91,7 +92,7 @@ def train(args: argparse.Namespace) -> tuple[nn.Module, dict, Registry]:
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
     rng = np.random.default_rng(args.seed)
-    run_dir = RUNS_DIR / args.dataset / f"advgan_{args.target.split('_')[-1]}"
+    run_dir = RUNS_DIR / generator_key(args.dataset, args.target)
     t0, step = time.time(), 0
     total = args.epochs * (len(x_tr) // args.batch)
     print(f"training AdvGAN against {args.dataset}/{args.target} on {device}: up to {args.epochs} epochs "
@@ -137,8 +138,8 @@ def train(args: argparse.Namespace) -> tuple[nn.Module, dict, Registry]:
 
 
 def ship(args: argparse.Namespace, gen: nn.Module, info: dict, reg: Registry) -> dict:
-    arch = args.target.split("_")[-1]
-    rel = Path(args.dataset) / f"advgan_{arch}.safetensors"
+    key = generator_key(args.dataset, args.target)
+    rel = Path(f"{key}.safetensors")
     arrays = data.load(args.dataset)
     x_te = torch.from_numpy(data.to_float(arrays["x_test"]))
     y_te = torch.from_numpy(arrays["y_test"].astype(np.int64))
@@ -170,7 +171,7 @@ def ship(args: argparse.Namespace, gen: nn.Module, info: dict, reg: Registry) ->
         "files": {"weights": {"path": str(rel)}},
         "metrics": {f"test_{k}" if k != "images" else "test_images": v for k, v in metrics.items()},
     }
-    update_manifest(f"{args.dataset}/advgan_{arch}", entry)
+    update_manifest(key, entry)
     print(f"shipped {rel}: {metrics}", flush=True)
     return metrics
 

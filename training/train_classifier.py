@@ -2,11 +2,15 @@
 
     python -m training.train_classifier --dataset mnist --model A
     python -m training.train_classifier --dataset mnist --model A --adv-eps 0.3     # FGSM adversarial training
+    python -m training.train_classifier --dataset mnist --model B --adv-eps 0.3 --adv-static D,E   # ensemble
 
 Adam lr 1e-3, 10 epochs, batch 128, inputs in [0, 1] (the paper's settings). With --adv-eps, every batch is half
 clean and half FGSM(ε) on the current weights (Goodfellow et al. 2015's mixed objective, the paper's
-"adversarial training" baseline). Measures clean accuracy on the full 10,000-image test set, checks ONNX Runtime
-against torch on the 1,000-image slice, and records both in models/manifest.json.
+"adversarial training" baseline). With --adv-static as well, ensemble adversarial training (Tramèr et al. 2018):
+the adversarial half is crafted in turn on the current weights and on each named static, pre-trained classifier
+(shipped, frozen, hashes verified), so batch i uses source i mod (1 + statics).
+Measures clean accuracy on the full 10,000-image test set, checks ONNX Runtime against torch on the 1,000-image
+slice, and records both in models/manifest.json.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from service.attacks import fgsm
 from service.nets import build_classifier
+from service.registry import Registry
 from training import data
 from training.common import MODELS_DIR, add_device_option, batches, command_line, save_weights, setup, update_manifest
 from training.onnx_export import export_onnx, onnx_max_diff
@@ -43,20 +48,22 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     x_te = torch.from_numpy(data.to_float(arrays["x_test"])).to(device)
     y_te = torch.from_numpy(arrays["y_test"].astype(np.int64)).to(device)
     model = build_classifier(args.model).to(device)
+    sources = [model, *static_models(args, device)]
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
-    t0 = time.time()
+    t0, batch_no = time.time(), 0
     for epoch in range(1, args.epochs + 1):
         model.train()
         total, steps = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync
         for idx in batches(len(x_tr), args.batch, rng):
             xb, yb = x_tr[idx], y_tr[idx]
             if args.adv_eps > 0:
-                half = len(xb) // 2
+                half, source = len(xb) // 2, sources[batch_no % len(sources)]
                 model.eval()
-                adv = fgsm(model, xb[half:], yb[half:], eps=args.adv_eps)
+                adv = fgsm(source, xb[half:], yb[half:], eps=args.adv_eps)
                 model.train()
                 xb = torch.cat([xb[:half], adv])
+            batch_no += 1
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -69,6 +76,12 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
               f"({(time.time() - t0) / 60:.1f} min)", flush=True)  # fmt: skip
     model = model.cpu().eval()
     return model
+
+
+def static_models(args: argparse.Namespace, device: torch.device) -> list[nn.Module]:
+    """The frozen, shipped classifiers named by --adv-static (ensemble adversarial training's static sources)."""
+    reg = Registry(args.models_dir)
+    return [reg.classifier(args.dataset, f"classifier_{a.upper()}", device) for a in args.adv_static]
 
 
 def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metrics: dict | None = None,
@@ -100,11 +113,16 @@ def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metr
 
 
 def ship(args: argparse.Namespace, model: nn.Module) -> dict:
-    name = f"classifier_{args.model.upper()}" + (f"_adv{args.adv_eps:g}" if args.adv_eps > 0 else "")
+    method = ("ensemble" if args.adv_static else "fgsm") if args.adv_eps > 0 else "standard"
+    suffix = {"standard": "", "fgsm": f"_adv{args.adv_eps:g}", "ensemble": f"_ens{args.adv_eps:g}"}[method]
     threat = {"norm": "linf", "eps": args.adv_eps} if args.adv_eps > 0 else None
-    training = {"method": "fgsm" if args.adv_eps > 0 else "standard", "threat": threat, "epochs": args.epochs,
-                "batch": args.batch, "lr": args.lr, "adv_eps": args.adv_eps, "seed": args.seed}  # fmt: skip
-    return ship_classifier(model, args.dataset, name, {"arch": args.model.upper(), "training": training})
+    training = {"method": method, "threat": threat, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+                "adv_eps": args.adv_eps, "seed": args.seed}  # fmt: skip
+    if args.adv_static:
+        training["static"] = [f"{args.dataset}/classifier_{a.upper()}" for a in args.adv_static]
+    name = f"classifier_{args.model.upper()}{suffix}"
+    return ship_classifier(model, args.dataset, name, {"arch": args.model.upper(), "training": training},
+                           models_dir=args.models_dir)  # fmt: skip
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,11 +133,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--adv-eps", type=float, default=0.0, help="FGSM adversarial training at this ε (0: off)")
+    p.add_argument("--adv-static", type=lambda v: [a for a in v.split(",") if a], default=[],
+                   help="ensemble adversarial training: comma list of shipped static sources (e.g. D,E)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     add_device_option(p)
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--no-ship", action="store_true", help="train and report only")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.adv_static and a.adv_eps <= 0:
+        p.error("--adv-static needs --adv-eps > 0")
+    return a
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.attacks.adaptive import Defended, Reformed, Unrolled, bpda, detector_aware, eot, latent
-from service.attacks.advgan import advgan
+from service.attacks.advgan import advgan, generator_key
 from service.attacks.cw import CW_DEFENSE_GAN, cw, cw_defense_gan
 from service.attacks.fgsm import fgsm, rand_fgsm
 from service.attacks.pgd import pgd, pgd_l2
@@ -64,6 +64,7 @@ __all__ = [
     "detector_aware",
     "eot",
     "fgsm",
+    "generator_key",
     "latent",
     "pgd",
     "pgd_l2",

@@ -12,6 +12,11 @@ import torch
 from torch import nn
 
 
+def generator_key(dataset: str, classifier: str) -> str:
+    """The registry key of the AdvGAN generator trained against `classifier` (classifier_A_pgd0.3 → advgan_A_pgd0.3)."""
+    return f"{dataset}/advgan_{classifier.removeprefix('classifier_')}"
+
+
 def advgan(
     model: nn.Module | None,
     images: torch.Tensor,

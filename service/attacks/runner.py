@@ -20,6 +20,7 @@ from torch import nn
 
 from service.attacks import ATTACKS, AttackSpec
 from service.attacks.adaptive import Defended
+from service.attacks.advgan import generator_key
 from service.attacks.substitute import as_oracle, train_substitute
 from service.config import AttackSettings
 from service.purify import ProjectionConfig
@@ -256,7 +257,7 @@ def execute(
         model = Defended(clf, registry.generator(dataset, device), cfg, encoder=enc, seed=seed)
     kwargs = dict(p.params)
     if p.method == "advgan":
-        key = f"{dataset}/advgan_{classifier.rsplit('_', 1)[-1]}"
+        key = generator_key(dataset, classifier)
         if not registry.has(key):
             raise AttackRequestError(f"no AdvGAN generator trained against {dataset}/{classifier} is shipped ({key})")
         kwargs["generator"] = registry.module(key, device)
