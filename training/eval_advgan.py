@@ -20,18 +20,20 @@ Writes docs/advgan.md and docs/advgan-mnist.json and records the cells in each r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from service.attacks import advgan, cw_defense_gan, fgsm, generator_key
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, ROOT, command_line, git_commit, record_metrics, setup
+from training.common import MODELS_DIR, ROOT, RUNS_DIR, command_line, git_commit, record_metrics, setup
 from training.eval_generator import wilson
 
 EPS = 0.3
@@ -75,15 +77,29 @@ def attacks_on(reg: Registry, dataset: str, name: str, device: torch.device) -> 
     }
 
 
-def craft(attacks: dict[str, Attack | None], x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
-    """Each attack's adversarial images (None where the attack is not available)."""
-    out = {}
+def craft(attacks: dict[str, Attack | None], x: torch.Tensor, y: torch.Tensor, batch: int,
+          cache: Path | None = None) -> dict:  # fmt: skip
+    """Each attack's adversarial images (None where the attack is not available). FGSM's and Opt.'s are read from
+    `cache` (a safetensors file named by the model's hash and the images) when a run made them already."""
+    out = dict(load_file(str(cache))) if cache is not None and cache.exists() else {}
     for name, fn in attacks.items():
+        if name in out:
+            continue
         t0 = time.time()
         out[name] = None if fn is None else torch.cat([fn(x[i : i + batch], y[i : i + batch])
                                                        for i in range(0, len(x), batch)])  # fmt: skip
         print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
-    return out
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: out[k].contiguous() for k in ("FGSM", "Opt.")}, str(cache))
+    return {k: out[k].to(x.device) if out[k] is not None else None for k in attacks}
+
+
+def cache_path(folder: Path, reg: Registry, dataset: str, name: str, x: torch.Tensor) -> Path:
+    """<folder>/<model sha256>-<images digest>.safetensors: the gradient attacks on these weights and images."""
+    images = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()[:12]
+    weights = reg.get(f"{dataset}/{name}").files["weights"]["sha256"][:16]
+    return folder / f"{weights}-{images}.safetensors"
 
 
 @torch.no_grad()
@@ -103,7 +119,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     x = torch.from_numpy(data.to_float(xs[: args.n])).to(device)
     y = torch.from_numpy(ys[: args.n].astype("int64")).to(device)
     print(f"black-box source {SOURCE}", flush=True)
-    transfer = craft(attacks_on(reg, args.dataset, SOURCE, device), x, y, args.batch)
+    transfer = craft(attacks_on(reg, args.dataset, SOURCE, device), x, y, args.batch,
+                     cache_path(args.cache_dir, reg, args.dataset, SOURCE, x))  # fmt: skip
     rows = [measure_row(reg, args, arch, method, x, y, transfer) for arch in ARCHS for method in DEFENSES]
     return {"rows": rows, "n": len(y), "source": SOURCE}
 
@@ -117,7 +134,13 @@ def measure_row(reg: Registry, args: argparse.Namespace, arch: str, method: str,
         return row
     print(name, flush=True)
     model = reg.classifier(args.dataset, name, x.device)
-    own = craft(attacks_on(reg, args.dataset, name, x.device), x, y, args.batch)
+    own = craft(
+        attacks_on(reg, args.dataset, name, x.device),
+        x,
+        y,
+        args.batch,
+        cache_path(args.cache_dir, reg, args.dataset, name, x),
+    )
     row["clean_error"] = success(model, x, y)
     row["semi_white_box"] = {a: success(model, own[a], y) for a in ATTACKS}
     row["black_box"] = {a: success(model, transfer[a], y) for a in ATTACKS}
@@ -215,6 +238,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "advgan.md")
+    p.add_argument("--cache-dir", type=Path, default=RUNS_DIR / "advgan_eval", help="FGSM/Opt. images per model")
     p.add_argument("--no-record", dest="record", action="store_false", help="leave the manifest alone")
     return p.parse_args(argv)
 
