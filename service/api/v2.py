@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -93,8 +92,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse(oip.error_body(message), status_code=status, headers=headers)
 
 
-def _reply(resp: oip.InferResponse, binary: set[str] | bool) -> Response:
+def _reply(resp: oip.InferResponse, binary: set[str] | bool, accept: str | None = None) -> Response:
+    """The encoded response, compressed as the caller's `Accept-Encoding` asks (Inference-Header-Content-Length
+    stays the uncompressed JSON part's length, as Triton sends it)."""
     body, headers = oip.encode_response(resp, binary)
+    if encoding := oip.response_encoding(accept):
+        body = oip.compress(body, encoding)
+        headers = {**headers, "Content-Encoding": encoding, "Vary": "Accept-Encoding"}
     return Response(body, headers=headers)
 
 
@@ -130,8 +134,7 @@ class _Reply(Exception):
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    """The body, size-capped while it streams; `Content-Encoding: gzip` (or deflate) is decoded, the cap applying to
-    the decoded bytes too (a small bomb cannot expand past it)."""
+    """The body, size-capped while it streams, then decoded per its `Content-Encoding` (the cap applies again)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise oip.OIPError(f"the body has {declared} bytes; the limit is {limit}", status=413)
@@ -141,20 +144,7 @@ async def _body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise oip.OIPError(f"the body exceeds {limit} bytes", status=413)
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise oip.OIPError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none", status=415)
-    d = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise oip.OIPError(f"the {encoding} body could not be decoded: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise oip.OIPError(f"the decoded body exceeds {limit} bytes", status=413)
-    return out
+    return oip.decode_content(b"".join(chunks), request.headers.get("content-encoding"), limit)
 
 
 # -- names ---------------------------------------------------------------------------------------------------------
@@ -333,13 +323,14 @@ async def infer(name: str, request: Request) -> Response:
             body = await _body(request, st.settings.max_upload_bytes)
             req = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
             if (own := _own(st, name)) is not None:
-                return await _infer_own(st, name, own, req)
-            up = st.proxy.upstream(name)
-            if up is None:
+                resp = await _infer_own(st, name, own, req)
+            elif (up := st.proxy.upstream(name)) is None:
                 return _error(404, f"unknown model {name!r}")
-            if up.protocol != "v2":
+            elif up.protocol != "v2":
                 return _error(400, f"{name!r} is a raw upstream; POST image bytes to /predictions/{name}")
-            return await _infer_proxied(st, name, req, dict(request.headers))
+            else:
+                resp = await _infer_proxied(st, name, req, dict(request.headers))
+            return _reply(resp, req.binary_outputs(), request.headers.get("accept-encoding"))
     except _Reply as r:
         return r.response
 
@@ -363,7 +354,7 @@ def _images(t: oip.Tensor, max_images: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.InferRequest) -> Response:
+async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.InferRequest) -> oip.InferResponse:
     ds, clf = own
     if len(req.inputs) != 1:
         raise oip.OIPError(f"model {name!r} takes one input tensor, got {len(req.inputs)}")
@@ -395,10 +386,11 @@ async def _infer_own(st: _State, name: str, own: tuple[str, str], req: oip.Infer
     outputs = [oip.Tensor.from_numpy(k, tensors[k]) for k in names]
     resp = oip.InferResponse(name, outputs, VERSION, req.id, _purify_parameters(p, ds, r, x.shape[0]))
     resp.parameters["classifier"] = clf
-    return _reply(resp, req.binary_outputs())
+    return resp
 
 
-async def _infer_proxied(st: _State, name: str, req: oip.InferRequest, headers: dict[str, str]) -> Response:
+async def _infer_proxied(st: _State, name: str, req: oip.InferRequest, headers: dict[str, str]
+                         ) -> oip.InferResponse:  # fmt: skip
     up = st.proxy.upstream(name)
     assert up is not None
     p = _purification(req.parameters, st, up.dataset, None)  # strips our parameters from what is forwarded
@@ -417,7 +409,7 @@ async def _infer_proxied(st: _State, name: str, req: oip.InferRequest, headers: 
 
     fwd = await purify_and_forward(st.proxy, name, req, purify, headers)
     fwd.response.parameters.update(_purify_parameters(p, up.dataset, result[0], fwd.images))
-    return _reply(fwd.response, req.binary_outputs())
+    return fwd.response
 
 
 # -- raw bytes (TorchServe-style) ----------------------------------------------------------------------------------
