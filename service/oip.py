@@ -266,7 +266,7 @@ def _tensors(items: Any, binary: memoryview, offset: int, kind: str) -> tuple[li
             raise OIPError(f"{where} appears twice")
         seen.add(name)
         datatype = item.get("datatype")
-        if datatype not in DTYPES:
+        if not isinstance(datatype, str) or datatype not in DTYPES:
             raise OIPError(f"{where}: unknown datatype {datatype!r}; expected one of {list(DATATYPES)}")
         shape = _shape(item.get("shape"), where)
         params = _params(item.get("parameters"), where)

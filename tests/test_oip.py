@@ -97,6 +97,7 @@ def _req(**tensor: object) -> bytes:
         (b'{"inputs": {"name": "x"}}', None, "must be a list"),
         (_req(name=""), None, "non-empty string"),
         (_req(datatype="FP128"), None, "unknown datatype"),
+        (_req(datatype={}), None, "unknown datatype"),  # found by schemathesis: was a 500 (unhashable)
         (_req(shape=[2, -1]), None, "negative"),
         (_req(shape="2"), None, "list of integers"),
         (_req(shape=[3]), None, "needs 3 elements"),

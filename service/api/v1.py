@@ -22,6 +22,7 @@ from starlette.datastructures import UploadFile
 
 from service import imaging
 from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
+from service.api.schema import errors
 from service.attacks import runner
 from service.batcher import Batcher, DefendJob, PurifyJob
 from service.config import Settings
@@ -43,20 +44,7 @@ from service.metrics import Metrics
 from service.purify import ProjectionConfig
 from service.registry import Registry
 
-
-class ErrorBody(BaseModel):
-    error: str = Field(description="what was wrong, in words")
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": what}
-    for code, what in (
-        (400, "malformed body"), (404, "unknown model, dataset or defense"), (408, "the body arrived too slowly"),
-        (413, "body, image or batch too large"), (415, "unsupported content"),
-        (422, "bad parameter, over a cap or over the compute budget"),
-        (503, "busy (Retry-After), shutting down or not ready"), (504, "ran past the request timeout"),
-    )
-}  # fmt: skip
+ERRORS = errors(400, 404, 408, 413, 415, 422, 503, 504)
 EXAMPLE_PNG = imaging.png_base64(np.zeros((28, 28), dtype=np.float32))  # a real (blank) image the schema can send
 
 router = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
@@ -80,6 +68,10 @@ async def _off_loop(small: bool, fn: Any, *args: Any) -> Any:
 
 
 # -- parameters -------------------------------------------------------------------------------------
+NOT_BLANK = r"\S"  # a name must not be empty or blank (leave it out for the default)
+MODEL_NAME = '"<dataset>/<classifier>" or "<dataset>", e.g. "mnist/classifier_A"'
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,7 +79,8 @@ class _Params(BaseModel):
                               "with a warm start)")  # fmt: skip
     restarts: int | None = Field(None, description="random restarts of the projection (capped)")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="fix the restarts' noise (default: fresh draws)")
-    value_range: float = Field(1.0, description="arrays only: 1 for values in [0, 1], 255 for [0, 255]")
+    value_range: float = Field(1.0, description="arrays only: 1 for values in [0, 1], 255 for [0, 255]",
+                               json_schema_extra={"enum": [1, 255]})  # fmt: skip
 
     @field_validator("steps", "restarts", "seed", mode="before")
     @classmethod
@@ -112,7 +105,7 @@ class _Params(BaseModel):
 
 
 class ClassifyParams(_Params):
-    model: str | None = Field(None, description='"<dataset>/<classifier>" or "<dataset>", e.g. "mnist/classifier_A"')
+    model: str | None = Field(None, min_length=1, pattern=NOT_BLANK, description=MODEL_NAME)
     defense: Defense | None = Field(
         None,
         description="none | defense-gan (random restarts) | invert-classify (encoder warm start) | "
@@ -126,13 +119,16 @@ class ClassifyParams(_Params):
 
 
 class PurifyParams(_Params):
-    dataset: str | None = Field(None, description="whose generator purifies, e.g. mnist")
+    dataset: str | None = Field(
+        None, min_length=1, pattern=NOT_BLANK, description="whose generator purifies, e.g. mnist"
+    )
     defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
     format: Literal["png", "json", "npy"] = Field("png", description="png (one image), json, or npy (float32)")
 
 
 class DetectParams(_Params):
-    dataset: str | None = Field(None, description="whose generator and calibrated threshold, e.g. mnist")
+    dataset: str | None = Field(None, min_length=1, pattern=NOT_BLANK,
+                                description="whose generator and calibrated threshold, e.g. mnist")  # fmt: skip
     defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
 
 
@@ -207,29 +203,41 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
+def _query(prop: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema for the query string, where a null cannot be written (leave the parameter out)."""
+    branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) != 1:
+        return prop
+    return {**{k: v for k, v in prop.items() if k != "anyOf"}, **branches[0]}
+
+
 def _openapi(params: type[_Params], example: dict[str, Any]) -> dict[str, Any]:
-    """Query parameters and the three body forms, for the OpenAPI schema (the route parses the body itself)."""
+    """Query parameters and the three body forms, for the OpenAPI schema (the route parses the body itself). The
+    caps (steps, restarts, images) are written in when the app is built (`schema.with_caps`)."""
     schema = params.model_json_schema()
     parameters = [
-        {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
+        {"name": name, "in": "query", "required": False, "schema": _query(prop),
+         "description": prop.get("description", "")}
         for name, prop in schema["properties"].items()
-    ]
+    ]  # fmt: skip
+    images = {"type": "string", "minLength": 1, "description": "base64 PNG/JPEG/WebP/.npy (data URLs accepted)"}
     json_props = {
-        "image": {"type": "string", "description": "base64 PNG/JPEG/WebP/.npy (data URLs accepted)"},
-        "images": {"type": "array", "items": {"type": "string"}, "description": "several base64 images"},
+        "image": images,
+        "images": {"type": "array", "items": images, "description": "several base64 images"},
         "array": {"type": "array", "items": {}, "description": "nested list: H×W, N×H×W, N×1×H×W, ..."},
         **schema["properties"],
     }
+    json_schema = {"type": "object", "properties": json_props, "additionalProperties": False,
+                   "anyOf": [{"required": [k]} for k in IMAGE_KEYS]}  # fmt: skip
     binary = {"schema": {"type": "string", "format": "binary"}}
+    upload = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
     return {
         "parameters": parameters,
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {
-                    "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-                },
-                "application/json": {"schema": {"type": "object", "properties": json_props}, "example": example},
+                "multipart/form-data": {"schema": upload},
+                "application/json": {"schema": json_schema, "example": example},
                 "image/png": binary,
                 "image/jpeg": binary,
                 "image/webp": binary,
@@ -619,7 +627,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops_router.get("/readyz", summary="Readiness: models verified, loaded and warmed")
+@ops_router.get("/readyz", summary="Readiness: models verified, loaded and warmed", responses=errors(503))
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     batcher = state.batcher

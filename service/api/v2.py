@@ -29,6 +29,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import imaging, oip
+from service.api import schema
 from service.batcher import Batcher, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
 from service.engine import (
@@ -50,6 +51,11 @@ VERSION = "1"  # the one version of each of our own models
 SERVER = {"name": "manifold-guard", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 OWN_OUTPUTS = ("probabilities", "labels", "mse", "flagged", "purified")
 OUR_PARAMETERS = ("defense", "steps", "restarts", "seed")
+LIVE = {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}}
+READY = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
+METADATA_RESPONSES = {200: schema.json_body(schema.MODEL_METADATA, "model metadata"), **schema.errors(404, 502, 504)}
+READY_RESPONSES = {200: schema.json_body({**READY, "properties": {"name": {"type": "string"}, **READY["properties"]}},
+                                         "ready"), **schema.errors(404, 503)}  # fmt: skip
 
 
 @dataclass
@@ -219,17 +225,17 @@ def _purify_parameters(p: _Purification, dataset: str, r: PurifyResult | DefendR
 
 
 # -- server-level routes -------------------------------------------------------------------------------------------
-@router.get("/v2")
+@router.get("/v2", responses={200: schema.json_body({"type": "object"}, "server metadata")})
 async def server_metadata() -> dict:
     return SERVER
 
 
-@router.get("/v2/health/live")
+@router.get("/v2/health/live", responses={200: schema.json_body(LIVE, "live")})
 async def live() -> Response:
     return JSONResponse({"live": True})  # the body KServe's clients read; Triton's read the status only
 
 
-@router.get("/v2/health/ready")
+@router.get("/v2/health/ready", responses={200: schema.json_body(READY, "ready"), **schema.errors(503)})
 async def ready(request: Request) -> Response:
     if _ready(request):
         return JSONResponse({"ready": True})
@@ -242,7 +248,7 @@ def _ready(request: Request) -> bool:
 
 
 # -- model-level routes --------------------------------------------------------------------------------------------
-@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}", responses=METADATA_RESPONSES)
 async def model_metadata(name: str, request: Request) -> Response:
     st = _state(request)
     own = _own(st, name)
@@ -276,7 +282,7 @@ async def model_metadata(name: str, request: Request) -> Response:
         return r.response
 
 
-@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/ready", responses=READY_RESPONSES)
 async def model_ready(name: str, request: Request) -> Response:
     st = _state(request)
     if _own(st, name) is not None:
@@ -300,22 +306,22 @@ def _version(st: _State, name: str, version: str) -> Response | None:
     return _error(404, f"versioned calls go to our own models; call /v2/models/{name}/... for a proxied model")
 
 
-@router.get("/v2/models/{name}/versions/{version}")
+@router.get("/v2/models/{name}/versions/{version}", responses=METADATA_RESPONSES)
 async def version_metadata(name: str, version: str, request: Request) -> Response:
     return _version(_state(request), name, version) or await model_metadata(name, request)
 
 
-@router.get("/v2/models/{name}/versions/{version}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready", responses=READY_RESPONSES)
 async def version_ready(name: str, version: str, request: Request) -> Response:
     return _version(_state(request), name, version) or await model_ready(name, request)
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer")
+@router.post("/v2/models/{name}/versions/{version}/infer", responses=schema.INFER_RESPONSES, openapi_extra=schema.INFER)
 async def version_infer(name: str, version: str, request: Request) -> Response:
     return _version(_state(request), name, version) or await infer(name, request)
 
 
-@router.post("/v2/models/{name}/infer")
+@router.post("/v2/models/{name}/infer", responses=schema.INFER_RESPONSES, openapi_extra=schema.INFER)
 async def infer(name: str, request: Request) -> Response:
     st = _state(request)
     try:
@@ -413,7 +419,7 @@ async def _infer_proxied(st: _State, name: str, req: oip.InferRequest, headers: 
 
 
 # -- raw bytes (TorchServe-style) ----------------------------------------------------------------------------------
-@router.post("/predictions/{name}")
+@router.post("/predictions/{name}", responses=schema.RAW_RESPONSES, openapi_extra=schema.RAW_IMAGE)
 async def predictions(name: str, request: Request) -> Response:
     st = _state(request)
     up = st.proxy.upstream(name)
