@@ -151,23 +151,7 @@ class DefendJob:
         return projection_cost(n, self.cfg or ProjectionConfig())
 
     def split(self, out: DefendResult, bounds: list[tuple[int, int]]) -> list[DefendResult]:
-        def cut(a: Any, i: int, j: int) -> Any:
-            return None if a is None else a[i:j]
-
-        return [
-            DefendResult(
-                out.labels[i:j],
-                out.probs[i:j],
-                cut(out.purified, i, j),
-                cut(out.mse, i, j),
-                cut(out.flagged, i, j),
-                out.threshold,
-                out.timings_ms,
-                out.steps,
-                out.restarts,
-            )
-            for i, j in bounds
-        ]
+        return [out.rows(i, j) for i, j in bounds]
 
     def record(self, metrics: Metrics, out: DefendResult) -> None:
         if self.defense in PROJECTING:
@@ -195,22 +179,7 @@ class PurifyJob:
         return engine.purify_result(x, self.dataset, self.cfg, self.seed, stop)
 
     def split(self, out: PurifyResult, bounds: list[tuple[int, int]]) -> list[PurifyResult]:
-        return [
-            PurifyResult(
-                out.images[i:j],
-                out.z[i:j],
-                out.mse[i:j],
-                out.restart_mse[i:j],
-                out.threshold,
-                out.fpr,
-                None if out.flagged is None else out.flagged[i:j],
-                out.steps,
-                out.restarts,
-                out.init,
-                out.timings_ms,
-            )
-            for i, j in bounds
-        ]
+        return [out.rows(i, j) for i, j in bounds]
 
     def record(self, metrics: Metrics, out: PurifyResult) -> None:
         metrics.observe_purification(self.dataset, self.cfg.init, len(out.mse), out.steps)

@@ -60,6 +60,11 @@ class Artifact:
         return root / self.files[role]["path"]
 
 
+def grid_key(init: str, steps: int, restarts: int) -> str:
+    """The key of a detector calibration in a generator's `detector_grid`: "<start>:<L>:<R>"."""
+    return f"{init}:{steps}:{restarts}"
+
+
 class Registry:
     """Loads what `models/manifest.json` lists; `verify()` checks every file against its sha256."""
 
@@ -179,22 +184,46 @@ class Registry:
 
     def detector(self, dataset: str, init: str = "random", steps: int | None = None,
                  restarts: int | None = None) -> Detector | None:  # fmt: skip
-        """The detector calibrated on the generator's entry for this init — and, when `steps`/`restarts` are given,
-        for exactly those (a threshold is a quantile of clean MSEs at one L and R: at other L, R it misfires, e.g.
-        74 % of clean images flagged at L=25 under a threshold set at L=200), else None."""
-        cal = self.detector_calibration(dataset, init)
-        if cal is None:
-            return None
-        for key, want in (("steps", steps), ("restarts", restarts)):
-            if want is not None and key in cal and int(cal[key]) != want:
-                return None
-        return Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"]))
+        """The detector calibrated for this projection: start `init` and — when `steps`/`restarts` are given —
+        exactly those (a threshold is a quantile of clean MSEs at one L and R: at other L, R it misfires, e.g.
+        74 % of clean images flagged at L=25 under a threshold set at L=200), else None (`detector_note` says why)."""
+        cal = self.detector_calibration(dataset, init, steps, restarts)
+        return None if cal is None else Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"]))
 
-    def detector_calibration(self, dataset: str, init: str) -> dict | None:
-        """The recorded calibration (threshold, fpr, n, steps, restarts, images) for this init, if any."""
+    def detector_calibration(self, dataset: str, init: str, steps: int | None = None,
+                             restarts: int | None = None) -> dict | None:  # fmt: skip
+        """The recorded calibration (threshold, fpr, n, steps, restarts, images) for this start at exactly these
+        L and R — the start's main entry (`detector[init]`) or a grid point (`detector_grid["init:L:R"]`,
+        `training.calibrate_detector`) — or None. Without steps/restarts: the start's main entry."""
+        for cal in self.detector_calibrations(dataset):
+            if cal["init"] != init or (steps is None and restarts is None and not cal["main"]):
+                continue
+            if all(
+                want is None or int(cal.get(key, want)) == want
+                for key, want in (("steps", steps), ("restarts", restarts))
+            ):
+                return cal
+        return None
+
+    def detector_calibrations(self, dataset: str) -> list[dict]:
+        """Every calibration of the dataset's detector, each with its `init` and `main` flag: grid points first (set on
+        more images, they win where a main entry has the same L and R), then the main entries."""
         if not self.has(f"{dataset}/generator"):
+            return []
+        raw = self.get(f"{dataset}/generator").raw
+        main = [{**c, "init": init, "main": True} for init, c in raw.get("detector", {}).items()]
+        grid = [{**c, "init": c.get("init", key.split(":")[0]), "main": False}
+                for key, c in raw.get("detector_grid", {}).items()]  # fmt: skip
+        return grid + main
+
+    def detector_note(self, dataset: str, init: str, steps: int, restarts: int) -> str | None:
+        """Why a projection at (init, steps, restarts) gets no detector verdict (`flagged: null`); None if it does."""
+        if self.detector(dataset, init, steps, restarts) is not None:
             return None
-        return self.get(f"{dataset}/generator").raw.get("detector", {}).get(init)
+        have = [f"{c['init']} L={c.get('steps', '?')} R={c.get('restarts', '?')}"
+                for c in self.detector_calibrations(dataset)]  # fmt: skip
+        return (f"no detector threshold is calibrated for a {init} start at L={steps}, R={restarts} (a threshold "
+                f"holds for the projection it was set at); calibrated: {', '.join(have) or 'none'}")  # fmt: skip
 
     def class_names(self, dataset: str) -> list[str]:
         return list(self.get(f"{dataset}/generator").raw.get("classes", [str(i) for i in range(10)]))

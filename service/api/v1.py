@@ -143,12 +143,16 @@ class Prediction(BaseModel):
     input_png: str | None = Field(None, description="the model's 28×28 input as base64 PNG, with return_input=true")
 
 
+NOTE_DOC = "why `flagged` is null after a projection: no threshold is calibrated for its start, L and R"
+
+
 class ClassifyResponse(BaseModel):
     model: str
     defense: str
     steps: int
     restarts: int
     threshold: float | None
+    detector_note: str | None = Field(None, description=NOTE_DOC)
     predictions: list[Prediction]
     timings_ms: dict[str, float]
     batch: dict[str, int]
@@ -166,6 +170,7 @@ class PurifyResponse(BaseModel):
     steps: int
     restarts: int
     threshold: float | None
+    detector_note: str | None = Field(None, description=NOTE_DOC)
     images: list[PurifiedImage]
     timings_ms: dict[str, float]
 
@@ -181,6 +186,7 @@ class DetectResponse(BaseModel):
     steps: int
     restarts: int
     threshold: float | None = Field(description="calibrated on clean images; null when none is shipped")
+    detector_note: str | None = Field(None, description=NOTE_DOC)
     fpr: float | None = Field(description="the clean false-positive rate the threshold was set for")
     detections: list[Detection]
     timings_ms: dict[str, float]
@@ -438,6 +444,7 @@ async def classify(
         "steps": r.steps,
         "restarts": r.restarts,
         "threshold": r.threshold,
+        "detector_note": r.detector_note,
         "predictions": preds,
         "timings_ms": timings,
         "batch": {"images": out.batch_images, "requests": out.batch_requests},
@@ -491,6 +498,8 @@ async def purify(
             raise HTTPException(422, "format=png returns one image; use format=json or format=npy for several")
         if r.flagged is not None:
             headers["X-MG-Flagged"] = str(bool(r.flagged[0])).lower()
+        elif r.detector_note:
+            headers["X-MG-Detector-Note"] = r.detector_note
         png = await run_in_threadpool(imaging.encode_png, r.images[0])
         return Response(png, media_type="image/png", headers=headers)
     if p.format == "npy":
@@ -509,6 +518,7 @@ async def purify(
         "steps": r.steps,
         "restarts": r.restarts,
         "threshold": r.threshold,
+        "detector_note": r.detector_note,
         "images": images,
         "timings_ms": timings,
     }
@@ -540,6 +550,7 @@ async def detect(
         "steps": r.steps,
         "restarts": r.restarts,
         "threshold": r.threshold,
+        "detector_note": r.detector_note,
         "fpr": r.fpr,
         "detections": dets,
         "timings_ms": timings,
