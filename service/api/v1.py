@@ -21,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import imaging
-from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
+from service.api.deps import Serving, get_metrics, get_registry, get_serving, get_settings
 from service.api.schema import errors
 from service.attacks import runner
-from service.batcher import Batcher, DefendJob, PurifyJob
+from service.batcher import DefendJob, PurifyJob
 from service.config import Settings
 from service.engine import (
     ENHANCED,
@@ -143,16 +143,20 @@ class Prediction(BaseModel):
     input_png: str | None = Field(None, description="the model's 28×28 input as base64 PNG, with return_input=true")
 
 
-NOTE_DOC = "why `flagged` is null after a projection: no threshold is calibrated for its start, L and R"
+class _Projected(BaseModel):
+    """The figures of the projection every defended answer carries."""
 
-
-class ClassifyResponse(BaseModel):
-    model: str
     defense: str
     steps: int
     restarts: int
-    threshold: float | None
-    detector_note: str | None = Field(None, description=NOTE_DOC)
+    threshold: float | None = Field(description="calibrated on clean images for this start, L and R; else null")
+    detector_note: str | None = Field(
+        None, description="why `flagged` is null after a projection: no threshold is calibrated for its start, L and R"
+    )
+
+
+class ClassifyResponse(_Projected):
+    model: str
     predictions: list[Prediction]
     timings_ms: dict[str, float]
     batch: dict[str, int]
@@ -164,13 +168,8 @@ class PurifiedImage(BaseModel):
     flagged: bool | None
 
 
-class PurifyResponse(BaseModel):
+class PurifyResponse(_Projected):
     dataset: str
-    defense: str
-    steps: int
-    restarts: int
-    threshold: float | None
-    detector_note: str | None = Field(None, description=NOTE_DOC)
     images: list[PurifiedImage]
     timings_ms: dict[str, float]
 
@@ -180,13 +179,8 @@ class Detection(BaseModel):
     flagged: bool | None
 
 
-class DetectResponse(BaseModel):
+class DetectResponse(_Projected):
     dataset: str
-    defense: str
-    steps: int
-    restarts: int
-    threshold: float | None = Field(description="calibrated on clean images; null when none is shipped")
-    detector_note: str | None = Field(None, description=NOTE_DOC)
     fpr: float | None = Field(description="the clean false-positive rate the threshold was set for")
     detections: list[Detection]
     timings_ms: dict[str, float]
@@ -370,6 +364,11 @@ def _class_names(registry: Registry, ds: str) -> list[str]:
     return registry.class_names(ds) if registry.has(f"{ds}/generator") else [str(i) for i in range(10)]
 
 
+def _projected(r: DefendResult | PurifyResult) -> dict[str, Any]:
+    """The projection's figures every defended answer carries: L, R, the threshold, or why there is none."""
+    return {"steps": r.steps, "restarts": r.restarts, "threshold": r.threshold, "detector_note": r.detector_note}
+
+
 async def _pngs(images: Any) -> list[str] | None:
     """Base64 PNGs of N×1×28×28 images (in a worker thread), or None for None."""
     if images is None:
@@ -393,14 +392,10 @@ async def _pngs(images: Any) -> list[str] | None:
         },
     ),
 )
-async def classify(
-    request: Request,
-    settings: Settings = Depends(get_settings),
-    registry: Registry = Depends(get_registry),
-    batcher: Batcher = Depends(get_batcher),
-) -> Any:
+async def classify(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     """Label, class name and probabilities per image; with a defense also the reconstruction MSE, the detector's
     flag and (with `return_purified`) the purified image."""
+    settings, registry, batcher = sv.settings, sv.registry, sv.batcher
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
     p: ClassifyParams = parse_params(ClassifyParams, raw, settings)
@@ -441,19 +436,15 @@ async def classify(
     return {
         "model": f"{ds}/{clf}",
         "defense": defense,
-        "steps": r.steps,
-        "restarts": r.restarts,
-        "threshold": r.threshold,
-        "detector_note": r.detector_note,
+        **_projected(r),
         "predictions": preds,
         "timings_ms": timings,
         "batch": {"images": out.batch_images, "requests": out.batch_requests},
     }
 
 
-async def _purify(
-    request: Request, settings: Settings, registry: Registry, batcher: Batcher, params: type[_Params]
-) -> tuple[Any, PurifyResult, str, float, float]:
+async def _purify(request: Request, sv: Serving, params: type[_Params]) -> tuple[Any, PurifyResult, str, float, float]:
+    settings, registry, batcher = sv.settings, sv.registry, sv.batcher
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
     p = parse_params(params, raw, settings)
@@ -480,14 +471,9 @@ async def _purify(
     },
     openapi_extra=_openapi(PurifyParams, {"image": EXAMPLE_PNG, "dataset": "mnist", "format": "json"}),
 )
-async def purify(
-    request: Request,
-    settings: Settings = Depends(get_settings),
-    registry: Registry = Depends(get_registry),
-    batcher: Batcher = Depends(get_batcher),
-) -> Response:
+async def purify(request: Request, sv: Serving = Depends(get_serving)) -> Response:
     """The purified image(s): PNG by default (exactly one image), JSON (base64 PNGs with MSEs) or .npy."""
-    p, r, ds, t0, timings = await _purify(request, settings, registry, batcher, PurifyParams)
+    p, r, ds, t0, timings = await _purify(request, sv, PurifyParams)
     headers = {
         "X-MG-Steps": str(r.steps),
         "X-MG-Restarts": str(r.restarts),
@@ -515,10 +501,7 @@ async def purify(
     body = {
         "dataset": ds,
         "defense": p.defense,
-        "steps": r.steps,
-        "restarts": r.restarts,
-        "threshold": r.threshold,
-        "detector_note": r.detector_note,
+        **_projected(r),
         "images": images,
         "timings_ms": timings,
     }
@@ -531,14 +514,9 @@ async def purify(
     summary="Score images as adversarial (reconstruction MSE)",
     openapi_extra=_openapi(DetectParams, {"image": EXAMPLE_PNG, "dataset": "mnist"}),
 )
-async def detect(
-    request: Request,
-    settings: Settings = Depends(get_settings),
-    registry: Registry = Depends(get_registry),
-    batcher: Batcher = Depends(get_batcher),
-) -> Any:
+async def detect(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     """Score = the reconstruction MSE after projection; flagged when above the threshold calibrated on clean images."""
-    p, r, ds, t0, timings = await _purify(request, settings, registry, batcher, DetectParams)
+    p, r, ds, t0, timings = await _purify(request, sv, DetectParams)
     timings["total_ms"] = (time.perf_counter() - t0) * 1e3
     dets = [
         {"score": float(r.mse[i]), "flagged": None if r.flagged is None else bool(r.flagged[i])}
@@ -547,10 +525,7 @@ async def detect(
     return {
         "dataset": ds,
         "defense": p.defense,
-        "steps": r.steps,
-        "restarts": r.restarts,
-        "threshold": r.threshold,
-        "detector_note": r.detector_note,
+        **_projected(r),
         "fpr": r.fpr,
         "detections": dets,
         "timings_ms": timings,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, Request
@@ -173,17 +173,32 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"ready": False, "error": "the engine is not ready"}, status_code=503)
 
 
-# -- model-level routes, each with its versioned twin ----------------------------------------------------------------
-@router.get("/v2/models/{name}", responses=METADATA_RESPONSES)
-async def model_metadata(name: str, request: Request) -> Response:
-    return await _metadata(request, name, None)
+# -- model-level routes: each path also under /versions/{version} (a version the model must have) ------------------
+Handler = Callable[[Request, str, str | None], Awaitable[Response]]
 
 
-@router.get("/v2/models/{name}/versions/{version}", responses=METADATA_RESPONSES)
-async def version_metadata(name: str, version: str, request: Request) -> Response:
-    return await _metadata(request, name, version)
+def _twin_routes(method: str, suffix: str, responses: dict, openapi_extra: dict | None = None
+                 ) -> Callable[[Handler], Handler]:  # fmt: skip
+    """Register `handler(request, name, version)` at /v2/models/{name}{suffix} (version None) and at
+    /v2/models/{name}/versions/{version}{suffix}."""
+
+    def register(handler: Handler) -> Handler:
+        async def plain(name: str, request: Request) -> Response:
+            return await handler(request, name, None)
+
+        async def versioned(name: str, version: str, request: Request) -> Response:
+            return await handler(request, name, version)
+
+        for path, endpoint in ((f"/v2/models/{{name}}{suffix}", plain),
+                               (f"/v2/models/{{name}}/versions/{{version}}{suffix}", versioned)):  # fmt: skip
+            router.add_api_route(path, endpoint, methods=[method], responses=responses, openapi_extra=openapi_extra,
+                                 name=handler.__name__.strip("_"))  # fmt: skip
+        return handler
+
+    return register
 
 
+@_twin_routes("GET", "", METADATA_RESPONSES)
 async def _metadata(request: Request, name: str, version: str | None) -> Response:
     st = _state(request)
     try:
@@ -199,16 +214,7 @@ async def _metadata(request: Request, name: str, version: str | None) -> Respons
         return r.response
 
 
-@router.get("/v2/models/{name}/ready", responses=READY_RESPONSES)
-async def model_ready(name: str, request: Request) -> Response:
-    return await _readiness(request, name, None)
-
-
-@router.get("/v2/models/{name}/versions/{version}/ready", responses=READY_RESPONSES)
-async def version_ready(name: str, version: str, request: Request) -> Response:
-    return await _readiness(request, name, version)
-
-
+@_twin_routes("GET", "/ready", READY_RESPONSES)
 async def _readiness(request: Request, name: str, version: str | None) -> Response:
     """KServe's model-ready body ({"name", "ready"}), with the reason when not ready (503)."""
     try:
@@ -223,16 +229,7 @@ async def _readiness(request: Request, name: str, version: str | None) -> Respon
     return JSONResponse({"name": name, "ready": False, "error": why}, status_code=503)
 
 
-@router.post("/v2/models/{name}/infer", responses=schema.INFER_RESPONSES, openapi_extra=schema.INFER)
-async def infer(name: str, request: Request) -> Response:
-    return await _infer(request, name, None)
-
-
-@router.post("/v2/models/{name}/versions/{version}/infer", responses=schema.INFER_RESPONSES, openapi_extra=schema.INFER)
-async def version_infer(name: str, version: str, request: Request) -> Response:
-    return await _infer(request, name, version)
-
-
+@_twin_routes("POST", "/infer", schema.INFER_RESPONSES, schema.INFER)
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     st = _state(request)
     try:
