@@ -152,3 +152,10 @@ def test_v2_says_why_in_its_parameters(client: TestClient) -> None:
         assert ("flagged" in p) is calibrated and ("detector_note" in p) is not calibrated
         if not calibrated:
             assert "random start at L=4, R=1" in p["detector_note"]
+
+
+def test_v1_models_lists_every_calibration(client: TestClient) -> None:
+    det = client.get("/v1/models").json()["datasets"]["mnist"]["detector"]
+    assert det["random"]["steps"] == 2 and det["grid"] == {
+        "encoder:1:1": {"threshold": 0.05, "fpr": 0.05, "n": 10, "steps": 1, "restarts": 1}
+    }

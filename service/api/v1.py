@@ -42,7 +42,7 @@ from service.engine import (
 )
 from service.metrics import Metrics
 from service.purify import ProjectionConfig
-from service.registry import Registry
+from service.registry import Registry, grid_key
 
 ERRORS = errors(400, 404, 408, 413, 415, 422, 503, 504)
 EXAMPLE_PNG = imaging.png_base64(np.zeros((28, 28), dtype=np.float32))  # a real (blank) image the schema can send
@@ -537,8 +537,11 @@ async def models(registry: Registry = Depends(get_registry), settings: Settings 
     datasets: dict[str, Any] = {}
     for ds in sorted({a.dataset for a in registry.artifacts.values()}):
         keep = ("threshold", "fpr", "steps", "restarts", "n")
-        det = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
+        det: dict[str, Any] = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
                    registry.detector_calibration(ds, init)) for init in ("random", "encoder")}  # fmt: skip
+        det["grid"] = {grid_key(c["init"], c["steps"], c["restarts"]): {k: c[k] for k in (*keep, "test_fpr", "test_n")
+                                                                        if k in c}
+                       for c in registry.detector_calibrations(ds) if not c["main"]}  # fmt: skip
         clfs = registry.classifiers(ds)
         gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
         defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
