@@ -93,7 +93,8 @@ def test_false_positive_rate_measured_on_held_out_images(registry: Registry, che
         assert isinstance(det, Detector)
         k = int(det.flag(mse).sum())
         lo, hi = wilson(k, len(x))
-        out.append(f"{ds} {grid_key(cal['init'], cal['steps'], cal['restarts'])}: {k / len(x):.3f} [{lo:.3f}, {hi:.3f}]")
+        key = grid_key(cal["init"], cal["steps"], cal["restarts"])
+        out.append(f"{ds} {key}: {k / len(x):.3f} [{lo:.3f}, {hi:.3f}]")
         assert abs(k / len(x) - det.fpr) <= TOLERANCE, out[-1]
         if "test_fpr" in cal and cal.get("test_n") == len(x) and cal["init"] == "encoder" and cal["restarts"] == 1:
             assert k / len(x) == pytest.approx(cal["test_fpr"], abs=2e-3), "the recorded figure reproduces"
