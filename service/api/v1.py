@@ -532,46 +532,55 @@ async def detect(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     }
 
 
+def _detector_info(registry: Registry, ds: str) -> dict[str, Any]:
+    """Each start's main calibration, the grid of other (start, L, R) calibrations, and MagNet's thresholds."""
+    keep = ("threshold", "fpr", "steps", "restarts", "n")
+    det: dict[str, Any] = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
+               registry.detector_calibration(ds, init)) for init in ("random", "encoder")}  # fmt: skip
+    det["grid"] = {grid_key(c["init"], c["steps"], c["restarts"]): {k: c[k] for k in (*keep, "test_fpr", "test_n")
+                                                                    if k in c}
+                   for c in registry.detector_calibrations(ds) if not c["main"]}  # fmt: skip
+    if registry.has(f"{ds}/magnet"):
+        cal = registry.get(f"{ds}/magnet").raw.get("detector", {})
+        det["magnet"] = {k: cal[k] for k in ("I", "II", "drop_rate", "n", "test_fpr") if k in cal}
+    return det
+
+
+def _dataset_info(registry: Registry, ds: str, settings: Settings) -> dict[str, Any]:
+    clfs = registry.classifiers(ds)
+    gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
+    defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
+    if gen and enc and any(c.endswith(ENHANCED) for c in clfs):
+        defenses.append("enhanced-invert-classify")
+    if registry.has(f"{ds}/magnet"):
+        defenses.append("magnet")
+    return {
+        "classes": _class_names(registry, ds),
+        "classifiers": clfs,
+        "generator": gen,
+        "encoder": enc,
+        "defenses": defenses,
+        "detector": _detector_info(registry, ds),
+        # the pipeline served when a call names none, and why (training.robustness)
+        "default": {
+            "classifier": default_classifier(registry, ds, settings.default_classifier),
+            "defense": default_defense(registry, ds, None, settings.default_defense),
+            **({"threat": registry.raw_defaults[ds].get("threat")} if ds in registry.raw_defaults else {}),
+        },  # fmt: skip
+        # per classifier: clean test accuracy, and per defense the clean and per-image worst-case accuracy
+        # under AutoAttack-grade attacks per threat ({"accuracy", "ci", "n", "attacks"})
+        "measured": {
+            c: {"clean_test_accuracy": m.get("clean_test_accuracy"), "robustness": m.get("robustness", {})}
+            for c in clfs
+            for m in [registry.get(f"{ds}/{c}").metrics]
+        },  # fmt: skip
+    }
+
+
 @router.get("/models", summary="What is loaded: datasets, classes, artifacts with hashes and metrics")
 async def models(registry: Registry = Depends(get_registry), settings: Settings = Depends(get_settings)) -> Any:
-    datasets: dict[str, Any] = {}
-    for ds in sorted({a.dataset for a in registry.artifacts.values()}):
-        keep = ("threshold", "fpr", "steps", "restarts", "n")
-        det: dict[str, Any] = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
-                   registry.detector_calibration(ds, init)) for init in ("random", "encoder")}  # fmt: skip
-        det["grid"] = {grid_key(c["init"], c["steps"], c["restarts"]): {k: c[k] for k in (*keep, "test_fpr", "test_n")
-                                                                        if k in c}
-                       for c in registry.detector_calibrations(ds) if not c["main"]}  # fmt: skip
-        clfs = registry.classifiers(ds)
-        gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
-        defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
-        if gen and enc and any(c.endswith(ENHANCED) for c in clfs):
-            defenses.append("enhanced-invert-classify")
-        if registry.has(f"{ds}/magnet"):
-            defenses.append("magnet")
-            cal = registry.get(f"{ds}/magnet").raw.get("detector", {})
-            det["magnet"] = {k: cal[k] for k in ("I", "II", "drop_rate", "n", "test_fpr") if k in cal}
-        datasets[ds] = {
-            "classes": _class_names(registry, ds),
-            "classifiers": clfs,
-            "generator": gen,
-            "encoder": enc,
-            "defenses": defenses,
-            "detector": det,
-            # the pipeline served when a call names none, and why (training.robustness)
-            "default": {
-                "classifier": default_classifier(registry, ds, settings.default_classifier),
-                "defense": default_defense(registry, ds, None, settings.default_defense),
-                **({"threat": registry.raw_defaults[ds].get("threat")} if ds in registry.raw_defaults else {}),
-            },  # fmt: skip
-            # per classifier: clean test accuracy, and per defense the clean and per-image worst-case accuracy
-            # under AutoAttack-grade attacks per threat ({"accuracy", "ci", "n", "attacks"})
-            "measured": {
-                c: {"clean_test_accuracy": m.get("clean_test_accuracy"), "robustness": m.get("robustness", {})}
-                for c in clfs
-                for m in [registry.get(f"{ds}/{c}").metrics]
-            },  # fmt: skip
-        }
+    names = sorted({a.dataset for a in registry.artifacts.values()})
+    datasets = {ds: _dataset_info(registry, ds, settings) for ds in names}
     artifacts = [
         {
             "key": a.key,
