@@ -94,9 +94,9 @@ def described(p: Purification, dataset: str, r: PurifyResult | DefendResult, ima
     return out
 
 
-def _too_many(n: int, s: Settings) -> None:
-    if n > s.max_batch_images:
-        raise oip.OIPError(f"{n} images in one request; the limit is {s.max_batch_images}", status=413)
+def _too_many(n: int, limit: int) -> None:
+    if n > limit:
+        raise oip.OIPError(f"{n} images in one request; the limit is {limit}", status=413)
 
 
 # -- the models ------------------------------------------------------------------------------------------------------
@@ -104,7 +104,6 @@ class Model:
     """What /v2 serves under one name (cf. kserve.Model): `load()` sets `ready`; `infer` runs preprocess →
     predict → postprocess."""
 
-    protocol = "v2"
     versions: tuple[str, ...] = ()  # () : the model names no versions of its own
 
     def __init__(self, name: str) -> None:
@@ -145,8 +144,7 @@ def own_images(t: oip.Tensor, max_images: int) -> torch.Tensor:
         a = a.transpose(0, 3, 1, 2)
     if a.ndim != 4 or tuple(a.shape[1:]) != (1, 28, 28) or a.shape[0] == 0:
         raise oip.OIPError(f"input {t.name!r} must have shape N×1×28×28, N×28×28×1 or N×28×28, got {t.shape}")
-    if a.shape[0] > max_images:
-        raise oip.OIPError(f"{a.shape[0]} images in one request; the limit is {max_images}", status=413)
+    _too_many(a.shape[0], max_images)
     x = a.astype(np.float32) / (255.0 if t.datatype == "UINT8" else 1.0)
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise oip.OIPError(f"input {t.name!r} values must be finite and lie in [0, 1] ([0, 255] for UINT8)")
@@ -246,7 +244,7 @@ class ProxiedModel(Model):
         result: list[PurifyResult] = []
 
         async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
-            _too_many(x.shape[0], self.settings)
+            _too_many(x.shape[0], self.settings.max_batch_images)
             assert p.cfg is not None
             r = await self.batcher.purify(x, dataset, p.cfg, p.seed)
             result.append(r)
@@ -264,8 +262,6 @@ class ProxiedModel(Model):
 
 class RawUpstream(Model):
     """A TorchServe-style upstream (`protocol: raw`): image bytes in, the purified 28×28 PNG forwarded."""
-
-    protocol = "raw"
 
     def __init__(self, name: str, upstream: Upstream, proxy: ProxyClient, batcher: Batcher, settings: Settings
                  ) -> None:  # fmt: skip
