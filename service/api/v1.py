@@ -537,8 +537,8 @@ def _detector_info(registry: Registry, ds: str) -> dict[str, Any]:
     keep = ("threshold", "fpr", "steps", "restarts", "n")
     det: dict[str, Any] = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
                registry.detector_calibration(ds, init)) for init in ("random", "encoder")}  # fmt: skip
-    det["grid"] = {grid_key(c["init"], c["steps"], c["restarts"]): {k: c[k] for k in (*keep, "test_fpr", "test_n")
-                                                                    if k in c}
+    grid_keep = (*keep, "test_fpr", "test_n", "on_target")  # on_target False: measured off target, not used
+    det["grid"] = {grid_key(c["init"], c["steps"], c["restarts"]): {k: c[k] for k in grid_keep if k in c}
                    for c in registry.detector_calibrations(ds) if not c["main"]}  # fmt: skip
     if registry.has(f"{ds}/magnet"):
         cal = registry.get(f"{ds}/magnet").raw.get("detector", {})
