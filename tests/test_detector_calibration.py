@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,3 +160,23 @@ def test_v1_models_lists_every_calibration(client: TestClient) -> None:
         "on_target": True,
     }
     assert det["grid"]["random:3:2"]["on_target"] is False and det["grid"]["random:3:2"]["test_fpr"] == 0.2
+
+
+def test_the_calibrating_command_records_a_grid_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """training.calibrate_detector on tiny models: the threshold is the held-out quantile, the FPR measured on the
+    slice is recorded, and the service then uses the point (or, off target, does not)."""
+    from training import calibrate_detector
+
+    root = write_tiny_models(tmp_path / "models")
+    xs, ys = data.load_slice("mnist")  # a stand-in test set: the slice, then its images again as "test[1000:]"
+    monkeypatch.setattr(calibrate_detector.data, "load", lambda ds: {"x_test": np.concatenate([xs, xs[:200]])})
+    calibrate_detector.main(["--dataset", "mnist", "--grid", "encoder:1:1", "--n", "100", "--n-test", "100",
+                             "--models-dir", str(root), "--record"])  # fmt: skip
+    reg = Registry(root)
+    cal = reg.get("mnist/generator").raw["detector_grid"]["encoder:1:1"]
+    assert (cal["n"], cal["test_n"], cal["steps"], cal["restarts"], cal["init"]) == (100, 100, 1, 1, "encoder")
+    assert 0 <= cal["test_fpr"] <= 1 and cal["command"] and cal["images"].startswith("100 of test[1000:]")
+    on_target = abs(cal["test_fpr"] - 0.05) <= TOLERANCE
+    assert (reg.detector("mnist", "encoder", 1, 1) is not None) is on_target
+    with pytest.raises(argparse.ArgumentTypeError):
+        calibrate_detector.parse_grid("nowhere:1:1")
