@@ -151,23 +151,7 @@ class DefendJob:
         return projection_cost(n, self.cfg or ProjectionConfig())
 
     def split(self, out: DefendResult, bounds: list[tuple[int, int]]) -> list[DefendResult]:
-        def cut(a: Any, i: int, j: int) -> Any:
-            return None if a is None else a[i:j]
-
-        return [
-            DefendResult(
-                out.labels[i:j],
-                out.probs[i:j],
-                cut(out.purified, i, j),
-                cut(out.mse, i, j),
-                cut(out.flagged, i, j),
-                out.threshold,
-                out.timings_ms,
-                out.steps,
-                out.restarts,
-            )
-            for i, j in bounds
-        ]
+        return [out.rows(i, j) for i, j in bounds]
 
     def record(self, metrics: Metrics, out: DefendResult) -> None:
         if self.defense in PROJECTING:
@@ -195,22 +179,7 @@ class PurifyJob:
         return engine.purify_result(x, self.dataset, self.cfg, self.seed, stop)
 
     def split(self, out: PurifyResult, bounds: list[tuple[int, int]]) -> list[PurifyResult]:
-        return [
-            PurifyResult(
-                out.images[i:j],
-                out.z[i:j],
-                out.mse[i:j],
-                out.restart_mse[i:j],
-                out.threshold,
-                out.fpr,
-                None if out.flagged is None else out.flagged[i:j],
-                out.steps,
-                out.restarts,
-                out.init,
-                out.timings_ms,
-            )
-            for i, j in bounds
-        ]
+        return [out.rows(i, j) for i, j in bounds]
 
     def record(self, metrics: Metrics, out: PurifyResult) -> None:
         metrics.observe_purification(self.dataset, self.cfg.init, len(out.mse), out.steps)
@@ -402,21 +371,23 @@ class Batcher:
 
     async def calibrate(self, dataset: str) -> None:
         """Run one small projection batch through the slow lane so admission has a measured rate from the first
-        request on (warm-up does it)."""
+        request on (warm-up does it). The server's own job: the per-request budget does not apply to it."""
         x = torch.full((8, 1, 28, 28), 0.5)
-        await self.submit(PurifyJob(dataset, ProjectionConfig(steps=5, restarts=4), seed=0), x, timeout=600)
+        job = PurifyJob(dataset, ProjectionConfig(steps=5, restarts=4), seed=0)
+        await self.submit(job, x, timeout=600, budget=False)
 
     # -- submitting ---------------------------------------------------------------------------------
-    def check_budget(self, job: Any, n: int) -> int:
-        """The request's cost (generator passes), or OverBudget above `max_request_cost`."""
+    def check_budget(self, job: Any, n: int, budget: bool = True) -> int:
+        """The request's cost (generator passes), or OverBudget above `max_request_cost` (`budget` False: never)."""
         cost, what = job.cost(n) if hasattr(job, "cost") else (0, "")
-        if self.max_request_cost is not None and cost > self.max_request_cost:
+        if budget and self.max_request_cost is not None and cost > self.max_request_cost:
             raise OverBudget(cost, self.max_request_cost, what)
         return int(cost)
 
-    def admit(self, job: Any, n: int, timeout: float) -> tuple[_Lane, int]:
-        """(lane, cost) for a request, or OverBudget / QueueFull before anything is queued."""
-        cost = self.check_budget(job, n)
+    def admit(self, job: Any, n: int, timeout: float, budget: bool = True) -> tuple[_Lane, int]:
+        """(lane, cost) for a request, or OverBudget (unless `budget` is False) / QueueFull before anything is
+        queued."""
+        cost = self.check_budget(job, n, budget)
         lane = self.lane_of(job)
         live = len(lane.live())
         wait = lane.estimated_wait()
@@ -432,13 +403,15 @@ class Batcher:
                             timeout=timeout)  # fmt: skip
         return lane, cost
 
-    async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None) -> Outcome:
-        """Queue `x` (N×1×28×28) under `job`; wait for this request's share of its batch."""
+    async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None,
+                     budget: bool = True) -> Outcome:  # fmt: skip
+        """Queue `x` (N×1×28×28) under `job`; wait for this request's share of its batch (`budget` False: the
+        per-request budget does not apply, for the server's own jobs)."""
         if not self.running:
             raise NotRunning("the service is shutting down" if self.draining else "the batcher is not running")
         timeout = timeout if timeout is not None else self.timeout_s
         n = 0 if x is None else int(x.shape[0])
-        lane, cost = self.admit(job, n, timeout)
+        lane, cost = self.admit(job, n, timeout, budget)
         assert lane.wake is not None
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         now = time.perf_counter()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from service.classify import OnnxClassifier, labels_and_probs
 from service.config import Settings
 from service.device import pick_device, to_device, to_host
-from service.purify import Projection, ProjectionConfig, StepGraphs, check_images, project
+from service.purify import Detector, Projection, ProjectionConfig, StepGraphs, check_images, project
 from service.registry import Registry
 
 Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet"]
@@ -138,6 +138,16 @@ class PurifyResult:
     restarts: int
     init: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    detector_note: str | None = None  # why `flagged` is None after a projection
+
+    def rows(self, i: int, j: int) -> PurifyResult:
+        """Images i…j−1 of the result (one request's share of a merged batch)."""
+        return replace(self, images=self.images[i:j], z=self.z[i:j], mse=self.mse[i:j],
+                       restart_mse=self.restart_mse[i:j], flagged=_cut(self.flagged, i, j))  # fmt: skip
+
+
+def _cut(a: Any, i: int, j: int) -> Any:
+    return None if a is None else a[i:j]
 
 
 @dataclass
@@ -153,6 +163,12 @@ class DefendResult:
     timings_ms: dict[str, float]
     steps: int
     restarts: int
+    detector_note: str | None = None  # why `flagged` is None after a projection
+
+    def rows(self, i: int, j: int) -> DefendResult:
+        """Images i…j−1 of the result (one request's share of a merged batch)."""
+        return replace(self, labels=self.labels[i:j], probs=self.probs[i:j], purified=_cut(self.purified, i, j),
+                       mse=_cut(self.mse, i, j), flagged=_cut(self.flagged, i, j))  # fmt: skip
 
 
 @dataclass
@@ -222,11 +238,19 @@ class Engine:
         t = time.perf_counter()
         p = self.purify(x, dataset, cfg, seed=seed, stop=stop)
         ms = (time.perf_counter() - t) * 1e3
-        det = self.registry.detector(dataset, cfg.init, cfg.steps, cfg.restarts)
         mse = p.mse.numpy()
+        det, flagged, note = self.detect(dataset, cfg, mse)
         return PurifyResult(p.images, p.z, mse, p.restart_mse.numpy(), det.threshold if det else None,
-                            det.fpr if det else None, (mse > det.threshold) if det else None, cfg.steps,
-                            cfg.restarts, cfg.init, {"purify_ms": ms})  # fmt: skip
+                            det.fpr if det else None, flagged, cfg.steps, cfg.restarts, cfg.init, {"purify_ms": ms},
+                            note)  # fmt: skip
+
+    def detect(self, dataset: str, cfg: ProjectionConfig, mse: np.ndarray
+               ) -> tuple[Detector | None, np.ndarray | None, str | None]:  # fmt: skip
+        """(detector, flags, None) where a threshold is calibrated for cfg's start, L and R, else (None, None, why)."""
+        det = self.registry.detector(dataset, cfg.init, cfg.steps, cfg.restarts)
+        if det is None:
+            return None, None, self.registry.detector_note(dataset, cfg.init, cfg.steps, cfg.restarts)
+        return det, mse > det.threshold, None
 
     def reform(self, x: torch.Tensor, dataset: str) -> MagNetResult:
         """MagNet: the reformed images AE_I(x) and the verdict of its two detectors (NotShipped without one)."""
@@ -269,11 +293,10 @@ class Engine:
         t = time.perf_counter()
         labels, probs = self.classify(proj.images, dataset, classifier)
         timings["classify_ms"] = (time.perf_counter() - t) * 1e3
-        det = self.registry.detector(dataset, cfg.init, cfg.steps, cfg.restarts)
         mse = proj.mse.numpy()
-        flagged = (mse > det.threshold) if det else None
+        det, flagged, note = self.detect(dataset, cfg, mse)
         return DefendResult(labels, probs, proj.images, mse, flagged, det.threshold if det else None, timings,
-                            cfg.steps, cfg.restarts)  # fmt: skip
+                            cfg.steps, cfg.restarts, note)  # fmt: skip
 
     def _magnet(self, x: torch.Tensor, dataset: str, classifier: str, timings: dict[str, float]) -> DefendResult:
         t = time.perf_counter()

@@ -12,8 +12,10 @@ the caller. Nothing here knows HTTP frameworks or models.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,7 +266,7 @@ def _tensors(items: Any, binary: memoryview, offset: int, kind: str) -> tuple[li
             raise OIPError(f"{where} appears twice")
         seen.add(name)
         datatype = item.get("datatype")
-        if datatype not in DTYPES:
+        if not isinstance(datatype, str) or datatype not in DTYPES:
             raise OIPError(f"{where}: unknown datatype {datatype!r}; expected one of {list(DATATYPES)}")
         shape = _shape(item.get("shape"), where)
         params = _params(item.get("parameters"), where)
@@ -398,6 +400,53 @@ def encode_response(resp: InferResponse, binary_outputs: set[str] | bool = False
     if resp.parameters:
         head["parameters"] = resp.parameters
     return _encode(head, "outputs", resp.outputs, binary_outputs)
+
+
+# -- content encodings (Triton's HTTP compression extension) -------------------------------------------------------
+ENCODINGS = ("gzip", "deflate")  # "deflate" is the zlib format (RFC 9110), as tritonclient sends and reads it
+
+
+def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A request body sent with `Content-Encoding` `encoding` (gzip, deflate, identity or none), decoded. The cap
+    `limit` applies to the decoded bytes too: a small bomb is refused (413), never inflated past it."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ENCODINGS:
+        raise OIPError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none", status=415)
+    d = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise OIPError(f"the {encoding} body could not be decoded: {exc}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise OIPError(f"the decoded body exceeds {limit} bytes", status=413)
+    return out
+
+
+def response_encoding(accept: str | None) -> str | None:
+    """The compression to answer with for an `Accept-Encoding` header: gzip or deflate, whichever the caller
+    accepts with the higher q (gzip on a tie; `*` means gzip), None for an uncompressed answer."""
+    best, best_q = None, 0.0
+    for item in (accept or "").split(","):
+        name, _, params = item.strip().lower().partition(";")
+        name = "gzip" if name.strip() == "*" else name.strip()
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if name in ENCODINGS and (q > best_q or (q == best_q > 0 and name == "gzip")):
+            best, best_q = name, q
+    return best
+
+
+def compress(body: bytes, encoding: str) -> bytes:
+    """`body` in `encoding` (one of ENCODINGS)."""
+    return gzip.compress(body, compresslevel=6) if encoding == "gzip" else zlib.compress(body, 6)
 
 
 def error_body(message: str) -> dict[str, str]:

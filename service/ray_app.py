@@ -157,14 +157,15 @@ class RayBatcher(Batcher):
     def depth(self) -> int:
         return super().depth + self.remote
 
-    async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None) -> Outcome:
+    async def submit(self, job: Any, x: torch.Tensor | None, timeout: float | None = None,
+                     budget: bool = True) -> Outcome:  # fmt: skip
         if not isinstance(job, REMOTE):
-            return await super().submit(job, x, timeout)
+            return await super().submit(job, x, timeout, budget)
         if not self.running or self.handle is None:
             raise NotRunning("the service is shutting down" if self.draining else "the batcher is not running")
         timeout = self.timeout_s if timeout is None else timeout
         n = 0 if x is None else int(x.shape[0])
-        self.check_budget(job, n)
+        self.check_budget(job, n, budget)
         if self.remote >= self.max_queue:
             raise self._full()
         response = getattr(self.handle, self.lane_of(job).name).remote(Work(job, x, min(n, self.max_batch_size)))

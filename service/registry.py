@@ -60,6 +60,14 @@ class Artifact:
         return root / self.files[role]["path"]
 
 
+FPR_TOLERANCE = 0.03  # a calibration whose held-out false-positive rate misses its target by more is not used
+
+
+def grid_key(init: str, steps: int, restarts: int) -> str:
+    """The key of a detector calibration in a generator's `detector_grid`: "<start>:<L>:<R>"."""
+    return f"{init}:{steps}:{restarts}"
+
+
 class Registry:
     """Loads what `models/manifest.json` lists; `verify()` checks every file against its sha256."""
 
@@ -179,22 +187,61 @@ class Registry:
 
     def detector(self, dataset: str, init: str = "random", steps: int | None = None,
                  restarts: int | None = None) -> Detector | None:  # fmt: skip
-        """The detector calibrated on the generator's entry for this init — and, when `steps`/`restarts` are given,
-        for exactly those (a threshold is a quantile of clean MSEs at one L and R: at other L, R it misfires, e.g.
-        74 % of clean images flagged at L=25 under a threshold set at L=200), else None."""
-        cal = self.detector_calibration(dataset, init)
-        if cal is None:
-            return None
-        for key, want in (("steps", steps), ("restarts", restarts)):
-            if want is not None and key in cal and int(cal[key]) != want:
-                return None
-        return Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"]))
+        """The detector calibrated for this projection: start `init` and — when `steps`/`restarts` are given —
+        exactly those (a threshold is a quantile of clean MSEs at one L and R: at other L, R it misfires, e.g.
+        74 % of clean images flagged at L=25 under a threshold set at L=200), else None (`detector_note` says why)."""
+        cal = self.detector_calibration(dataset, init, steps, restarts)
+        return None if cal is None else Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"]))
 
-    def detector_calibration(self, dataset: str, init: str) -> dict | None:
-        """The recorded calibration (threshold, fpr, n, steps, restarts, images) for this init, if any."""
+    def detector_calibration(self, dataset: str, init: str, steps: int | None = None,
+                             restarts: int | None = None) -> dict | None:  # fmt: skip
+        """The recorded calibration (threshold, fpr, n, steps, restarts, images) the service uses for this start at
+        exactly these L and R — the start's main entry (`detector[init]`) or a grid point (`detector_grid["init:L:R"]`,
+        `training.calibrate_detector`) — or None. Without steps/restarts: the start's main entry. A calibration whose
+        measured held-out false-positive rate misses its target by more than FPR_TOLERANCE is not used."""
+        cal = self._calibration_at(dataset, init, steps, restarts)
+        return cal if cal is not None and cal["on_target"] else None
+
+    def _calibration_at(self, dataset: str, init: str, steps: int | None, restarts: int | None) -> dict | None:
+        for cal in self.detector_calibrations(dataset):
+            if cal["init"] != init or (steps is None and restarts is None and not cal["main"]):
+                continue
+            if all(
+                want is None or int(cal.get(key, want)) == want
+                for key, want in (("steps", steps), ("restarts", restarts))
+            ):
+                return cal
+        return None
+
+    def detector_calibrations(self, dataset: str) -> list[dict]:
+        """Every calibration of the dataset's detector, each with its `init`, `main` flag, `held_out_fpr` (the
+        false-positive rate measured on held-out clean images, where recorded) and `on_target` (within
+        FPR_TOLERANCE of its target, or not measured): grid points first (set on more images, they win where a main
+        entry has the same L and R), then the main entries."""
         if not self.has(f"{dataset}/generator"):
+            return []
+        art = self.get(f"{dataset}/generator")
+        out = [{**c, "init": c.get("init", key.split(":")[0]), "main": False, "held_out_fpr": c.get("test_fpr")}
+               for key, c in art.raw.get("detector_grid", {}).items()]  # fmt: skip
+        for init, c in art.raw.get("detector", {}).items():  # measured by training.eval_generator --record
+            measured = art.metrics.get(f"{'rec' if init == 'random' else 'warm'}_detector_fpr_on_slice")
+            out.append({**c, "init": init, "main": True, "held_out_fpr": measured})
+        for c in out:
+            c["on_target"] = c["held_out_fpr"] is None or abs(c["held_out_fpr"] - c["fpr"]) <= FPR_TOLERANCE
+        return out
+
+    def detector_note(self, dataset: str, init: str, steps: int, restarts: int) -> str | None:
+        """Why a projection at (init, steps, restarts) gets no detector verdict (`flagged: null`); None if it does."""
+        if self.detector(dataset, init, steps, restarts) is not None:
             return None
-        return self.get(f"{dataset}/generator").raw.get("detector", {}).get(init)
+        have = [f"{c['init']} L={c.get('steps', '?')} R={c.get('restarts', '?')}"
+                for c in self.detector_calibrations(dataset) if c["on_target"]]  # fmt: skip
+        off = self._calibration_at(dataset, init, steps, restarts)
+        why = (f"the threshold calibrated there flags {off['held_out_fpr']:.3f} of held-out clean images, more than "
+               f"{FPR_TOLERANCE} from its target {off['fpr']}, so it is not used" if off else
+               "a threshold holds for the projection it was set at")  # fmt: skip
+        return (f"no detector threshold applies to a {init} start at L={steps}, R={restarts} ({why}); calibrated: "
+                f"{', '.join(have) or 'none'}")  # fmt: skip
 
     def class_names(self, dataset: str) -> list[str]:
         return list(self.get(f"{dataset}/generator").raw.get("classes", [str(i) for i in range(10)]))

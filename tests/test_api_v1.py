@@ -332,6 +332,15 @@ def test_the_openapi_document_tells_the_truth(client: TestClient) -> None:
     r = client.post("/v1/classify", json={**example, "steps": 2, "restarts": 1})
     assert r.status_code == 200, "the schema's own example is a valid request"
     assert "text/plain" in next(iter(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
+    s = client.app.state.settings  # type: ignore[attr-defined]
+    query = {p["name"]: p["schema"] for p in op["parameters"]}  # the caps are the schema's bounds; no null in a query
+    assert query["steps"] == {**query["steps"], "type": "integer", "minimum": 0, "maximum": s.max_steps}
+    assert query["restarts"]["minimum"] == 1 and query["restarts"]["maximum"] == s.max_restarts
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert body["additionalProperties"] is False and body["properties"]["images"]["maxItems"] == s.max_batch_images
+    infer = doc["paths"]["/v2/models/{name}/infer"]["post"]
+    assert {"application/json", "application/octet-stream"} <= set(infer["requestBody"]["content"])
+    assert {"400", "404", "413", "415", "503"} <= set(infer["responses"])
 
 
 def test_the_page_and_its_assets_come_from_the_package(client: TestClient) -> None:

@@ -306,7 +306,7 @@ def test_calibration_gives_admission_a_rate_and_unmeasured_lanes_take_one_batch(
         gate.set()
         await blocker
         await asyncio.gather(*waiting)
-        c = await started(engine)
+        c = await started(engine, max_request_cost=10)  # the server's own calibration batch costs more: it runs
         await c.calibrate("mnist")
         assert c.lane_of(SLOW).unit_s is not None and c.lane_of(SLOW).unit_s > 0 and lane.unit_s is not None
         await b.stop()

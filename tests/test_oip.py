@@ -97,6 +97,7 @@ def _req(**tensor: object) -> bytes:
         (b'{"inputs": {"name": "x"}}', None, "must be a list"),
         (_req(name=""), None, "non-empty string"),
         (_req(datatype="FP128"), None, "unknown datatype"),
+        (_req(datatype={}), None, "unknown datatype"),  # found by schemathesis: was a 500 (unhashable)
         (_req(shape=[2, -1]), None, "negative"),
         (_req(shape="2"), None, "list of integers"),
         (_req(shape=[3]), None, "needs 3 elements"),
@@ -189,3 +190,23 @@ def test_upstream_format_round_trip(layout: str, datatype: str, value_range: flo
 def test_upstream_format_rejects_wrong_tensors(shape: tuple[int, ...], scale: float, message: str) -> None:
     with pytest.raises(oip.OIPError, match=message):
         to_unit(np.full(shape, scale, dtype=np.float32), Upstream(url="http://upstream"))
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [(None, None), ("", None), ("identity", None), ("gzip", "gzip"), ("deflate", "deflate"),
+     ("gzip, deflate, br", "gzip"), ("deflate, gzip", "gzip"), ("gzip;q=0.5, deflate", "deflate"),
+     ("gzip;q=0", None), ("*", "gzip"), ("br, zstd", None), ("deflate;q=0.2, gzip;q=bad", "deflate")],
+)  # fmt: skip
+def test_response_encoding_follows_accept_encoding(accept: str | None, chosen: str | None) -> None:
+    assert oip.response_encoding(accept) == chosen
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_content_decoding_round_trip_and_cap(encoding: str) -> None:
+    body = b'{"inputs": []}' * 100
+    assert oip.decode_content(oip.compress(body, encoding), encoding.upper(), len(body)) == body
+    with pytest.raises(oip.OIPError, match="decoded body exceeds") as e:
+        oip.decode_content(oip.compress(body, encoding), encoding, len(body) - 1)
+    assert e.value.status == 413
+    assert oip.decode_content(body, None, 10) == body  # identity: the size cap is the transport's

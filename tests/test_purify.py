@@ -137,8 +137,10 @@ def test_the_detector_applies_only_at_its_calibrated_projection(registry: Regist
     if cal is None or "steps" not in cal:
         pytest.skip("no calibrated detector with its L, R recorded")
     assert registry.detector("mnist", "random", cal["steps"], cal["restarts"]) is not None
-    assert registry.detector("mnist", "random", 25, 1) is None, "a threshold set at other L, R would misfire"
+    assert registry.detector("mnist", "random", 3, 1) is None, "a threshold set at other L, R would misfire"
+    assert "random start at L=3, R=1" in (registry.detector_note("mnist", "random", 3, 1) or "")
     engine = Engine(registry, "cpu")
     x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     off = engine.defend(x, "mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=3, restarts=1), seed=0)
     assert off.flagged is None and off.threshold is None and off.mse is not None
+    assert off.detector_note is not None and "L=3, R=1" in off.detector_note

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.schema import with_caps
 from service.batcher import Batcher, NotRunning, OverBudget, QueueFull, RequestTimeout
 from service.config import Settings, get_settings
 from service.engine import Engine
@@ -297,4 +298,17 @@ def create_app(settings: Settings | None = None, batcher_factory: BatcherFactory
             continue
         hidden = name == "service.api.attack" and not settings.attack.enabled  # it answers 404: not in the schema
         app.include_router(module.router, include_in_schema=not hidden)
+    _schema_with_caps(app, settings)
     return app
+
+
+def _schema_with_caps(app: FastAPI, settings: Settings) -> None:
+    """/openapi.json carries this server's caps as the bounds of steps, restarts and images (`schema.with_caps`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        doc = generate()
+        return with_caps(doc, settings) if fresh else doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -95,6 +95,27 @@ def _fooled(label: int, target_label: int | None, r: DefendResult | None, i: int
     return got == target_label if target_label is not None else got != label
 
 
+async def _execute(request: Request, settings: Settings, plan: runner.AttackPlan, *args: Any) -> torch.Tensor:
+    """`runner.execute(plan, *args, substitutes)` in a worker thread, once one of the `max_concurrent` attack slots
+    is free (503 after `timeout_s`); 504 when it runs past `timeout_s` (it finishes in the background, then frees its
+    slot)."""
+    slots = _slots(request, settings)
+    timeout = settings.attack.timeout_s
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout)
+    except TimeoutError as exc:
+        raise HTTPException(503, "the attack workers are busy; retry later", {"Retry-After": "30"}) from exc
+    substitutes = request.app.state.attack_substitutes
+    fut = asyncio.get_running_loop().run_in_executor(None, runner.execute, plan, *args, substitutes)
+    fut.add_done_callback(lambda _: slots.release())
+    try:
+        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+    except TimeoutError as exc:
+        raise HTTPException(504, f"the attack took longer than {timeout:g} s (it finishes in the background)") from exc
+    except runner.AttackRequestError as exc:
+        raise HTTPException(422, str(exc)) from exc
+
+
 @router.post("/attack", summary="Attack an image (dual-use: disabled unless enabled, then API key)",
              dependencies=[Depends(require_attack_key)])  # fmt: skip
 async def attack(
@@ -123,23 +144,8 @@ async def attack(
     label = p.label if p.label is not None else int(before.labels[0])
     labels = torch.tensor([p.target_label if p.target_label is not None else label])
 
-    slots = _slots(request, settings)
-    timeout = settings.attack.timeout_s
-    try:
-        await asyncio.wait_for(slots.acquire(), timeout)
-    except TimeoutError as exc:
-        raise HTTPException(503, "the attack workers are busy; retry later", {"Retry-After": "30"}) from exc
     t_attack = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(None, runner.execute, plan, x, labels, registry, ds, clf, cfg, p.seed, engine.device,
-                               request.app.state.attack_substitutes)  # fmt: skip
-    fut.add_done_callback(lambda _: slots.release())
-    try:
-        adv = await asyncio.wait_for(asyncio.shield(fut), timeout)
-    except TimeoutError as exc:
-        raise HTTPException(504, f"the attack took longer than {timeout:g} s (it finishes in the background)") from exc
-    except runner.AttackRequestError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    adv = await _execute(request, settings, plan, x, labels, registry, ds, clf, cfg, p.seed, engine.device)
     attack_ms = (time.perf_counter() - t_attack) * 1e3
 
     after = await batcher.defend(adv, ds, clf, "none")

@@ -6,6 +6,8 @@ They are `async` so FastAPI calls them in the event loop (a plain `def` dependen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import HTTPException, Request
 
 from service.batcher import Batcher
@@ -40,3 +42,16 @@ async def get_batcher(request: Request) -> Batcher:
 
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a defended route needs: the settings, the verified registry and the batcher."""
+
+    settings: Settings
+    registry: Registry
+    batcher: Batcher
+
+
+async def get_serving(request: Request) -> Serving:
+    return Serving(await get_settings(request), await get_registry(request), await get_batcher(request))

@@ -21,9 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import imaging
-from service.api.deps import get_batcher, get_metrics, get_registry, get_settings
+from service.api.deps import Serving, get_metrics, get_registry, get_serving, get_settings
+from service.api.schema import errors
 from service.attacks import runner
-from service.batcher import Batcher, DefendJob, PurifyJob
+from service.batcher import DefendJob, PurifyJob
 from service.config import Settings
 from service.engine import (
     ENHANCED,
@@ -41,22 +42,9 @@ from service.engine import (
 )
 from service.metrics import Metrics
 from service.purify import ProjectionConfig
-from service.registry import Registry
+from service.registry import Registry, grid_key
 
-
-class ErrorBody(BaseModel):
-    error: str = Field(description="what was wrong, in words")
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": what}
-    for code, what in (
-        (400, "malformed body"), (404, "unknown model, dataset or defense"), (408, "the body arrived too slowly"),
-        (413, "body, image or batch too large"), (415, "unsupported content"),
-        (422, "bad parameter, over a cap or over the compute budget"),
-        (503, "busy (Retry-After), shutting down or not ready"), (504, "ran past the request timeout"),
-    )
-}  # fmt: skip
+ERRORS = errors(400, 404, 408, 413, 415, 422, 503, 504)
 EXAMPLE_PNG = imaging.png_base64(np.zeros((28, 28), dtype=np.float32))  # a real (blank) image the schema can send
 
 router = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
@@ -80,6 +68,10 @@ async def _off_loop(small: bool, fn: Any, *args: Any) -> Any:
 
 
 # -- parameters -------------------------------------------------------------------------------------
+NOT_BLANK = r"\S"  # a name must not be empty or blank (leave it out for the default)
+MODEL_NAME = '"<dataset>/<classifier>" or "<dataset>", e.g. "mnist/classifier_A"'
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,7 +79,8 @@ class _Params(BaseModel):
                               "with a warm start)")  # fmt: skip
     restarts: int | None = Field(None, description="random restarts of the projection (capped)")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="fix the restarts' noise (default: fresh draws)")
-    value_range: float = Field(1.0, description="arrays only: 1 for values in [0, 1], 255 for [0, 255]")
+    value_range: float = Field(1.0, description="arrays only: 1 for values in [0, 1], 255 for [0, 255]",
+                               json_schema_extra={"enum": [1, 255]})  # fmt: skip
 
     @field_validator("steps", "restarts", "seed", mode="before")
     @classmethod
@@ -112,7 +105,7 @@ class _Params(BaseModel):
 
 
 class ClassifyParams(_Params):
-    model: str | None = Field(None, description='"<dataset>/<classifier>" or "<dataset>", e.g. "mnist/classifier_A"')
+    model: str | None = Field(None, min_length=1, pattern=NOT_BLANK, description=MODEL_NAME)
     defense: Defense | None = Field(
         None,
         description="none | defense-gan (random restarts) | invert-classify (encoder warm start) | "
@@ -126,13 +119,16 @@ class ClassifyParams(_Params):
 
 
 class PurifyParams(_Params):
-    dataset: str | None = Field(None, description="whose generator purifies, e.g. mnist")
+    dataset: str | None = Field(
+        None, min_length=1, pattern=NOT_BLANK, description="whose generator purifies, e.g. mnist"
+    )
     defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
     format: Literal["png", "json", "npy"] = Field("png", description="png (one image), json, or npy (float32)")
 
 
 class DetectParams(_Params):
-    dataset: str | None = Field(None, description="whose generator and calibrated threshold, e.g. mnist")
+    dataset: str | None = Field(None, min_length=1, pattern=NOT_BLANK,
+                                description="whose generator and calibrated threshold, e.g. mnist")  # fmt: skip
     defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
 
 
@@ -147,12 +143,20 @@ class Prediction(BaseModel):
     input_png: str | None = Field(None, description="the model's 28×28 input as base64 PNG, with return_input=true")
 
 
-class ClassifyResponse(BaseModel):
-    model: str
+class _Projected(BaseModel):
+    """The figures of the projection every defended answer carries."""
+
     defense: str
     steps: int
     restarts: int
-    threshold: float | None
+    threshold: float | None = Field(description="calibrated on clean images for this start, L and R; else null")
+    detector_note: str | None = Field(
+        None, description="why `flagged` is null after a projection: no threshold is calibrated for its start, L and R"
+    )
+
+
+class ClassifyResponse(_Projected):
+    model: str
     predictions: list[Prediction]
     timings_ms: dict[str, float]
     batch: dict[str, int]
@@ -164,12 +168,8 @@ class PurifiedImage(BaseModel):
     flagged: bool | None
 
 
-class PurifyResponse(BaseModel):
+class PurifyResponse(_Projected):
     dataset: str
-    defense: str
-    steps: int
-    restarts: int
-    threshold: float | None
     images: list[PurifiedImage]
     timings_ms: dict[str, float]
 
@@ -179,12 +179,8 @@ class Detection(BaseModel):
     flagged: bool | None
 
 
-class DetectResponse(BaseModel):
+class DetectResponse(_Projected):
     dataset: str
-    defense: str
-    steps: int
-    restarts: int
-    threshold: float | None = Field(description="calibrated on clean images; null when none is shipped")
     fpr: float | None = Field(description="the clean false-positive rate the threshold was set for")
     detections: list[Detection]
     timings_ms: dict[str, float]
@@ -207,29 +203,41 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
+def _query(prop: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema for the query string, where a null cannot be written (leave the parameter out)."""
+    branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) != 1:
+        return prop
+    return {**{k: v for k, v in prop.items() if k != "anyOf"}, **branches[0]}
+
+
 def _openapi(params: type[_Params], example: dict[str, Any]) -> dict[str, Any]:
-    """Query parameters and the three body forms, for the OpenAPI schema (the route parses the body itself)."""
+    """Query parameters and the three body forms, for the OpenAPI schema (the route parses the body itself). The
+    caps (steps, restarts, images) are written in when the app is built (`schema.with_caps`)."""
     schema = params.model_json_schema()
     parameters = [
-        {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
+        {"name": name, "in": "query", "required": False, "schema": _query(prop),
+         "description": prop.get("description", "")}
         for name, prop in schema["properties"].items()
-    ]
+    ]  # fmt: skip
+    images = {"type": "string", "minLength": 1, "description": "base64 PNG/JPEG/WebP/.npy (data URLs accepted)"}
     json_props = {
-        "image": {"type": "string", "description": "base64 PNG/JPEG/WebP/.npy (data URLs accepted)"},
-        "images": {"type": "array", "items": {"type": "string"}, "description": "several base64 images"},
+        "image": images,
+        "images": {"type": "array", "items": images, "description": "several base64 images"},
         "array": {"type": "array", "items": {}, "description": "nested list: H×W, N×H×W, N×1×H×W, ..."},
         **schema["properties"],
     }
+    json_schema = {"type": "object", "properties": json_props, "additionalProperties": False,
+                   "anyOf": [{"required": [k]} for k in IMAGE_KEYS]}  # fmt: skip
     binary = {"schema": {"type": "string", "format": "binary"}}
+    upload = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
     return {
         "parameters": parameters,
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {
-                    "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-                },
-                "application/json": {"schema": {"type": "object", "properties": json_props}, "example": example},
+                "multipart/form-data": {"schema": upload},
+                "application/json": {"schema": json_schema, "example": example},
                 "image/png": binary,
                 "image/jpeg": binary,
                 "image/webp": binary,
@@ -356,6 +364,11 @@ def _class_names(registry: Registry, ds: str) -> list[str]:
     return registry.class_names(ds) if registry.has(f"{ds}/generator") else [str(i) for i in range(10)]
 
 
+def _projected(r: DefendResult | PurifyResult) -> dict[str, Any]:
+    """The projection's figures every defended answer carries: L, R, the threshold, or why there is none."""
+    return {"steps": r.steps, "restarts": r.restarts, "threshold": r.threshold, "detector_note": r.detector_note}
+
+
 async def _pngs(images: Any) -> list[str] | None:
     """Base64 PNGs of N×1×28×28 images (in a worker thread), or None for None."""
     if images is None:
@@ -379,14 +392,10 @@ async def _pngs(images: Any) -> list[str] | None:
         },
     ),
 )
-async def classify(
-    request: Request,
-    settings: Settings = Depends(get_settings),
-    registry: Registry = Depends(get_registry),
-    batcher: Batcher = Depends(get_batcher),
-) -> Any:
+async def classify(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     """Label, class name and probabilities per image; with a defense also the reconstruction MSE, the detector's
     flag and (with `return_purified`) the purified image."""
+    settings, registry, batcher = sv.settings, sv.registry, sv.batcher
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
     p: ClassifyParams = parse_params(ClassifyParams, raw, settings)
@@ -427,18 +436,15 @@ async def classify(
     return {
         "model": f"{ds}/{clf}",
         "defense": defense,
-        "steps": r.steps,
-        "restarts": r.restarts,
-        "threshold": r.threshold,
+        **_projected(r),
         "predictions": preds,
         "timings_ms": timings,
         "batch": {"images": out.batch_images, "requests": out.batch_requests},
     }
 
 
-async def _purify(
-    request: Request, settings: Settings, registry: Registry, batcher: Batcher, params: type[_Params]
-) -> tuple[Any, PurifyResult, str, float, float]:
+async def _purify(request: Request, sv: Serving, params: type[_Params]) -> tuple[Any, PurifyResult, str, float, float]:
+    settings, registry, batcher = sv.settings, sv.registry, sv.batcher
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
     p = parse_params(params, raw, settings)
@@ -465,14 +471,9 @@ async def _purify(
     },
     openapi_extra=_openapi(PurifyParams, {"image": EXAMPLE_PNG, "dataset": "mnist", "format": "json"}),
 )
-async def purify(
-    request: Request,
-    settings: Settings = Depends(get_settings),
-    registry: Registry = Depends(get_registry),
-    batcher: Batcher = Depends(get_batcher),
-) -> Response:
+async def purify(request: Request, sv: Serving = Depends(get_serving)) -> Response:
     """The purified image(s): PNG by default (exactly one image), JSON (base64 PNGs with MSEs) or .npy."""
-    p, r, ds, t0, timings = await _purify(request, settings, registry, batcher, PurifyParams)
+    p, r, ds, t0, timings = await _purify(request, sv, PurifyParams)
     headers = {
         "X-MG-Steps": str(r.steps),
         "X-MG-Restarts": str(r.restarts),
@@ -483,6 +484,8 @@ async def purify(
             raise HTTPException(422, "format=png returns one image; use format=json or format=npy for several")
         if r.flagged is not None:
             headers["X-MG-Flagged"] = str(bool(r.flagged[0])).lower()
+        elif r.detector_note:
+            headers["X-MG-Detector-Note"] = r.detector_note
         png = await run_in_threadpool(imaging.encode_png, r.images[0])
         return Response(png, media_type="image/png", headers=headers)
     if p.format == "npy":
@@ -498,9 +501,7 @@ async def purify(
     body = {
         "dataset": ds,
         "defense": p.defense,
-        "steps": r.steps,
-        "restarts": r.restarts,
-        "threshold": r.threshold,
+        **_projected(r),
         "images": images,
         "timings_ms": timings,
     }
@@ -513,14 +514,9 @@ async def purify(
     summary="Score images as adversarial (reconstruction MSE)",
     openapi_extra=_openapi(DetectParams, {"image": EXAMPLE_PNG, "dataset": "mnist"}),
 )
-async def detect(
-    request: Request,
-    settings: Settings = Depends(get_settings),
-    registry: Registry = Depends(get_registry),
-    batcher: Batcher = Depends(get_batcher),
-) -> Any:
+async def detect(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     """Score = the reconstruction MSE after projection; flagged when above the threshold calibrated on clean images."""
-    p, r, ds, t0, timings = await _purify(request, settings, registry, batcher, DetectParams)
+    p, r, ds, t0, timings = await _purify(request, sv, DetectParams)
     timings["total_ms"] = (time.perf_counter() - t0) * 1e3
     dets = [
         {"score": float(r.mse[i]), "flagged": None if r.flagged is None else bool(r.flagged[i])}
@@ -529,52 +525,62 @@ async def detect(
     return {
         "dataset": ds,
         "defense": p.defense,
-        "steps": r.steps,
-        "restarts": r.restarts,
-        "threshold": r.threshold,
+        **_projected(r),
         "fpr": r.fpr,
         "detections": dets,
         "timings_ms": timings,
     }
 
 
+def _detector_info(registry: Registry, ds: str) -> dict[str, Any]:
+    """Each start's main calibration, the grid of other (start, L, R) calibrations, and MagNet's thresholds."""
+    keep = ("threshold", "fpr", "steps", "restarts", "n")
+    det: dict[str, Any] = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
+               registry.detector_calibration(ds, init)) for init in ("random", "encoder")}  # fmt: skip
+    grid_keep = (*keep, "test_fpr", "test_n", "on_target")  # on_target False: measured off target, not used
+    det["grid"] = {grid_key(c["init"], c["steps"], c["restarts"]): {k: c[k] for k in grid_keep if k in c}
+                   for c in registry.detector_calibrations(ds) if not c["main"]}  # fmt: skip
+    if registry.has(f"{ds}/magnet"):
+        cal = registry.get(f"{ds}/magnet").raw.get("detector", {})
+        det["magnet"] = {k: cal[k] for k in ("I", "II", "drop_rate", "n", "test_fpr") if k in cal}
+    return det
+
+
+def _dataset_info(registry: Registry, ds: str, settings: Settings) -> dict[str, Any]:
+    clfs = registry.classifiers(ds)
+    gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
+    defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
+    if gen and enc and any(c.endswith(ENHANCED) for c in clfs):
+        defenses.append("enhanced-invert-classify")
+    if registry.has(f"{ds}/magnet"):
+        defenses.append("magnet")
+    return {
+        "classes": _class_names(registry, ds),
+        "classifiers": clfs,
+        "generator": gen,
+        "encoder": enc,
+        "defenses": defenses,
+        "detector": _detector_info(registry, ds),
+        # the pipeline served when a call names none, and why (training.robustness)
+        "default": {
+            "classifier": default_classifier(registry, ds, settings.default_classifier),
+            "defense": default_defense(registry, ds, None, settings.default_defense),
+            **({"threat": registry.raw_defaults[ds].get("threat")} if ds in registry.raw_defaults else {}),
+        },  # fmt: skip
+        # per classifier: clean test accuracy, and per defense the clean and per-image worst-case accuracy
+        # under AutoAttack-grade attacks per threat ({"accuracy", "ci", "n", "attacks"})
+        "measured": {
+            c: {"clean_test_accuracy": m.get("clean_test_accuracy"), "robustness": m.get("robustness", {})}
+            for c in clfs
+            for m in [registry.get(f"{ds}/{c}").metrics]
+        },  # fmt: skip
+    }
+
+
 @router.get("/models", summary="What is loaded: datasets, classes, artifacts with hashes and metrics")
 async def models(registry: Registry = Depends(get_registry), settings: Settings = Depends(get_settings)) -> Any:
-    datasets: dict[str, Any] = {}
-    for ds in sorted({a.dataset for a in registry.artifacts.values()}):
-        keep = ("threshold", "fpr", "steps", "restarts", "n")
-        det = {init: (lambda c: None if c is None else {k: c[k] for k in keep if k in c})(
-                   registry.detector_calibration(ds, init)) for init in ("random", "encoder")}  # fmt: skip
-        clfs = registry.classifiers(ds)
-        gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
-        defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
-        if gen and enc and any(c.endswith(ENHANCED) for c in clfs):
-            defenses.append("enhanced-invert-classify")
-        if registry.has(f"{ds}/magnet"):
-            defenses.append("magnet")
-            cal = registry.get(f"{ds}/magnet").raw.get("detector", {})
-            det["magnet"] = {k: cal[k] for k in ("I", "II", "drop_rate", "n", "test_fpr") if k in cal}
-        datasets[ds] = {
-            "classes": _class_names(registry, ds),
-            "classifiers": clfs,
-            "generator": gen,
-            "encoder": enc,
-            "defenses": defenses,
-            "detector": det,
-            # the pipeline served when a call names none, and why (training.robustness)
-            "default": {
-                "classifier": default_classifier(registry, ds, settings.default_classifier),
-                "defense": default_defense(registry, ds, None, settings.default_defense),
-                **({"threat": registry.raw_defaults[ds].get("threat")} if ds in registry.raw_defaults else {}),
-            },  # fmt: skip
-            # per classifier: clean test accuracy, and per defense the clean and per-image worst-case accuracy
-            # under AutoAttack-grade attacks per threat ({"accuracy", "ci", "n", "attacks"})
-            "measured": {
-                c: {"clean_test_accuracy": m.get("clean_test_accuracy"), "robustness": m.get("robustness", {})}
-                for c in clfs
-                for m in [registry.get(f"{ds}/{c}").metrics]
-            },  # fmt: skip
-        }
+    names = sorted({a.dataset for a in registry.artifacts.values()})
+    datasets = {ds: _dataset_info(registry, ds, settings) for ds in names}
     artifacts = [
         {
             "key": a.key,
@@ -619,7 +625,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@ops_router.get("/readyz", summary="Readiness: models verified, loaded and warmed")
+@ops_router.get("/readyz", summary="Readiness: models verified, loaded and warmed", responses=errors(503))
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     batcher = state.batcher

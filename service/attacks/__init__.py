@@ -8,6 +8,11 @@ within the attack's budget. Adaptive attacks take the defended pipeline (`adapti
 black-box substitute attack uses `model` only through its labels; AdvGAN needs its trained `generator`.
 
 `ATTACKS` maps the public names (as the /v1/attack endpoint takes them) to their spec.
+
+The signatures repeat one shape on purpose (model, images, labels, then the paper's own defaults, each stated in its
+attack's signature, as torchattacks does): `duplicates` lists those pairs (fgsm, pgd, pgd_l2, cw, cw_defense_gan,
+bpda, eot, latent); folding them into shared parameter objects would hide each attack's defaults and break the
+uniform `attack(model, images, labels, **params)` call.
 """
 
 from __future__ import annotations

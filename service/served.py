@@ -1,0 +1,305 @@
+"""The models /v2 serves, as objects in the KServe manner: a name, versions, readiness, metadata and infer.
+
+    repo = ModelRepository(batcher, proxy, settings); repo.load()     # load() sets each model's `ready`
+    model = repo.get("mnist-classifier_A")                             # OwnModel | ProxiedModel | RawUpstream | None
+    response = await model.infer(request, headers)                     # preprocess → predict → postprocess
+
+- `OwnModel` `{dataset}-{classifier}` (e.g. `mnist-classifier_A`): our classifier, defended per the request's
+  parameters `defense`, `steps`, `restarts`, `seed` (the manifest's default defense when absent); one version, "1".
+- `ProxiedModel`, every `protocol: v2` name in `settings.proxy.upstreams`: the image input purified with the dataset's
+  generator (same parameters), forwarded to the allow-listed upstream; its answer comes back with the purification's
+  parameters added (`purified`, `defense`, `steps`, `restarts`, `purify_ms`, ...). Versions are the upstream's.
+- `RawUpstream`, every `protocol: raw` name: TorchServe-style image bytes in, the purified 28×28 PNG forwarded.
+
+Failures are raised as `oip.OIPError` (with its status), `imaging.ImageError`, `UpstreamError` or the batcher's
+errors; the routes map them to responses. Nothing here knows HTTP frameworks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from service import imaging, oip
+from service.batcher import Batcher
+from service.config import Settings, Upstream
+from service.engine import (
+    DEFENSES,
+    PROJECTING,
+    DefendResult,
+    NotShipped,
+    ParameterError,
+    PurifyResult,
+    classifier_for,
+    default_defense,
+    projection_config,
+)
+from service.proxy import ProxyClient, purify_and_forward
+from service.purify import ProjectionConfig
+
+VERSION = "1"  # the one version of each of our own models
+OWN_OUTPUTS = ("probabilities", "labels", "mse", "flagged", "purified")
+# a proxied model classifies upstream: it is purified by a projection (never "none", MagNet or our enhanced classifiers)
+PROXY_DEFENSES = tuple(d for d in DEFENSES if d in PROJECTING and d != "enhanced-invert-classify")
+
+
+# -- purification parameters (shared by own and proxied models) ------------------------------------------------------
+@dataclass
+class Purification:
+    defense: str
+    cfg: ProjectionConfig | None  # None for a defense that does not project (none, magnet)
+    seed: int | None
+
+
+def purification(params: dict[str, Any], s: Settings, batcher: Batcher, dataset: str,
+                 classifier: str | None) -> Purification:  # fmt: skip
+    """Our request parameters, checked and capped (the projection built once, before any work); they are removed
+    from `params` (never forwarded). `classifier` None: a proxied model (it classifies upstream)."""
+    proxied = classifier is None
+    reg = batcher.engine.registry
+    defense = params.pop("defense", None) or default_defense(reg, dataset, classifier, s.default_defense, proxied)
+    allowed = PROXY_DEFENSES if proxied else DEFENSES
+    if defense not in allowed:
+        raise oip.OIPError(f"parameter 'defense' must be one of {list(allowed)}, got {defense!r}")
+    seed = params.pop("seed", None)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1):
+        raise oip.OIPError(f"parameter 'seed' must be an integer in [0, {2**31 - 1}], got {seed!r}")
+    try:
+        cfg = projection_config(defense, params.pop("steps", None), params.pop("restarts", None), s)
+    except ParameterError as exc:
+        raise oip.OIPError(f"parameter {exc}") from None
+    return Purification(defense, cfg, seed)
+
+
+def described(p: Purification, dataset: str, r: PurifyResult | DefendResult, images: int) -> dict[str, Any]:
+    """Scalar response parameters describing the purification (the protocol's parameters are scalars)."""
+    out: dict[str, Any] = {"purified": p.defense != "none", "defense": p.defense, "dataset": dataset,
+                           "steps": r.steps, "restarts": r.restarts, "images": images}  # fmt: skip
+    if p.seed is not None:
+        out["seed"] = p.seed
+    if r.mse is not None:
+        out["max_mse"] = float(np.max(r.mse))
+    if r.threshold is not None and r.flagged is not None:
+        out["detector_threshold"] = float(r.threshold)
+        out["flagged"] = int(np.sum(r.flagged))
+    elif r.detector_note:
+        out["detector_note"] = r.detector_note
+    for k, v in r.timings_ms.items():
+        out[k] = round(float(v), 3)
+    return out
+
+
+def _too_many(n: int, limit: int) -> None:
+    if n > limit:
+        raise oip.OIPError(f"{n} images in one request; the limit is {limit}", status=413)
+
+
+# -- the models ------------------------------------------------------------------------------------------------------
+class Model:
+    """What /v2 serves under one name (cf. kserve.Model): `load()` sets `ready`; `infer` runs preprocess →
+    predict → postprocess."""
+
+    versions: tuple[str, ...] = ()  # () : the model names no versions of its own
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ready = False
+
+    async def load(self) -> None:
+        self.ready = True
+
+    async def is_ready(self) -> bool:
+        return self.ready
+
+    async def metadata(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def infer(self, req: oip.InferRequest, headers: dict[str, str]) -> oip.InferResponse:
+        x, ctx = self.preprocess(req)
+        return self.postprocess(await self.predict(x, ctx, req, headers), req, ctx)
+
+    def preprocess(self, req: oip.InferRequest) -> tuple[Any, Purification]:
+        raise NotImplementedError
+
+    async def predict(self, x: Any, p: Purification, req: oip.InferRequest, headers: dict[str, str]) -> Any:
+        raise NotImplementedError
+
+    def postprocess(self, out: Any, req: oip.InferRequest, p: Purification) -> oip.InferResponse:
+        raise NotImplementedError
+
+
+def own_images(t: oip.Tensor, max_images: int) -> torch.Tensor:
+    """Our models' input: N×1×28×28, N×28×28×1 or N×28×28; FP16/32/64 in [0, 1] or UINT8 in [0, 255]."""
+    a = t.data
+    if t.datatype not in ("FP16", "FP32", "FP64", "UINT8"):
+        raise oip.OIPError(f"input {t.name!r} must be FP32, FP64, FP16 or UINT8, got {t.datatype}")
+    if a.ndim == 3:
+        a = a[:, None]
+    elif a.ndim == 4 and a.shape[-1] == 1 and a.shape[1] != 1:
+        a = a.transpose(0, 3, 1, 2)
+    if a.ndim != 4 or tuple(a.shape[1:]) != (1, 28, 28) or a.shape[0] == 0:
+        raise oip.OIPError(f"input {t.name!r} must have shape N×1×28×28, N×28×28×1 or N×28×28, got {t.shape}")
+    _too_many(a.shape[0], max_images)
+    x = a.astype(np.float32) / (255.0 if t.datatype == "UINT8" else 1.0)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise oip.OIPError(f"input {t.name!r} values must be finite and lie in [0, 1] ([0, 255] for UINT8)")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+class OwnModel(Model):
+    """Our classifier `dataset`/`classifier` behind the defense the request names."""
+
+    versions = (VERSION,)
+
+    def __init__(self, dataset: str, classifier: str, batcher: Batcher, settings: Settings,
+                 server_ready: Callable[[], bool]) -> None:  # fmt: skip
+        super().__init__(f"{dataset}-{classifier}")
+        self.dataset, self.classifier = dataset, classifier
+        self.batcher, self.settings, self._server_ready = batcher, settings, server_ready
+
+    async def load(self) -> None:
+        """Ready once its classifier's ONNX graph is listed (the app's warm-up opens every session)."""
+        art = self.batcher.engine.registry.get(f"{self.dataset}/{self.classifier}")
+        self.ready = "onnx" in art.files
+
+    async def is_ready(self) -> bool:
+        return self.ready and self._server_ready()
+
+    async def metadata(self) -> dict[str, Any]:
+        shapes = {"probabilities": ("FP32", [-1, 10]), "labels": ("INT64", [-1]), "mse": ("FP32", [-1]),
+                  "flagged": ("BOOL", [-1]), "purified": ("FP32", [-1, 1, 28, 28])}  # fmt: skip
+        return {
+            "name": self.name,
+            "versions": list(self.versions),
+            "platform": "manifold-guard",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+            "outputs": [{"name": k, "datatype": d, "shape": sh} for k, (d, sh) in shapes.items()],
+        }
+
+    def preprocess(self, req: oip.InferRequest) -> tuple[torch.Tensor, Purification]:
+        if len(req.inputs) != 1:
+            raise oip.OIPError(f"model {self.name!r} takes one input tensor, got {len(req.inputs)}")
+        x = own_images(req.inputs[0], self.settings.max_batch_images)
+        for o in req.outputs or []:
+            if o.name not in OWN_OUTPUTS:
+                raise oip.OIPError(f"unknown output {o.name!r}; outputs: {list(OWN_OUTPUTS)}")
+        p = purification(dict(req.parameters), self.settings, self.batcher, self.dataset, self.classifier)
+        try:
+            classifier_for(self.batcher.engine.registry, self.dataset, self.classifier, p.defense)  # before any work
+        except NotShipped as exc:
+            raise oip.OIPError(str(exc), status=404) from None
+        return x, p
+
+    async def predict(self, x: torch.Tensor, p: Purification, req: oip.InferRequest,
+                      headers: dict[str, str]) -> DefendResult:  # fmt: skip
+        return await self.batcher.defend(x, self.dataset, self.classifier, p.defense, p.cfg, p.seed)
+
+    def postprocess(self, r: DefendResult, req: oip.InferRequest, p: Purification) -> oip.InferResponse:
+        wanted = [o.name for o in req.outputs] if req.outputs is not None else None
+        tensors = {"probabilities": r.probs.astype(np.float32), "labels": r.labels.astype(np.int64)}
+        if r.mse is not None:
+            tensors["mse"] = np.asarray(r.mse, dtype=np.float32)
+        if r.flagged is not None:
+            tensors["flagged"] = np.asarray(r.flagged, dtype=bool)
+        if wanted is not None and "purified" in wanted:
+            if r.purified is None:
+                raise oip.OIPError("output 'purified' needs a defense other than 'none'")
+            tensors["purified"] = r.purified.numpy().astype(np.float32)
+        missing = [w for w in wanted or [] if w not in tensors]
+        if missing:
+            raise oip.OIPError(f"outputs {missing} are not produced with defense {p.defense!r}")
+        names = wanted if wanted is not None else [k for k in tensors if k != "purified"]
+        outputs = [oip.Tensor.from_numpy(k, tensors[k]) for k in names]
+        params = {**described(p, self.dataset, r, len(r.labels)), "classifier": self.classifier}
+        return oip.InferResponse(self.name, outputs, VERSION, req.id, params)
+
+
+class ProxiedModel(Model):
+    """An allow-listed Open Inference Protocol upstream: purified here, classified there."""
+
+    def __init__(self, name: str, upstream: Upstream, proxy: ProxyClient, batcher: Batcher, settings: Settings
+                 ) -> None:  # fmt: skip
+        super().__init__(name)
+        self.upstream, self.proxy, self.batcher, self.settings = upstream, proxy, batcher, settings
+
+    async def is_ready(self) -> bool:
+        return self.ready and await self.proxy.ready(self.name)
+
+    async def metadata(self) -> dict[str, Any]:
+        return await self.proxy.metadata(self.name)
+
+    def preprocess(self, req: oip.InferRequest) -> tuple[oip.InferRequest, Purification]:
+        # our parameters are stripped from what is forwarded
+        p = purification(req.parameters, self.settings, self.batcher, self.upstream.dataset, None)
+        assert p.cfg is not None  # a proxied model always purifies
+        return req, p
+
+    async def predict(self, req: oip.InferRequest, p: Purification, _: oip.InferRequest,
+                      headers: dict[str, str]) -> tuple[oip.InferResponse, PurifyResult, int]:  # fmt: skip
+        result: list[PurifyResult] = []
+
+        async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
+            _too_many(x.shape[0], self.settings.max_batch_images)
+            assert p.cfg is not None
+            r = await self.batcher.purify(x, dataset, p.cfg, p.seed)
+            result.append(r)
+            return r.images
+
+        fwd = await purify_and_forward(self.proxy, self.name, req, purify, headers)
+        return fwd.response, result[0], fwd.images
+
+    def postprocess(self, out: tuple[oip.InferResponse, PurifyResult, int], req: oip.InferRequest,
+                    p: Purification) -> oip.InferResponse:  # fmt: skip
+        resp, r, images = out
+        resp.parameters.update(described(p, self.upstream.dataset, r, images))
+        return resp
+
+
+class RawUpstream(Model):
+    """A TorchServe-style upstream (`protocol: raw`): image bytes in, the purified 28×28 PNG forwarded."""
+
+    def __init__(self, name: str, upstream: Upstream, proxy: ProxyClient, batcher: Batcher, settings: Settings
+                 ) -> None:  # fmt: skip
+        super().__init__(name)
+        self.upstream, self.proxy, self.batcher, self.settings = upstream, proxy, batcher, settings
+
+    async def predictions(self, body: bytes, query: dict[str, int | str], headers: dict[str, str]
+                          ) -> tuple[bytes, str, dict[str, str]]:  # fmt: skip
+        """(the upstream's reply, its content type, X-Purification-* headers) for one image's bytes."""
+        s = self.settings
+        x = imaging.to_tensor(imaging.load_bytes(body, s.max_image_pixels, 1), 1)
+        p = purification(query, s, self.batcher, self.upstream.dataset, None)
+        if query:
+            raise oip.OIPError(f"unknown query parameters {sorted(query)}")
+        assert p.cfg is not None
+        r = await self.batcher.purify(x, self.upstream.dataset, p.cfg, p.seed)
+        png = await asyncio.to_thread(imaging.encode_png, r.images[0])
+        content, ctype = await self.proxy.predictions(self.name, png, "image/png", headers)
+        meta = described(p, self.upstream.dataset, r, 1)
+        return content, ctype, {f"X-Purification-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()}
+
+
+class ModelRepository:
+    """Every model /v2 serves, by name: ours from the registry, the proxied ones from the allow-list."""
+
+    def __init__(self, batcher: Batcher, proxy: ProxyClient, settings: Settings,
+                 server_ready: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+        self.server_ready = server_ready  # the engine runs and warm-up finished
+        reg = batcher.engine.registry
+        pairs = [(ds, clf) for ds in reg.datasets() for clf in reg.classifiers(ds)]
+        self.own: dict[str, Model] = {f"{d}-{c}": OwnModel(d, c, batcher, settings, server_ready) for d, c in pairs}
+        kinds = {"v2": ProxiedModel, "raw": RawUpstream}
+        self.proxied: dict[str, Model] = {n: kinds[u.protocol](n, u, proxy, batcher, settings)
+                                          for n, u in settings.proxy.upstreams.items()}  # fmt: skip
+
+    async def load(self) -> None:
+        for m in (*self.own.values(), *self.proxied.values()):
+            await m.load()
+
+    def get(self, name: str) -> Model | None:
+        return self.own.get(name) or self.proxied.get(name)
