@@ -37,7 +37,9 @@ if [ "$dev" = 1 ]; then
   apt_pkgs=""
   command -v docker-compose >/dev/null 2>&1 || apt_pkgs="docker-compose"
   { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || apt_pkgs="$apt_pkgs chromium chromium-driver"
-  if [ -n "$apt_pkgs" ]; then
+  if [ -n "$apt_pkgs" ] && [ "${MG_NO_APT:-0}" = 1 ]; then
+    echo "note: MG_NO_APT=1, not installed:$apt_pkgs; tests/test_page.py skips without chromium"
+  elif [ -n "$apt_pkgs" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "installing with apt-get:$apt_pkgs"
       # shellcheck disable=SC2086 # one word per package
