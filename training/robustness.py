@@ -588,11 +588,10 @@ def run(args: argparse.Namespace) -> dict:
                 path.write_text(json.dumps({k: doc[k] for k in ("sanity", "cross_check")}))
     if default and args.holdout:
         doc["holdout"] = holdout(reg, args, default, budget)
-    if not args.quick:
+    if not args.quick and not args.only and not args.defense:  # a partial run writes no page: it would drop rows
         (DOCS / f"robustness-{args.dataset}.json").write_text(json.dumps(doc, indent=1) + "\n")
         render()
-        if not args.only and not args.defense:
-            record(results, default, args.dataset, doc["info"], args.models_dir)
+        record(results, default, args.dataset, doc["info"], args.models_dir)
     return doc
 
 
@@ -623,7 +622,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--defended-n-other", type=int, default=30, help="images for the other threats behind it")
     p.add_argument("--clean-n", type=int, default=2000, help="clean test images for the projected pipelines")
     p.add_argument("--sanity-n", type=int, default=100)
-    p.add_argument("--only", nargs="*", help="evaluate these classifiers only (nothing is recorded)")
+    p.add_argument("--only", nargs="*", help="evaluate these classifiers only (nothing is recorded or written)")
     p.add_argument("--defended", nargs="*", help="the classifiers to evaluate behind the projection")
     p.add_argument(
         "--defense",
