@@ -61,9 +61,10 @@ def row_name(arch: str, method: str) -> str:
     return f"classifier_{arch}_{DEFENSES[method][1]}{EPS:g}"
 
 
-def attacks_on(reg: Registry, dataset: str, name: str, device: torch.device) -> dict[str, Attack | None]:
-    """FGSM, Opt. and AdvGAN crafted on `name` (AdvGAN None where no generator was trained against it)."""
-    model = reg.classifier(dataset, name, device)
+def attacks_on(reg: Registry, dataset: str, name: str, model: nn.Module) -> dict[str, Attack | None]:
+    """FGSM, Opt. and AdvGAN crafted on `model`, the classifier `name` (AdvGAN None where no generator was trained
+    against it)."""
+    device = next(model.parameters()).device
     key = generator_key(dataset, name)
     gen = reg.module(key, device) if reg.has(key) else None
 
@@ -82,6 +83,7 @@ def craft(attacks: dict[str, Attack | None], x: torch.Tensor, y: torch.Tensor, b
     """Each attack's adversarial images (None where the attack is not available). FGSM's and Opt.'s are read from
     `cache` (a safetensors file named by the model's hash and the images) when a run made them already."""
     out = dict(load_file(str(cache))) if cache is not None and cache.exists() else {}
+    cached = set(out)
     for name, fn in attacks.items():
         if name in out:
             continue
@@ -89,7 +91,7 @@ def craft(attacks: dict[str, Attack | None], x: torch.Tensor, y: torch.Tensor, b
         out[name] = None if fn is None else torch.cat([fn(x[i : i + batch], y[i : i + batch])
                                                        for i in range(0, len(x), batch)])  # fmt: skip
         print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
-    if cache is not None:
+    if cache is not None and not {"FGSM", "Opt."} <= cached:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: out[k].contiguous() for k in ("FGSM", "Opt.")}, str(cache))
     return {k: out[k].to(x.device) if out[k] is not None else None for k in attacks}
@@ -119,7 +121,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     x = torch.from_numpy(data.to_float(xs[: args.n])).to(device)
     y = torch.from_numpy(ys[: args.n].astype("int64")).to(device)
     print(f"black-box source {SOURCE}", flush=True)
-    transfer = craft(attacks_on(reg, args.dataset, SOURCE, device), x, y, args.batch,
+    source = reg.classifier(args.dataset, SOURCE, device)
+    transfer = craft(attacks_on(reg, args.dataset, SOURCE, source), x, y, args.batch,
                      cache_path(args.cache_dir, reg, args.dataset, SOURCE, x))  # fmt: skip
     rows = [measure_row(reg, args, arch, method, x, y, transfer) for arch in ARCHS for method in DEFENSES]
     return {"rows": rows, "n": len(y), "source": SOURCE}
@@ -135,7 +138,7 @@ def measure_row(reg: Registry, args: argparse.Namespace, arch: str, method: str,
     print(name, flush=True)
     model = reg.classifier(args.dataset, name, x.device)
     own = craft(
-        attacks_on(reg, args.dataset, name, x.device),
+        attacks_on(reg, args.dataset, name, model),
         x,
         y,
         args.batch,
