@@ -310,3 +310,39 @@ def test_report_prints_the_readme_rows_from_the_recorded_json(tmp_path: Path, ca
         "| mnist | classifier_S_x | none | trades | 0.9800 (n=10000) | linf:0.3: 0.900 [0.880, 0.920] (n=1000) |" in out
     )
     assert "classifier_B" not in out, "standard classifiers other than the baselines are left to docs/robustness.md"
+
+
+def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--only X`: X's rows take the place of theirs, the other rows stay with the run that measured them, and the
+    default is chosen again over all rows, paired on the per-image flags the page keeps."""
+    monkeypatch.setattr(robustness, "DOCS", tmp_path / "docs")
+    root = models_with_defaults(tmp_path / "m", None)
+    reg = Registry(root)
+    old_run = {"command": "python -m training.robustness --dataset mnist", "commit": "a", "date": "2026-11-30",
+               "machine": "cpu"}  # fmt: skip
+    new_run = old_run | {"command": "python -m training.robustness --dataset mnist --only classifier_S",
+                         "date": "2026-12-01"}  # fmt: skip
+
+    def row(clf: str, flags: list[bool], info: dict) -> dict:
+        cell = {"accuracy": sum(flags) / len(flags), "ci": [0.0, 1.0], "n": len(flags), "robust_flags": flags,
+                "after": {"apgd-ce": sum(flags)}, "clean_correct": len(flags)}  # fmt: skip
+        return {"classifier": clf, "defense": "none", "method": "trades", "clean": {"accuracy": 0.99, "n": 10000},
+                "attacks": ["apgd-ce"], "threats": {"linf:0.3": cell}, "evaluation": info}  # fmt: skip
+
+    first = [row("classifier_A", [True, False, True, False], old_run), row("classifier_S", [False] * 4, old_run)]
+    args = robustness.parse(["--dataset", "mnist", "--models-dir", str(root)])
+    robustness.publish(args, reg, first, False, old_run, {})
+    doc = json.loads((tmp_path / "docs" / "robustness-mnist.json").read_text())
+    assert doc["default"]["classifier"] == "mnist/classifier_A" and doc["results"][0]["threats"]["linf:0.3"][
+        "robust"] == "1010"  # fmt: skip
+
+    robustness.publish(args, reg, [row("classifier_S", [True, True, True, False], new_run)], True, new_run, {})
+    doc = json.loads((tmp_path / "docs" / "robustness-mnist.json").read_text())
+    assert [r["classifier"] for r in doc["results"]] == ["classifier_A", "classifier_S"]
+    assert doc["results"][0]["evaluation"] == old_run and doc["results"][1]["evaluation"] == new_run
+    assert doc["default"]["classifier"] == "mnist/classifier_S", "chosen again over the kept and the new rows"
+    page = (tmp_path / "docs" / "robustness.md").read_text()
+    assert "Rows recorded by these runs" in page and "--only classifier_S" in page and "| 2 |" in page
+    man = json.loads((root / "manifest.json").read_text())
+    assert man["defaults"]["mnist"]["classifier"] == "mnist/classifier_S"
+    assert man["artifacts"]["mnist/classifier_S"]["metrics"]["robustness"]["none"]["linf:0.3"]["accuracy"] == 0.75

@@ -123,15 +123,21 @@ def _merge_entry(man: dict, key: str, entry: dict, models_dir: Path, keep_measur
 def edit_manifest(models_dir: Path = MODELS_DIR) -> Iterator[dict]:
     """Read models/manifest.json, yield it for changes, write it back atomically, all under an exclusive lock:
     training jobs running side by side each read-modify-write it, and a reader never sees half a file."""
-    manifest = Path(models_dir) / "manifest.json"
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    with open(manifest.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        man = json.loads(manifest.read_text()) if manifest.exists() else {"schema": 1, "artifacts": {}}
+    with edit_json(Path(models_dir) / "manifest.json", {"schema": 1, "artifacts": {}}, indent=2) as man:
         yield man
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(man, indent=2) + "\n")
-        tmp.replace(manifest)
+
+
+@contextlib.contextmanager
+def edit_json(path: Path, empty: dict | None = None, indent: int = 1) -> Iterator[dict]:
+    """Read a JSON file (or `empty`), yield it for changes, write it back atomically, under an exclusive lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = json.loads(path.read_text()) if path.exists() else dict(empty or {})
+        yield doc
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=indent) + "\n")
+        tmp.replace(path)
 
 
 def record_metrics(key: str, metrics: dict, models_dir: Path = MODELS_DIR, **fields: object) -> None:

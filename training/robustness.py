@@ -17,10 +17,10 @@ Attacks, run in order on the images every earlier attack failed on (an image is 
   (z₀ = E(x), no random restarts), so EOT has nothing to average; it applies to `defense-gan`'s restarts.
 Threats: MNIST L∞ 0.3 and L2 2.0; Fashion-MNIST L∞ 0.1, L∞ 0.3 and L2 1.5.
 Images: the first n of the committed 1,000-image slice — n = 1,000 for the adversarially trained classifiers at the
-standard threat, 200 at their other threats, 200 at every threat for the enhanced ones (fine-tuned from a robust
-one: a paired comparison with it on the same first images), 100 for the classifiers trained without attacks, 100
+standard threat (the enhanced ones too: the default is chosen among them on the same images), 200 at their other
+threats, 100 for the classifiers trained without attacks, 100
 (standard threat) and 30 (others) behind the projection, where every attack step costs a 25-step projection
-(`--n`, `--n-other`, `--n-enhanced`, `--n-baseline`, `--defended-n`, `--defended-n-other`). Behind the projection
+(`--n`, `--n-other`, `--n-baseline`, `--defended-n`, `--defended-n-other`). Behind the projection
 the gradient attacks run 50 iterations (APGD-T: 3 targets) and Square 200 queries, the CPU's limit; the bare
 cells use the published settings. Clean accuracy: the full 10,000 test images (bare) or the first `--clean-n`
 (projected). Per-image results are cached under runs/robustness/ (a rerun, or a second process, reuses them).
@@ -50,7 +50,16 @@ from service.attacks import Defended, Reformed, Unrolled, detector_aware, latent
 from service.purify import ProjectionConfig
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, ROOT, add_device_option, command_line, edit_manifest, git_commit, setup
+from training.common import (
+    MODELS_DIR,
+    ROOT,
+    add_device_option,
+    command_line,
+    edit_json,
+    edit_manifest,
+    git_commit,
+    setup,
+)
 from training.eval_generator import wilson
 
 THREATS: dict[str, tuple[tuple[str, float], ...]] = {
@@ -391,15 +400,14 @@ def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str
     robust_trained = method in ("pgd", "trades", "enhanced-inc")
     attacks = attacks_for(defense, tuple(args.bare_attacks))
     clean = clean_accuracy(p, dataset, 10000 if defense in CHEAP else args.clean_n, reg)
+    candidate = robust_trained and clean["accuracy"] >= CLEAN_BAR[dataset]  # could be the default
     threats = {}
     for norm, eps in THREATS[dataset]:
         if defense == "magnet":
             n = args.n_baseline
         elif defense != "none":
             n = args.defended_n if (norm, eps) == STANDARD[dataset] else args.defended_n_other
-        elif method == "enhanced-inc":
-            n = args.n_enhanced
-        elif not robust_trained:
+        elif not candidate:
             n = args.n_baseline
         elif (norm, eps) == STANDARD[dataset]:
             n = args.n
@@ -447,6 +455,24 @@ def _cell(t: dict | None) -> str:
     return f"{t['accuracy']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] (n={t['n']})"
 
 
+def _runs(doc: dict) -> list[dict]:
+    """The distinct runs that measured the page's rows, oldest first."""
+    runs: list[dict] = []
+    for info in [r.get("evaluation", doc["info"]) for r in doc["results"]]:
+        if info not in runs:
+            runs.append(info)
+    return sorted(runs, key=lambda i: i["date"]) or [doc["info"]]
+
+
+def _runs_lines(runs: list[dict]) -> list[str]:
+    """Where the rows were measured: one sentence, or a numbered list that the table's `run` column points into."""
+    said = [f"{i['date']} on {i['machine']}, `{i['command']}`, commit {i['commit']}" for i in runs]
+    if len(said) == 1:
+        return [f"Recorded {said[0]}."]
+    return ["Rows recorded by these runs (a run with `--only` replaces its pipelines' rows and keeps the others):",
+            "", *[f"{k}. {line}" for k, line in enumerate(said, 1)]]  # fmt: skip
+
+
 def render(docs: Path = DOCS) -> str:
     """docs/robustness.md from every docs/robustness-<dataset>.json present."""
     lines = [
@@ -465,8 +491,8 @@ def render(docs: Path = DOCS) -> str:
     for path in sorted(docs.glob("robustness-*.json")):
         doc = json.loads(path.read_text())
         ds, threats = doc["dataset"], [threat_key(*t) for t in doc["threats"]]
-        lines += [f"## {ds}", "", f"Recorded {doc['info']['date']} on {doc['info']['machine']}, "
-                  f"`{doc['info']['command']}`, commit {doc['info']['commit']}.", ""]  # fmt: skip
+        runs = _runs(doc)
+        lines += [f"## {ds}", "", *_runs_lines(runs), ""]
         pub = PUBLISHED.get(ds, [])
         if pub:
             lines += [f"Published at {threat_key(*STANDARD[ds])}, for comparison:", "",
@@ -478,12 +504,13 @@ def render(docs: Path = DOCS) -> str:
         d = doc.get("default")
         lines += [f"**Served by default**: `{d['classifier']}` with defense `{d['defense']}`." if d else
                   "**No pipeline meets the clean bar**: the service keeps its configured default.", ""]  # fmt: skip
-        head = ["classifier", "training", "defense", "clean", *threats]
+        head = ["classifier", "training", "defense", "clean", *threats] + (["run"] if len(runs) > 1 else [])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in doc["results"]:
             clean = r["clean"]
             row = [r["classifier"], r["method"], r["defense"], f"{clean['accuracy']:.4f} (n={clean['n']})",
                    *[_cell(r["threats"].get(t)) for t in threats]]  # fmt: skip
+            row += [str(runs.index(r.get("evaluation", doc["info"])) + 1)] if len(runs) > 1 else []
             lines.append("| " + " | ".join(row) + " |")
         dets = [r for r in doc["results"] if "detect_or_correct" in r]
         if dets:
@@ -561,38 +588,112 @@ def run(args: argparse.Namespace) -> dict:
         chosen = [c for c in chosen if c[0] in args.only]
     if args.defense:
         chosen = [c for c in chosen if c[1] == args.defense]
-    results = []
+    results, info = [], info_block()
     for clf, defense in chosen:
         log.info("pipeline %s + %s", clf, defense)
-        results.append(evaluate_pipeline(reg, args.dataset, clf, defense, x, y, args, budget))
-    default = choose_default(results, args.dataset)
-    doc: dict = {"dataset": args.dataset, "threats": THREATS[args.dataset], "info": info_block(),
-                 "results": [strip_flags(r) for r in results], "default": default}  # fmt: skip
+        results.append(evaluate_pipeline(reg, args.dataset, clf, defense, x, y, args, budget) | {"evaluation": info})
+    partial = bool(args.only or args.defense) and not args.quick
+    order = pipelines(reg, args.dataset, None)
+    default = choose_default(merge(previous_rows(args.dataset) if partial else [], results, order), args.dataset)
+    checks: dict = {}
     if default and not args.no_sanity:
-        p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"], args.device)
-        norm, eps = STANDARD[args.dataset]
-        n = min(args.sanity_n, len(x))
-        path = _cache_path(p, norm, eps, ("sanity", "pgd-ours"), n, args.seed, budget, "correct", "")
-        if path.exists():
-            doc |= json.loads(path.read_text())
-        else:
-            doc["sanity"] = {"pipeline": p.name, "threat": threat_key(norm, eps),
-                             **sanity(p, x[:n], y[:n], norm, eps, args.seed, budget)}  # fmt: skip
-            ours = float((p.correct(adv := p.attack("pgd-ours", norm, eps, args.seed, budget)(x[:n], y[:n]), y[:n])
-                          & within(adv, x[:n], norm, eps)).float().mean())  # fmt: skip
-            doc["cross_check"] = {"pipeline": p.name, "threat": threat_key(norm, eps), "n": n,
-                                  "iters": budget.iters, "ours": round(ours, 4),
-                                  "reference": doc["sanity"]["white_box_apgd_ce"]}  # fmt: skip
-            if not args.quick:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({k: doc[k] for k in ("sanity", "cross_check")}))
+        checks |= sanity_and_cross_check(reg, args, default, x, y, budget)
     if default and args.holdout:
-        doc["holdout"] = holdout(reg, args, default, budget)
-    if not args.quick and not args.only and not args.defense:  # a partial run writes no page: it would drop rows
-        (DOCS / f"robustness-{args.dataset}.json").write_text(json.dumps(doc, indent=1) + "\n")
-        render()
-        record(results, default, args.dataset, doc["info"], args.models_dir)
-    return doc
+        checks["holdout"] = holdout(reg, args, default, budget)
+    if args.quick:
+        rows = merge([], results, order)
+        return page_doc(args.dataset, info, rows, choose_default(rows, args.dataset), checks)
+    return publish(args, reg, results, partial, info, checks)
+
+
+def page_doc(dataset: str, info: dict, rows: list[dict], default: dict | None, checks: dict) -> dict:
+    """docs/robustness-<dataset>.json's content."""
+    return {"dataset": dataset, "threats": THREATS[dataset], "info": info,
+            "results": [pack_flags(r, dataset) for r in rows], "default": default, **checks}  # fmt: skip
+
+
+def publish(args: argparse.Namespace, reg: Registry, results: list[dict], partial: bool, info: dict,
+            checks: dict) -> dict:  # fmt: skip
+    """Write the page's JSON (a partial run's rows in place of theirs, merged under a lock so that runs side by
+    side keep each other's rows), the page, and the manifest's figures and default. The previous sanity and
+    held-out checks stay where this run made none for the same default."""
+    path = DOCS / f"robustness-{args.dataset}.json"
+    with edit_json(path) as doc:
+        old = [{"evaluation": doc["info"]} | unpack_flags(r, args.dataset) for r in doc.get("results", [])]
+        rows = merge(old if partial else [], results, pipelines(reg, args.dataset, None))
+        default = choose_default(rows, args.dataset)
+        kept = {k: doc[k] for k in ("sanity", "cross_check", "holdout") if k in doc and doc.get("default") == default
+                and doc[k].get("pipeline") == _pipeline_name(default)}  # fmt: skip
+        new = page_doc(args.dataset, info, rows, default, kept | checks)
+        doc.clear()
+        doc.update(new)
+    render(DOCS)
+    record(results, default, args.dataset, info, args.models_dir)
+    return new
+
+
+def _pipeline_name(default: dict | None) -> str:
+    """A default's pipeline as `Pipeline.name` spells it."""
+    return f"{default['classifier'].split('/', 1)[1]}+{default['defense']}" if default else ""
+
+
+def sanity_and_cross_check(reg: Registry, args: argparse.Namespace, default: dict, x: torch.Tensor,
+                           y: torch.Tensor, budget: Budget) -> dict:  # fmt: skip
+    """The sanity checks on the default pipeline, and the service's own PGD against the reference APGD-CE."""
+    p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"], args.device)
+    norm, eps = STANDARD[args.dataset]
+    n = min(args.sanity_n, len(x))
+    path = _cache_path(p, norm, eps, ("sanity", "pgd-ours"), n, args.seed, budget, "correct", "")
+    if path.exists():
+        return json.loads(path.read_text())
+    out: dict = {"sanity": {"pipeline": p.name, "threat": threat_key(norm, eps),
+                            **sanity(p, x[:n], y[:n], norm, eps, args.seed, budget)}}  # fmt: skip
+    ours = float((p.correct(adv := p.attack("pgd-ours", norm, eps, args.seed, budget)(x[:n], y[:n]), y[:n])
+                  & within(adv, x[:n], norm, eps)).float().mean())  # fmt: skip
+    out["cross_check"] = {"pipeline": p.name, "threat": threat_key(norm, eps), "n": n, "iters": budget.iters,
+                          "ours": round(ours, 4), "reference": out["sanity"]["white_box_apgd_ce"]}  # fmt: skip
+    if not args.quick:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out))
+    return out
+
+
+def previous_rows(dataset: str, docs: Path | None = None) -> list[dict]:
+    """The rows of the dataset's recorded evaluation (each with the run that measured it)."""
+    path = (docs or DOCS) / f"robustness-{dataset}.json"
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    return [{"evaluation": doc["info"]} | unpack_flags(r, dataset) for r in doc["results"]]
+
+
+def merge(old: list[dict], new: list[dict], order: list[tuple[str, str]]) -> list[dict]:
+    """`old` with the rows of `new` in place of those for the same pipeline, in `order` (pipelines no longer
+    served are dropped)."""
+    by = {(r["classifier"], r["defense"]): r for r in old} | {(r["classifier"], r["defense"]): r for r in new}
+    return [by[k] for k in order if k in by]
+
+
+def pack_flags(r: dict, dataset: str) -> dict:
+    """A result for the page's JSON: per-image flags only at the standard threat (what `choose_default` pairs
+    on), as a string of 0s and 1s."""
+    std = threat_key(*STANDARD[dataset])
+    out = strip_flags(r)
+    flags = r["threats"].get(std, {}).get("robust_flags")
+    if flags is not None:
+        out["threats"][std] = out["threats"][std] | {"robust": "".join("1" if f else "0" for f in flags)}
+    return out
+
+
+def unpack_flags(r: dict, dataset: str) -> dict:
+    """`pack_flags` undone."""
+    std = threat_key(*STANDARD[dataset])
+    cell = r["threats"].get(std)
+    if not cell or "robust" not in cell:
+        return r
+    flags = [c == "1" for c in cell["robust"]]
+    return r | {"threats": r["threats"] | {std: {k: v for k, v in cell.items() if k != "robust"}
+                                           | {"robust_flags": flags}}}  # fmt: skip
 
 
 def holdout(reg: Registry, args: argparse.Namespace, default: dict, budget: Budget) -> dict:
@@ -615,19 +716,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
     p.add_argument("--n", type=int, default=1000, help="images for the robust-trained pipelines' standard threat")
     p.add_argument("--n-other", type=int, default=200, help="images for the robust-trained pipelines' other threats")
-    p.add_argument("--n-enhanced", type=int, default=200,
-                   help="images for the enhanced (fine-tuned) classifiers bare, at every threat")  # fmt: skip
     p.add_argument("--n-baseline", type=int, default=100, help="images for the classifiers trained without attacks")
     p.add_argument("--defended-n", type=int, default=100, help="images for the cells behind the projection")
     p.add_argument("--defended-n-other", type=int, default=30, help="images for the other threats behind it")
     p.add_argument("--clean-n", type=int, default=2000, help="clean test images for the projected pipelines")
     p.add_argument("--sanity-n", type=int, default=100)
-    p.add_argument("--only", nargs="*", help="evaluate these classifiers only (nothing is recorded or written)")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        help="evaluate these classifiers only: their rows replace theirs on the page, the others stay",
+    )
     p.add_argument("--defended", nargs="*", help="the classifiers to evaluate behind the projection")
     p.add_argument(
         "--defense",
         choices=("none", "invert-classify", "magnet"),
-        help="evaluate these pipelines only (nothing is recorded; a second process can fill the cache)",
+        help="evaluate the pipelines with this defense only (their rows replace theirs, as with --only)",
     )
     p.add_argument("--fab-targets", type=int, default=9, help="FAB-T's target classes (AutoAttack standard: 9)")
     p.add_argument(
