@@ -308,3 +308,20 @@ def test_advgan_tables_measure_each_shipped_row(registry: Registry, tmp_path: Pa
     assert json.loads((tmp_path / "advgan-mnist.json").read_text())["n"] == 12
     if not rows["classifier_C_pgd0.3"]["shipped"]:
         assert "not trained (`classifier_C_pgd0.3`)" in page
+
+
+def test_a_columns_run_measures_its_columns_and_reuses_the_others(own_tiny: Path, tmp_path: Path) -> None:
+    """`--columns none`: the bare column is measured again, every other column is the earlier run's (read back from
+    the page's JSON, no projection run), and the page says which run measured them."""
+    page = tmp_path / "results.md"
+    first = quick(own_tiny, page)
+    assert first["info"]["projections_run"] > 0
+    second = quick(own_tiny, page, "--columns", "none")
+    assert second["info"]["projections_run"] == 0 and second["info"]["columns"] == ["none"]
+    for arch, row in first["results"]["clean"].items():
+        assert second["results"]["clean"][arch]["rec"] == row["rec"], "reused as it was"
+    assert second["results"]["whitebox"]["fgsm"]["A"]["rec"] == first["results"]["whitebox"]["fgsm"]["A"]["rec"]
+    text = page.read_text()
+    assert "from the earlier run" in text and first["info"]["command"] in text
+    with pytest.raises(SystemExit, match="same n"):
+        quick(own_tiny, page, "--columns", "none", "--n", "12")

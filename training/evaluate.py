@@ -196,8 +196,11 @@ class Evaluation:
     """Holds the models, the images, the caches and the results of one run."""
 
     def __init__(self, reg: Registry, dataset: str, s: Settings, seed: int = 0, cache_dir: Path | None = None,
-                 holdout: torch.Tensor | None = None) -> None:  # fmt: skip
+                 holdout: torch.Tensor | None = None, columns: set[str] | None = None,
+                 previous: dict | None = None) -> None:  # fmt: skip
         self.reg, self.ds, self.s, self.seed = reg, dataset, s, seed
+        # the columns this run measures; the others are the previous run's (results JSON), or "not measured"
+        self.columns, self.previous = set(columns or COLUMNS), previous or {}
         self.cache_dir = cache_dir
         xs, ys = data.load_slice(dataset)
         if s.n > len(xs):  # the slice is the first 1,000 test images; beyond it, the test set minus the 150 seeds
@@ -255,6 +258,14 @@ class Evaluation:
         if col == "magnet" and self.M is None:
             return "no MagNet"
         return None
+
+    def reused(self, path: tuple[str, ...], col: str) -> object:
+        """The previous run's cell at results[path][col] (for a column this run does not measure)."""
+        node: object = self.previous
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        v = node.get(col) if isinstance(node, dict) else None
+        return from_json(v) if v is not None else "not measured"
 
     # -- projection with cache -----------------------------------------------------------------------------------
     def cached(self, kind: str, key: tuple, compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]]
@@ -431,6 +442,9 @@ class Evaluation:
         for arch in CLASSIFIERS:
             row: dict = {}
             for col in COLUMNS:
+                if col not in self.columns:
+                    row[col] = self.reused(("clean", arch), col)
+                    continue
                 why = self.unavailable(arch, col)
                 row[col] = why or self.measure(arch, col, self.x, self.y, f"clean {arch}")
             self.results["clean"][arch] = row
@@ -442,8 +456,8 @@ class Evaluation:
                 row: dict = {}
                 for col in COLUMNS:
                     why = self.unavailable(arch, col)
-                    if why:
-                        row[col] = why
+                    if why or col not in self.columns:
+                        row[col] = why or self.reused(("whitebox", attack, arch), col)
                         continue
                     t0 = time.time()
                     adv = self.whitebox_adv(attack, self.attack_model_key(arch, col), self.x, self.y)
@@ -463,8 +477,8 @@ class Evaluation:
             row: dict = {}
             for col in COLUMNS:
                 why = self.unavailable(arch, col)
-                if why:
-                    row[col] = why
+                if why or col not in self.columns:
+                    row[col] = why or self.reused(("blackbox", f"{arch}/{sub}"), col)
                     continue
                 adv = self.substitute_adv(self.attack_model_key(arch, col), sub)
                 row[col] = self.measure(arch, col, adv, self.y, f"substitute {arch}/{sub}")
@@ -516,8 +530,8 @@ class Evaluation:
                 row: dict = {}
                 for col in COLUMNS:
                     why = self.unavailable(arch, col)
-                    if why:
-                        row[col] = why
+                    if why or col not in self.columns:
+                        row[col] = why or self.reused(("adaptive", attack, arch), col)
                         continue
                     t0 = time.time()
                     if self.projection(col) is None and attack == "latent":
@@ -533,6 +547,9 @@ class Evaluation:
         """ROC AUC of the reconstruction MSE, clean (negatives) vs attacked (positives), per attack and column."""
         print("== detector ROC AUC", flush=True)
         for col in ("rec", "warm", "magnet"):
+            if col not in self.columns and col in self.previous.get("detector", {}):
+                self.results["detector"][col] = self.previous["detector"][col]
+                continue
             clean = self.results["clean"]
             for arch in CLASSIFIERS:
                 neg = clean.get(arch, {}).get(col)
@@ -577,6 +594,18 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def reuse_lines(info: dict) -> list[str]:
+    """Which columns came from which earlier run (the latest run that measured each)."""
+    seen, out = set(info.get("columns", COLUMNS)), []
+    for r in info.get("reused", []):
+        cols = [c for c in r.get("columns", COLUMNS) if c not in seen]
+        seen |= set(cols)
+        if cols:
+            out.append(f"- columns {', '.join(COLUMNS[c][0] for c in cols)} from the earlier run `{r['command']}` "
+                       f"(commit `{r['commit'][:12]}`, {r['date']})")  # fmt: skip
+    return out
+
+
 def render(ev: Evaluation, info: dict) -> str:
     """The dataset's section of the results page (Markdown)."""
     r, ds, s = ev.results, ev.ds, ev.s
@@ -587,6 +616,7 @@ def render(ev: Evaluation, info: dict) -> str:
     out = [f"## {ds}{quick}", ""]
     out += [f"- command: `{info['command']}`", f"- machine: {info['machine']}", f"- duration: {info['duration']}",
             f"- git commit: `{info['commit']}`", f"- date: {info['date']}",
+            *reuse_lines(info),
             f"- images: the first n test images (n ≤ 1000: the committed slice models/{ds}/test_slice.npz); "
             "adaptive rows on the "
             f"first {min(s.adaptive_n, s.n)}",
@@ -607,7 +637,7 @@ def render(ev: Evaluation, info: dict) -> str:
     def no_attack(arch: str, n: int | None = None) -> str:
         """The bare classifier's clean accuracy, on the first n images when a row has fewer."""
         v = r["clean"].get(arch, {}).get("none")
-        if isinstance(v, dict) and n is not None and n < v["cell"].n:
+        if isinstance(v, dict) and "correct" in v and n is not None and n < v["cell"].n:
             return Cell(int(v["correct"][:n].sum()), n).fmt()
         return cell_text(v)
 
@@ -765,6 +795,27 @@ def to_json(ev: Evaluation, info: dict) -> dict:
     return {"info": info, "results": conv(ev.results)}
 
 
+def from_json(v: object) -> object:
+    """`to_json`'s cells back to `Cell`s (a reused column's cells; the per-image tensors are not kept)."""
+    if isinstance(v, dict) and {"k", "n"} <= v.keys():
+        return Cell(int(v["k"]), int(v["n"]))
+    if isinstance(v, dict):
+        return {k: from_json(x) for k, x in v.items()}
+    return v
+
+
+def previous_results(path: Path, n: int, quick: bool) -> dict:
+    """The results of the run that wrote `path` (its columns are reused by a `--columns` run), checked to be on the
+    same n images."""
+    if not path.exists():
+        raise SystemExit(f"--columns reuses the other columns from {path}, which does not exist: run without it")
+    doc = json.loads(path.read_text())
+    if doc["info"]["n"] != n or bool(doc["info"].get("quick")) != quick:
+        raise SystemExit(f"{path} was measured on n={doc['info']['n']}{' (quick)' if doc['info'].get('quick') else ''}"
+                         f"; a --columns run must use the same n")  # fmt: skip
+    return doc
+
+
 # -- manifest -----------------------------------------------------------------------------------------------------
 def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
     """Per classifier key: clean and robust accuracy per service defense, for models/manifest.json."""
@@ -775,7 +826,7 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
         for col, (_, defense) in COLUMNS.items():
             key = ev.key(arch, col)
             clean = ev.results["clean"].get(arch, {}).get(col)
-            if key is None or not isinstance(clean, dict):
+            if key is None or not isinstance(clean, dict) or col not in ev.columns:  # reused: its run recorded it
                 continue
             m = out.setdefault(key, {"eval_clean_accuracy": {}, "eval_fixed_step_min": {}, "evaluation": {}})
             m["eval_clean_accuracy"][defense] = round(clean["cell"].acc, 4)
@@ -869,7 +920,10 @@ def run(args: argparse.Namespace) -> dict:
         s.adaptive_classifiers = tuple(a.strip().upper() for a in args.adaptive_classifiers.split(",") if a.strip())
     holdout = load_holdout(args.dataset, s.n, s.substitute["holdout"]) if "blackbox" in args.sections else None
     cache_dir = args.cache_dir or (None if args.quick or args.no_cache else ROOT / "runs" / args.dataset / "eval_cache")
-    ev = Evaluation(reg, args.dataset, s, seed=args.seed, cache_dir=cache_dir, holdout=holdout)
+    out: Path = args.out or ROOT / "docs" / ("results-quick.md" if args.quick else "results.md")
+    prev = previous_results(out.with_name(f"{out.stem}-{args.dataset}.json"), s.n, args.quick) if args.columns else {}
+    ev = Evaluation(reg, args.dataset, s, seed=args.seed, cache_dir=cache_dir, holdout=holdout,
+                    columns=args.columns, previous=prev.get("results"))  # fmt: skip
     print(
         f"evaluating {args.dataset} on n={len(ev.x)} ({'quick' if args.quick else 'full'}); generator: "
         f"{ev.G is not None}, encoder: {ev.E is not None}; classifiers: {reg.classifiers(args.dataset)}",
@@ -883,9 +937,8 @@ def run(args: argparse.Namespace) -> dict:
     if "adaptive" in args.sections and ev.G is not None:
         ev.run_adaptive()
     ev.run_detector()
-    out: Path = args.out or ROOT / "docs" / ("results-quick.md" if args.quick else "results.md")
     fig = out.parent / "figures" / f"{out.stem}-{args.dataset}-examples.png"
-    has_fig = example_figure(ev, fig)
+    has_fig = example_figure(ev, fig) if "rec" in ev.columns else fig.exists()  # the figure shows the rec column
     info = {
         "command": command_line(), "machine": machine(), "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": bool(args.quick),
@@ -896,7 +949,11 @@ def run(args: argparse.Namespace) -> dict:
         "cached_seconds": round(ev.cached_seconds, 1),
         "figure": str(fig.relative_to(out.parent)) if has_fig else None,
         "page": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+        "columns": sorted(ev.columns, key=list(COLUMNS).index),
     }  # fmt: skip
+    if prev:  # the reused columns' run, and the run before it where that one reused columns too
+        info["reused"] = [{k: prev["info"][k] for k in ("command", "commit", "date", "columns") if k in prev["info"]},
+                          *prev["info"].get("reused", [])]  # fmt: skip
     write_page(out, args.dataset, render(ev, info), args.quick)
     doc = to_json(ev, info)
     out.with_name(f"{out.stem}-{args.dataset}.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -925,6 +982,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default={"whitebox", "blackbox", "adaptive"},
         help="comma list of whitebox, blackbox, adaptive (clean and detector always run)",
     )
+    p.add_argument(
+        "--columns",
+        type=lambda v: {c for c in v.split(",") if c},
+        default=None,
+        help=f"measure only these columns ({', '.join(COLUMNS)}); the others are the previous run's, read from the "
+        "page's JSON (same n)",
+    )
     p.add_argument("--steps", type=int, default=None, help="Defense-GAN-Rec L (default 200)")
     p.add_argument("--restarts", type=int, default=None, help="Defense-GAN-Rec R (default 10)")
     p.add_argument("--adaptive-n", type=int, default=None, help="images for the adaptive rows (default 100)")
@@ -949,7 +1013,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     rec.add_argument("--record", dest="record", action="store_true", default=None,
                      help="write headline metrics to the manifest (default for full runs)")  # fmt: skip
     rec.add_argument("--no-record", dest="record", action="store_false")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.columns and not args.columns <= set(COLUMNS):
+        p.error(
+            f"--columns: unknown {', '.join(sorted(args.columns - set(COLUMNS)))}; choose from {', '.join(COLUMNS)}"
+        )
+    return args
 
 
 if __name__ == "__main__":
