@@ -259,13 +259,16 @@ class Evaluation:
             return "no MagNet"
         return None
 
-    def reused(self, path: tuple[str, ...], col: str) -> object:
-        """The previous run's cell at results[path][col] (for a column this run does not measure)."""
+    def reused(self, path: tuple[str, ...], arch: str, col: str) -> object:
+        """The previous run's cell at results[path][col] (for a column this run does not measure); "not measured"
+        where it has none, or only a reason that no longer holds (a model shipped since)."""
         node: object = self.previous
         for k in path:
             node = node.get(k) if isinstance(node, dict) else None
         v = node.get(col) if isinstance(node, dict) else None
-        return from_json(v) if v is not None else "not measured"
+        if v is None or (isinstance(v, str) and v != "n/a" and self.unavailable(arch, col) is None):
+            return "not measured"
+        return from_json(v)
 
     # -- projection with cache -----------------------------------------------------------------------------------
     def cached(self, kind: str, key: tuple, compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]]
@@ -443,7 +446,7 @@ class Evaluation:
             row: dict = {}
             for col in COLUMNS:
                 if col not in self.columns:
-                    row[col] = self.reused(("clean", arch), col)
+                    row[col] = self.reused(("clean", arch), arch, col)
                     continue
                 why = self.unavailable(arch, col)
                 row[col] = why or self.measure(arch, col, self.x, self.y, f"clean {arch}")
@@ -457,7 +460,7 @@ class Evaluation:
                 for col in COLUMNS:
                     why = self.unavailable(arch, col)
                     if why or col not in self.columns:
-                        row[col] = why or self.reused(("whitebox", attack, arch), col)
+                        row[col] = why or self.reused(("whitebox", attack, arch), arch, col)
                         continue
                     t0 = time.time()
                     adv = self.whitebox_adv(attack, self.attack_model_key(arch, col), self.x, self.y)
@@ -478,7 +481,7 @@ class Evaluation:
             for col in COLUMNS:
                 why = self.unavailable(arch, col)
                 if why or col not in self.columns:
-                    row[col] = why or self.reused(("blackbox", f"{arch}/{sub}"), col)
+                    row[col] = why or self.reused(("blackbox", f"{arch}/{sub}"), arch, col)
                     continue
                 adv = self.substitute_adv(self.attack_model_key(arch, col), sub)
                 row[col] = self.measure(arch, col, adv, self.y, f"substitute {arch}/{sub}")
@@ -531,7 +534,7 @@ class Evaluation:
                 for col in COLUMNS:
                     why = self.unavailable(arch, col)
                     if why or col not in self.columns:
-                        row[col] = why or self.reused(("adaptive", attack, arch), col)
+                        row[col] = why or self.reused(("adaptive", attack, arch), arch, col)
                         continue
                     t0 = time.time()
                     if self.projection(col) is None and attack == "latent":
