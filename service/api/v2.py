@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from service import imaging, oip
-from service.api import schema
-from service.batcher import Batcher, QueueFull, RequestTimeout
+from service import oip
+from service.api import errors, schema
+from service.batcher import Batcher
 from service.config import Settings, get_settings
-from service.proxy import ProxyClient, UpstreamError
+from service.proxy import ProxyClient
 from service.served import Model, ModelRepository, RawUpstream
 
 log = logging.getLogger(__name__)
@@ -94,30 +94,17 @@ class _Reply(Exception):
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """Map the failures of a call to protocol errors (raised as _Reply so a route returns them)."""
+    """Map a call's failures to protocol errors (`service.api.errors`; raised as _Reply for the route to return)."""
     try:
         yield
     except _Reply:
         raise
-    except oip.OIPError as e:
-        raise _Reply(_error(e.status, str(e))) from None
-    except imaging.ImageError as e:
-        raise _Reply(_error(e.status, str(e))) from None
-    except UpstreamError as e:
-        raise _Reply(_error(e.status, e.message)) from None
-    except QueueFull as e:
-        raise _Reply(_error(503, str(e), {"Retry-After": f"{e.retry_after:.0f}"})) from None
-    except RequestTimeout as e:
-        raise _Reply(_error(504, str(e))) from None
-    except ValueError as e:
-        raise _Reply(_error(400, str(e))) from None
-    except RecursionError:
-        raise _Reply(_error(400, "the request is nested too deeply")) from None
-    except MemoryError:
-        raise _Reply(_error(413, "the request needs more memory than the server grants one request")) from None
-    except Exception:
-        log.exception("v2 request failed")
-        raise _Reply(_error(500, "internal error")) from None
+    except Exception as e:  # noqa: BLE001 - every failure gets an answer
+        a = errors.answer(e, oip=True)
+        if a is None:
+            log.exception("v2 request failed")
+            raise _Reply(_error(500, "internal error")) from None
+        raise _Reply(_error(a.status, a.message, a.headers)) from None
 
 
 def _reply(resp: oip.InferResponse, binary: set[str] | bool, accept: str | None = None) -> Response:
