@@ -185,6 +185,11 @@ class Request:
     seed: int | None
 
     @property
+    def model(self) -> str:
+        """The metrics' model label, as the batcher's jobs name it: dataset/classifier, or the dataset alone."""
+        return f"{self.dataset}/{self.classifier}" if self.classifier else self.dataset
+
+    @property
     def job_seed(self) -> int | None:
         """The seed as the engine takes it: only a projection draws noise."""
         return self.seed if self.cfg is not None else None

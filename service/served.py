@@ -18,6 +18,7 @@ Failures are raised as `request.RequestError` or `oip.OIPError` (with their stat
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from service import imaging, oip
 from service.batcher import Batcher
 from service.config import Settings, Upstream
 from service.engine import DefendResult, PurifyResult
+from service.metrics import observe_stages
 from service.proxy import ProxyClient, purify_and_forward
 from service.request import Request, Target, check_images, oip_fields, resolve
 
@@ -61,6 +63,8 @@ class Model:
 
     versions: tuple[str, ...] = ()  # () : the model names no versions of its own
 
+    batcher: Batcher  # set by each kind of model; its metrics record the decode stage
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.ready = False
@@ -74,8 +78,12 @@ class Model:
     async def metadata(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    async def infer(self, req: oip.InferRequest, headers: dict[str, str]) -> oip.InferResponse:
+    async def infer(self, req: oip.InferRequest, headers: dict[str, str], decode_ms: float = 0.0
+                    ) -> oip.InferResponse:  # fmt: skip
+        """`decode_ms`: what decoding the body took; preprocessing counts to the decode stage too."""
+        t = time.perf_counter()
         x, ctx = self.preprocess(req)
+        observe_stages(self.batcher.metrics, ctx.model, {"decode": decode_ms + (time.perf_counter() - t) * 1e3})
         return self.postprocess(await self.predict(x, ctx, req, headers), req, ctx)
 
     def preprocess(self, req: oip.InferRequest) -> tuple[Any, Request]:

@@ -27,7 +27,7 @@ from service.attacks import runner
 from service.batcher import DefendJob, PurifyJob
 from service.config import Settings
 from service.engine import ENHANCED, DefendResult, PurifyResult, default_classifier, default_defense
-from service.metrics import Metrics
+from service.metrics import Metrics, observe_stages
 from service.registry import Registry, grid_key
 from service.request import ClassifyFields, DetectFields, Fields, PurifyFields, resolve
 
@@ -278,6 +278,7 @@ async def classify(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     x, raw, decode_ms = await read_input(request, settings)
     p = ClassifyFields.parse(raw)
     req = resolve(p, settings, registry)
+    observe_stages(batcher.metrics, req.model, {"decode": decode_ms})
     ds, clf, defense = req.dataset, req.classifier, req.defense
     assert clf is not None  # the fields name a classifier
     out = await batcher.submit(DefendJob(ds, clf, defense, req.cfg, req.job_seed), x)
@@ -323,6 +324,7 @@ async def _purify(request: Request, sv: Serving, fields: type[PurifyFields | Det
     x, raw, decode_ms = await read_input(request, settings)
     p = fields.parse(raw)
     req = resolve(p, settings, sv.registry)
+    observe_stages(batcher.metrics, req.model, {"decode": decode_ms})
     assert req.cfg is not None  # purify and detect name projecting defenses only
     out = await batcher.submit(PurifyJob(req.dataset, req.cfg, req.seed), x)
     timings = {"decode_ms": decode_ms, "queue_ms": out.queue_ms, **out.value.timings_ms, "engine_ms": out.compute_ms}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -223,13 +224,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         _versioned(st, name, version)  # a wrong version is a 404 before the body is read
         with _errors():
             body = await _body(request, st.settings.max_upload_bytes)
+            t = time.perf_counter()
             req = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
+            decode_ms = (time.perf_counter() - t) * 1e3
             m = st.models.get(name)
             if m is None:
                 return _error(404, f"unknown model {name!r}")
             if isinstance(m, RawUpstream):
                 return _error(400, f"{name!r} is a raw upstream; POST image bytes to /predictions/{name}")
-            resp = await m.infer(req, dict(request.headers))
+            resp = await m.infer(req, dict(request.headers), decode_ms)
             return _reply(resp, req.binary_outputs(), request.headers.get("accept-encoding"))
     except _Reply as r:
         return r.response
