@@ -228,7 +228,7 @@ class RawUpstream(Model):
         super().__init__(name)
         self.upstream, self.proxy, self.batcher, self.settings = upstream, proxy, batcher, settings
 
-    async def predictions(self, body: bytes, query: dict[str, int | str], headers: dict[str, str]
+    async def predictions(self, body: bytes, query: dict[str, Any], headers: dict[str, str]
                           ) -> tuple[bytes, str, dict[str, str]]:  # fmt: skip
         """(the upstream's reply, its content type, X-Purification-* headers) for one image's bytes."""
         s = self.settings

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -248,12 +249,8 @@ async def predictions(name: str, request: Request) -> Response:
     try:
         with _errors():
             body = await _body(request, st.settings.max_upload_bytes)
-            query = {k: _int_or_str(v) for k, v in request.query_params.items()}
+            query: dict[str, Any] = dict(request.query_params)  # digit strings are integers to `service.request`
             content, ctype, headers = await m.predictions(body, query, dict(request.headers))
             return Response(content, media_type=ctype, headers=headers)
     except _Reply as rep:
         return rep.response
-
-
-def _int_or_str(v: str) -> int | str:
-    return int(v) if v.lstrip("-").isdigit() else v
