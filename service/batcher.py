@@ -46,7 +46,7 @@ import torch
 from service.config import Settings
 from service.device import batch_size
 from service.engine import PROJECTING, DefendResult, Engine, PurifyResult, Stop
-from service.metrics import Metrics
+from service.metrics import STAGES, Metrics, observe_stages
 from service.purify import Cancelled, ProjectionConfig
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,13 @@ def spans(sizes: list[int]) -> list[tuple[int, int]]:
         out.append((i, i + n))
         i += n
     return out
+
+
+def observe_outcome(metrics: Metrics | None, job: Any, out: Outcome) -> None:
+    """A request's queue wait and its engine stages (purify, classify) in `mg_stage_seconds`."""
+    timings = getattr(out.value, "timings_ms", None) or {}
+    ms = {"queue": out.queue_ms, **{STAGES[k]: v for k, v in timings.items() if k in STAGES}}
+    observe_stages(metrics, getattr(job, "model", None), ms)
 
 
 class QueueFull(RuntimeError):
@@ -142,6 +149,11 @@ class DefendJob:
     def op(self) -> str:
         return {"none": "classify", "magnet": "reform"}.get(self.defense, "defend")
 
+    @property
+    def model(self) -> str:
+        """The metrics' model label."""
+        return f"{self.dataset}/{self.classifier}"
+
     def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> DefendResult:
         return engine.defend(x, self.dataset, self.classifier, self.defense, self.cfg, self.seed, stop)
 
@@ -171,6 +183,11 @@ class PurifyJob:
     seed: int | None = None
 
     op = "purify"
+
+    @property
+    def model(self) -> str:
+        """The metrics' model label: the dataset whose generator purifies."""
+        return self.dataset
 
     def cost(self, n: int) -> tuple[int, str]:
         return projection_cost(n, self.cfg)
@@ -419,7 +436,7 @@ class Batcher:
         self._set_depth()
         lane.wake.set()
         try:
-            return await asyncio.wait_for(fut, timeout)
+            out = await asyncio.wait_for(fut, timeout)
         except TimeoutError as exc:
             if self.metrics:
                 self.metrics.timeouts.inc()
@@ -427,6 +444,8 @@ class Batcher:
         finally:
             if fut.cancelled():
                 self._set_depth()
+        observe_outcome(self.metrics, job, out)
+        return out
 
     async def defend(
         self,

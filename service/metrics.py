@@ -4,10 +4,15 @@ Names (all prefixed `mg_`): http_requests_total{route,method,status}, http_reque
 batch_size{op} (images per engine call), batch_requests{op}, batch_seconds{op}, queue_depth (requests waiting),
 queue_rejected_total (503s at admission), request_timeouts_total, cancelled_batches_total (projections stopped
 because their callers were gone), purification_steps_total{dataset,init} (gradient steps × images),
-purified_images_total{dataset,init}, detector_flags_total{dataset,flagged}.
+purified_images_total{dataset,init}, detector_flags_total{dataset,flagged}, stage_seconds{stage,model} (per request:
+the seconds it spent in each stage — decode, queue, purify, classify — on /v1 and /v2 alike; `model` is what the
+engine ran: "<dataset>/<classifier>" for a classification, "<dataset>" for a purification alone, as in /v1/purify,
+/v1/detect and the proxy; a merged batch's purify and classify seconds count for each of its requests).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -48,6 +53,8 @@ class Metrics:
         )
         self.purified = Counter("mg_purified_images", "images purified", ["dataset", "init"], registry=r)
         self.flags = Counter("mg_detector_flags", "detector decisions", ["dataset", "flagged"], registry=r)
+        self.stages = Histogram("mg_stage_seconds", "seconds a request spent in a stage (decode, queue, purify, "
+                                "classify)", ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -68,5 +75,19 @@ class Metrics:
         if clean:
             self.flags.labels(dataset, "false").inc(clean)
 
+    def observe_stages(self, model: str, ms: Mapping[str, float]) -> None:
+        """One request's milliseconds per stage."""
+        for stage, v in ms.items():
+            self.stages.labels(stage, model).observe(v / 1e3)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+STAGES = {"purify_ms": "purify", "classify_ms": "classify"}  # an engine result's timings, by stage
+
+
+def observe_stages(metrics: Metrics | None, model: str | None, ms: Mapping[str, float]) -> None:
+    """`metrics.observe_stages(model, ms)` where there are metrics and a model (else nothing)."""
+    if metrics is not None and model is not None:
+        metrics.observe_stages(model, ms)

@@ -42,6 +42,7 @@ from service.batcher import (
     RequestTimeout,
     concat,
     fill_window,
+    observe_outcome,
     spans,
 )
 from service.config import Settings
@@ -174,6 +175,7 @@ class RayBatcher(Batcher):
             raise answer
         if self.metrics:
             job.record(self.metrics, answer.value)
+        observe_outcome(self.metrics, job, answer)
         return answer  # type: ignore[no-any-return]
 
     async def _await(self, response: DeploymentResponse, timeout: float) -> Any:

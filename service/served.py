@@ -11,15 +11,15 @@
   parameters added (`purified`, `defense`, `steps`, `restarts`, `purify_ms`, ...). Versions are the upstream's.
 - `RawUpstream`, every `protocol: raw` name: TorchServe-style image bytes in, the purified 28×28 PNG forwarded.
 
-Failures are raised as `oip.OIPError` (with its status), `imaging.ImageError`, `UpstreamError` or the batcher's
-errors; the routes map them to responses. Nothing here knows HTTP frameworks.
+Failures are raised as `request.RequestError` or `oip.OIPError` (with their status), `imaging.ImageError`,
+`UpstreamError` or the batcher's errors; the routes map them to responses. Nothing here knows HTTP frameworks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,55 +28,17 @@ import torch
 from service import imaging, oip
 from service.batcher import Batcher
 from service.config import Settings, Upstream
-from service.engine import (
-    DEFENSES,
-    PROJECTING,
-    DefendResult,
-    NotShipped,
-    ParameterError,
-    PurifyResult,
-    classifier_for,
-    default_defense,
-    projection_config,
-)
+from service.engine import DefendResult, PurifyResult
+from service.metrics import observe_stages
 from service.proxy import ProxyClient, purify_and_forward
-from service.purify import ProjectionConfig
+from service.request import Request, Target, check_images, oip_fields, resolve
 
 VERSION = "1"  # the one version of each of our own models
 OWN_OUTPUTS = ("probabilities", "labels", "mse", "flagged", "purified")
-# a proxied model classifies upstream: it is purified by a projection (never "none", MagNet or our enhanced classifiers)
-PROXY_DEFENSES = tuple(d for d in DEFENSES if d in PROJECTING and d != "enhanced-invert-classify")
 
 
-# -- purification parameters (shared by own and proxied models) ------------------------------------------------------
-@dataclass
-class Purification:
-    defense: str
-    cfg: ProjectionConfig | None  # None for a defense that does not project (none, magnet)
-    seed: int | None
-
-
-def purification(params: dict[str, Any], s: Settings, batcher: Batcher, dataset: str,
-                 classifier: str | None) -> Purification:  # fmt: skip
-    """Our request parameters, checked and capped (the projection built once, before any work); they are removed
-    from `params` (never forwarded). `classifier` None: a proxied model (it classifies upstream)."""
-    proxied = classifier is None
-    reg = batcher.engine.registry
-    defense = params.pop("defense", None) or default_defense(reg, dataset, classifier, s.default_defense, proxied)
-    allowed = PROXY_DEFENSES if proxied else DEFENSES
-    if defense not in allowed:
-        raise oip.OIPError(f"parameter 'defense' must be one of {list(allowed)}, got {defense!r}")
-    seed = params.pop("seed", None)
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1):
-        raise oip.OIPError(f"parameter 'seed' must be an integer in [0, {2**31 - 1}], got {seed!r}")
-    try:
-        cfg = projection_config(defense, params.pop("steps", None), params.pop("restarts", None), s)
-    except ParameterError as exc:
-        raise oip.OIPError(f"parameter {exc}") from None
-    return Purification(defense, cfg, seed)
-
-
-def described(p: Purification, dataset: str, r: PurifyResult | DefendResult, images: int) -> dict[str, Any]:
+# -- the request's purification, described -------------------------------------------------------------------------
+def described(p: Request, dataset: str, r: PurifyResult | DefendResult, images: int) -> dict[str, Any]:
     """Scalar response parameters describing the purification (the protocol's parameters are scalars)."""
     out: dict[str, Any] = {"purified": p.defense != "none", "defense": p.defense, "dataset": dataset,
                            "steps": r.steps, "restarts": r.restarts, "images": images}  # fmt: skip
@@ -94,17 +56,14 @@ def described(p: Purification, dataset: str, r: PurifyResult | DefendResult, ima
     return out
 
 
-def _too_many(n: int, limit: int) -> None:
-    if n > limit:
-        raise oip.OIPError(f"{n} images in one request; the limit is {limit}", status=413)
-
-
 # -- the models ------------------------------------------------------------------------------------------------------
 class Model:
     """What /v2 serves under one name (cf. kserve.Model): `load()` sets `ready`; `infer` runs preprocess →
     predict → postprocess."""
 
     versions: tuple[str, ...] = ()  # () : the model names no versions of its own
+
+    batcher: Batcher  # set by each kind of model; its metrics record the decode stage
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -119,21 +78,25 @@ class Model:
     async def metadata(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    async def infer(self, req: oip.InferRequest, headers: dict[str, str]) -> oip.InferResponse:
+    async def infer(self, req: oip.InferRequest, headers: dict[str, str], decode_ms: float = 0.0
+                    ) -> oip.InferResponse:  # fmt: skip
+        """`decode_ms`: what decoding the body took; preprocessing counts to the decode stage too."""
+        t = time.perf_counter()
         x, ctx = self.preprocess(req)
+        observe_stages(self.batcher.metrics, ctx.model, {"decode": decode_ms + (time.perf_counter() - t) * 1e3})
         return self.postprocess(await self.predict(x, ctx, req, headers), req, ctx)
 
-    def preprocess(self, req: oip.InferRequest) -> tuple[Any, Purification]:
+    def preprocess(self, req: oip.InferRequest) -> tuple[Any, Request]:
         raise NotImplementedError
 
-    async def predict(self, x: Any, p: Purification, req: oip.InferRequest, headers: dict[str, str]) -> Any:
+    async def predict(self, x: Any, p: Request, req: oip.InferRequest, headers: dict[str, str]) -> Any:
         raise NotImplementedError
 
-    def postprocess(self, out: Any, req: oip.InferRequest, p: Purification) -> oip.InferResponse:
+    def postprocess(self, out: Any, req: oip.InferRequest, p: Request) -> oip.InferResponse:
         raise NotImplementedError
 
 
-def own_images(t: oip.Tensor, max_images: int) -> torch.Tensor:
+def own_images(t: oip.Tensor, s: Settings) -> torch.Tensor:
     """Our models' input: N×1×28×28, N×28×28×1 or N×28×28; FP16/32/64 in [0, 1] or UINT8 in [0, 255]."""
     a = t.data
     if t.datatype not in ("FP16", "FP32", "FP64", "UINT8"):
@@ -144,7 +107,7 @@ def own_images(t: oip.Tensor, max_images: int) -> torch.Tensor:
         a = a.transpose(0, 3, 1, 2)
     if a.ndim != 4 or tuple(a.shape[1:]) != (1, 28, 28) or a.shape[0] == 0:
         raise oip.OIPError(f"input {t.name!r} must have shape N×1×28×28, N×28×28×1 or N×28×28, got {t.shape}")
-    _too_many(a.shape[0], max_images)
+    check_images(a.shape[0], s)
     x = a.astype(np.float32) / (255.0 if t.datatype == "UINT8" else 1.0)
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise oip.OIPError(f"input {t.name!r} values must be finite and lie in [0, 1] ([0, 255] for UINT8)")
@@ -181,25 +144,22 @@ class OwnModel(Model):
             "outputs": [{"name": k, "datatype": d, "shape": sh} for k, (d, sh) in shapes.items()],
         }
 
-    def preprocess(self, req: oip.InferRequest) -> tuple[torch.Tensor, Purification]:
+    def preprocess(self, req: oip.InferRequest) -> tuple[torch.Tensor, Request]:
         if len(req.inputs) != 1:
             raise oip.OIPError(f"model {self.name!r} takes one input tensor, got {len(req.inputs)}")
-        x = own_images(req.inputs[0], self.settings.max_batch_images)
+        x = own_images(req.inputs[0], self.settings)
         for o in req.outputs or []:
             if o.name not in OWN_OUTPUTS:
                 raise oip.OIPError(f"unknown output {o.name!r}; outputs: {list(OWN_OUTPUTS)}")
-        p = purification(dict(req.parameters), self.settings, self.batcher, self.dataset, self.classifier)
-        try:
-            classifier_for(self.batcher.engine.registry, self.dataset, self.classifier, p.defense)  # before any work
-        except NotShipped as exc:
-            raise oip.OIPError(str(exc), status=404) from None
-        return x, p
+        fields = oip_fields(dict(req.parameters))
+        return x, resolve(fields, self.settings, self.batcher.engine.registry, Target(self.dataset, self.classifier))
 
-    async def predict(self, x: torch.Tensor, p: Purification, req: oip.InferRequest,
+    async def predict(self, x: torch.Tensor, p: Request, req: oip.InferRequest,
                       headers: dict[str, str]) -> DefendResult:  # fmt: skip
-        return await self.batcher.defend(x, self.dataset, self.classifier, p.defense, p.cfg, p.seed)
+        assert p.classifier is not None
+        return await self.batcher.defend(x, p.dataset, p.classifier, p.defense, p.cfg, p.seed)
 
-    def postprocess(self, r: DefendResult, req: oip.InferRequest, p: Purification) -> oip.InferResponse:
+    def postprocess(self, r: DefendResult, req: oip.InferRequest, p: Request) -> oip.InferResponse:
         wanted = [o.name for o in req.outputs] if req.outputs is not None else None
         tensors = {"probabilities": r.probs.astype(np.float32), "labels": r.labels.astype(np.int64)}
         if r.mse is not None:
@@ -233,18 +193,18 @@ class ProxiedModel(Model):
     async def metadata(self) -> dict[str, Any]:
         return await self.proxy.metadata(self.name)
 
-    def preprocess(self, req: oip.InferRequest) -> tuple[oip.InferRequest, Purification]:
-        # our parameters are stripped from what is forwarded
-        p = purification(req.parameters, self.settings, self.batcher, self.upstream.dataset, None)
+    def preprocess(self, req: oip.InferRequest) -> tuple[oip.InferRequest, Request]:
+        fields = oip_fields(req.parameters)  # our parameters are stripped from what is forwarded
+        p = resolve(fields, self.settings, self.batcher.engine.registry, Target(self.upstream.dataset))
         assert p.cfg is not None  # a proxied model always purifies
         return req, p
 
-    async def predict(self, req: oip.InferRequest, p: Purification, _: oip.InferRequest,
+    async def predict(self, req: oip.InferRequest, p: Request, _: oip.InferRequest,
                       headers: dict[str, str]) -> tuple[oip.InferResponse, PurifyResult, int]:  # fmt: skip
         result: list[PurifyResult] = []
 
         async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
-            _too_many(x.shape[0], self.settings.max_batch_images)
+            check_images(x.shape[0], self.settings)
             assert p.cfg is not None
             r = await self.batcher.purify(x, dataset, p.cfg, p.seed)
             result.append(r)
@@ -254,7 +214,7 @@ class ProxiedModel(Model):
         return fwd.response, result[0], fwd.images
 
     def postprocess(self, out: tuple[oip.InferResponse, PurifyResult, int], req: oip.InferRequest,
-                    p: Purification) -> oip.InferResponse:  # fmt: skip
+                    p: Request) -> oip.InferResponse:  # fmt: skip
         resp, r, images = out
         resp.parameters.update(described(p, self.upstream.dataset, r, images))
         return resp
@@ -268,12 +228,12 @@ class RawUpstream(Model):
         super().__init__(name)
         self.upstream, self.proxy, self.batcher, self.settings = upstream, proxy, batcher, settings
 
-    async def predictions(self, body: bytes, query: dict[str, int | str], headers: dict[str, str]
+    async def predictions(self, body: bytes, query: dict[str, Any], headers: dict[str, str]
                           ) -> tuple[bytes, str, dict[str, str]]:  # fmt: skip
         """(the upstream's reply, its content type, X-Purification-* headers) for one image's bytes."""
         s = self.settings
         x = imaging.to_tensor(imaging.load_bytes(body, s.max_image_pixels, 1), 1)
-        p = purification(query, s, self.batcher, self.upstream.dataset, None)
+        p = resolve(oip_fields(query), s, self.batcher.engine.registry, Target(self.upstream.dataset))
         if query:
             raise oip.OIPError(f"unknown query parameters {sorted(query)}")
         assert p.cfg is not None

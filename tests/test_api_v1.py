@@ -322,6 +322,35 @@ def test_metrics_label_every_route_by_its_template(client: TestClient) -> None:
     assert 'route="unmatched",status="404"' in text
 
 
+def _stage_counts(client: TestClient, model: str) -> dict[str, float]:
+    """mg_stage_seconds' observation count per stage for `model`, from /metrics."""
+    found = re.findall(r'mg_stage_seconds_count\{model="([^"]+)",stage="(\w+)"\} (\S+)', client.get("/metrics").text)
+    return {stage: float(n) for m, stage, n in found if m == model}
+
+
+def test_metrics_time_every_stage_per_model(client: TestClient) -> None:
+    """One /v1/classify and one /v2 infer each add one observation of decode, queue, purify and classify under the
+    model's label; /v1/purify, which classifies nothing, adds all but classify under the dataset's."""
+    stages = ("decode", "queue", "purify", "classify")
+    before, ds_before = _stage_counts(client, "mnist/classifier_A"), _stage_counts(client, "mnist")
+    r = client.post("/v1/classify", json={"image": b64(png(DIGITS[0])), "defense": "defense-gan"})
+    assert r.status_code == 200, r.text
+    image = {
+        "name": "images",
+        "shape": [1, 1, 28, 28],
+        "datatype": "FP32",
+        "data": (DIGITS[0] / 255.0).ravel().tolist(),
+    }
+    req = {"inputs": [image], "parameters": {"defense": "invert-classify"}}
+    r = client.post("/v2/models/mnist-classifier_A/infer", json=req)
+    assert r.status_code == 200, r.text
+    assert client.post("/v1/purify", json={"image": b64(png(DIGITS[0])), "format": "json"}).status_code == 200
+    after, ds_after = _stage_counts(client, "mnist/classifier_A"), _stage_counts(client, "mnist")
+    assert {s: after.get(s, 0) - before.get(s, 0) for s in stages} == dict.fromkeys(stages, 2.0)
+    assert {s: ds_after.get(s, 0) - ds_before.get(s, 0) for s in stages} == {**dict.fromkeys(stages, 1.0),
+                                                                            "classify": 0}  # fmt: skip
+
+
 def test_the_openapi_document_tells_the_truth(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     assert "#/$defs/" not in json.dumps(doc), "embedded schemas must not point at the document's root"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -30,11 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api import errors
 from service.api.schema import with_caps
-from service.batcher import Batcher, NotRunning, OverBudget, QueueFull, RequestTimeout
+from service.batcher import Batcher
 from service.config import Settings, get_settings
 from service.engine import Engine
-from service.imaging import ImageError, set_pixel_limit
+from service.imaging import set_pixel_limit
 from service.metrics import Metrics
 from service.registry import ManifestError, Registry
 
@@ -133,9 +133,16 @@ class EdgeMiddleware:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ImageError)
-    async def image_error(_: Request, exc: ImageError) -> JSONResponse:
-        return error(exc.status, str(exc))
+    """The table of `service.api.errors` for the request's own failures; FastAPI's and the edge's errors; 500."""
+
+    async def known(_: Request, exc: Exception) -> JSONResponse:
+        a = errors.answer(exc)
+        if a is None:
+            return await internal(_, exc)
+        return error(a.status, a.message, a.headers, **a.extra)
+
+    for kind in errors.HANDLED:
+        app.add_exception_handler(kind, known)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -155,30 +162,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTimeout)
     async def body_late(_: Request, exc: BodyTimeout) -> JSONResponse:
         return error(408, str(exc), {"Connection": "close"})
-
-    @app.exception_handler(OverBudget)
-    async def over_budget(_: Request, exc: OverBudget) -> JSONResponse:
-        return error(422, str(exc), cost=exc.cost, budget=exc.budget)
-
-    @app.exception_handler(RecursionError)
-    async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:
-        return error(400, "the request is nested too deeply")
-
-    @app.exception_handler(MemoryError)
-    async def too_big(_: Request, exc: MemoryError) -> JSONResponse:
-        return error(413, "the request needs more memory than the server grants one request")
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
-        return error(503, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))})
-
-    @app.exception_handler(NotRunning)
-    async def not_running(_: Request, exc: NotRunning) -> JSONResponse:
-        return error(503, str(exc), {"Retry-After": "5"})
-
-    @app.exception_handler(RequestTimeout)
-    async def timeout(_: Request, exc: RequestTimeout) -> JSONResponse:
-        return error(504, str(exc))
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:

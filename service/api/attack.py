@@ -27,25 +27,25 @@ from starlette.concurrency import run_in_threadpool
 
 from service import imaging
 from service.api.deps import get_batcher, get_engine, get_registry, get_settings
-from service.api.v1 import _Params, parse_params, projection, read_input, resolve_classifier
+from service.api.v1 import read_input
 from service.attacks import runner
 from service.batcher import Batcher
 from service.config import Settings
 from service.engine import DefendResult, Engine
 from service.registry import Registry
+from service.request import ClassifierFields, RequestError, Start, classifier, resolve
 
 router = APIRouter(prefix="/v1", tags=["attack"])
 
 
-class AttackParams(_Params):
+class AttackFields(ClassifierFields):
     method: str = Field(description="fgsm | rand-fgsm | pgd | pgd-l2 | cw | cw-defensegan | advgan | substitute | "
                         "bpda | eot | latent")  # fmt: skip
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's own parameters (capped)")
     label: int | None = Field(None, ge=0, le=9, description="true label (default: the classifier's prediction)")
     target_label: int | None = Field(None, ge=0, le=9, description="attack towards this label (targeted)")
     target: Literal["classifier", "defended"] = Field("classifier", description="what the attack sees")
-    model: str | None = Field(None, description='"<dataset>/<classifier>", e.g. "mnist/classifier_A"')
-    defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="the defense shown/attacked")
+    defense: Start = Field("defense-gan", description="the defense shown/attacked")
 
     @field_validator("params", mode="before")
     @classmethod
@@ -112,8 +112,6 @@ async def _execute(request: Request, settings: Settings, plan: runner.AttackPlan
         return await asyncio.wait_for(asyncio.shield(fut), timeout)
     except TimeoutError as exc:
         raise HTTPException(504, f"the attack took longer than {timeout:g} s (it finishes in the background)") from exc
-    except runner.AttackRequestError as exc:
-        raise HTTPException(422, str(exc)) from exc
 
 
 @router.post("/attack", summary="Attack an image (dual-use: disabled unless enabled, then API key)",
@@ -129,16 +127,15 @@ async def attack(
     predictions before and after the attack, with and without the defense."""
     t0 = time.perf_counter()
     x, raw, _ = await read_input(request, settings)
-    p: AttackParams = parse_params(AttackParams, raw, settings)
+    p = AttackFields.parse(raw)
     if len(x) != 1:
-        raise HTTPException(422, f"the attack endpoint takes one image, got {len(x)}")
-    ds, clf = resolve_classifier(p.model, registry, settings)
-    has_generator = registry.has(f"{ds}/generator")
-    cfg = projection(p.defense, ds, p, registry, settings) if (has_generator or p.target == "defended") else None
-    try:
-        plan = runner.plan(p.method, p.params, p.target, p.target_label is not None, cfg, settings.attack, len(x))
-    except runner.AttackRequestError as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise RequestError(f"the attack endpoint takes one image, got {len(x)}")
+    ds, _ = classifier(p.model, registry, settings)
+    project = registry.has(f"{ds}/generator") or p.target == "defended"  # else the bare classifier only
+    req = resolve(p, settings, registry, project=project)
+    ds, clf, cfg = req.dataset, req.classifier, req.cfg
+    assert clf is not None
+    plan = runner.plan(p.method, p.params, p.target, p.target_label is not None, cfg, settings.attack, len(x))
 
     before = await batcher.defend(x, ds, clf, "none")
     label = p.label if p.label is not None else int(before.labels[0])

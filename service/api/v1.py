@@ -3,20 +3,20 @@
 Routes only parse, call and shape: bytes → `service.imaging` (in a worker thread) → `Batcher` → JSON or PNG.
 An image comes as a multipart upload (any file field), a raw body (Content-Type image/png, image/jpeg, image/webp,
 application/x-npy or application/octet-stream) or JSON (`image` base64, `images` list of base64, or `array`
-nested list). Parameters come in the query string or, for JSON and multipart, as body fields (body wins).
+nested list). Parameters come in the query string or, for JSON and multipart, as body fields (body wins); they are
+`service.request`'s typed fields, resolved there (defaults, per-dataset defaults, caps) as for /v2 and /v1/attack.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -26,23 +26,10 @@ from service.api.schema import errors
 from service.attacks import runner
 from service.batcher import DefendJob, PurifyJob
 from service.config import Settings
-from service.engine import (
-    ENHANCED,
-    PROJECTING,
-    WARM_START,
-    DefendResult,
-    Defense,
-    NotShipped,
-    ParameterError,
-    PurifyResult,
-    classifier_for,
-    default_classifier,
-    default_defense,
-    projection_config,
-)
-from service.metrics import Metrics
-from service.purify import ProjectionConfig
+from service.engine import ENHANCED, DefendResult, PurifyResult, default_classifier, default_defense
+from service.metrics import Metrics, observe_stages
 from service.registry import Registry, grid_key
+from service.request import ClassifyFields, DetectFields, Fields, PurifyFields, resolve
 
 ERRORS = errors(400, 404, 408, 413, 415, 422, 503, 504)
 EXAMPLE_PNG = imaging.png_base64(np.zeros((28, 28), dtype=np.float32))  # a real (blank) image the schema can send
@@ -65,71 +52,6 @@ INLINE_BYTES = 64 * 1024  # a small PNG or JSON body is decoded in the event loo
 async def _off_loop(small: bool, fn: Any, *args: Any) -> Any:
     """fn(*args) inline when it is cheap (a thread hop costs more than decoding a digit), else in a worker thread."""
     return fn(*args) if small else await run_in_threadpool(fn, *args)
-
-
-# -- parameters -------------------------------------------------------------------------------------
-NOT_BLANK = r"\S"  # a name must not be empty or blank (leave it out for the default)
-MODEL_NAME = '"<dataset>/<classifier>" or "<dataset>", e.g. "mnist/classifier_A"'
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int | None = Field(None, description="projection gradient steps (default: the server's; capped; 0 only "
-                              "with a warm start)")  # fmt: skip
-    restarts: int | None = Field(None, description="random restarts of the projection (capped)")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="fix the restarts' noise (default: fresh draws)")
-    value_range: float = Field(1.0, description="arrays only: 1 for values in [0, 1], 255 for [0, 255]",
-                               json_schema_extra={"enum": [1, 255]})  # fmt: skip
-
-    @field_validator("steps", "restarts", "seed", mode="before")
-    @classmethod
-    def _no_bool(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # JSON true is not the integer 1
-            raise ValueError("must be an integer, not a boolean")
-        return v
-
-    @field_validator("model", "dataset", mode="before", check_fields=False)
-    @classmethod
-    def _not_empty(cls, v: Any) -> Any:
-        if isinstance(v, str) and not v.strip():
-            raise ValueError("must not be empty (leave it out for the default)")
-        return v
-
-    @field_validator("value_range")
-    @classmethod
-    def _range(cls, v: float) -> float:
-        if v not in (1.0, 255.0):
-            raise ValueError("value_range must be 1 or 255")
-        return v
-
-
-class ClassifyParams(_Params):
-    model: str | None = Field(None, min_length=1, pattern=NOT_BLANK, description=MODEL_NAME)
-    defense: Defense | None = Field(
-        None,
-        description="none | defense-gan (random restarts) | invert-classify (encoder warm start) | "
-        "enhanced-invert-classify (warm start, then the classifier's adversarially fine-tuned `_enhanced` twin) | "
-        "magnet (MagNet's autoencoder reformer and its two reconstruction-error detectors; steps and restarts do "
-        "not apply)",
-    )
-    return_purified: bool = Field(False, description="include each purified image as base64 PNG")
-    return_input: bool = Field(False, description="include each input as the model sees it (28×28, after decoding, "
-                               "grayscale and resizing) as base64 PNG")  # fmt: skip
-
-
-class PurifyParams(_Params):
-    dataset: str | None = Field(
-        None, min_length=1, pattern=NOT_BLANK, description="whose generator purifies, e.g. mnist"
-    )
-    defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
-    format: Literal["png", "json", "npy"] = Field("png", description="png (one image), json, or npy (float32)")
-
-
-class DetectParams(_Params):
-    dataset: str | None = Field(None, min_length=1, pattern=NOT_BLANK,
-                                description="whose generator and calibrated threshold, e.g. mnist")  # fmt: skip
-    defense: Literal["defense-gan", "invert-classify"] = Field("defense-gan", description="projection start")
 
 
 # -- responses (for the schema) ---------------------------------------------------------------------
@@ -211,7 +133,7 @@ def _query(prop: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in prop.items() if k != "anyOf"}, **branches[0]}
 
 
-def _openapi(params: type[_Params], example: dict[str, Any]) -> dict[str, Any]:
+def _openapi(params: type[Fields], example: dict[str, Any]) -> dict[str, Any]:
     """Query parameters and the three body forms, for the OpenAPI schema (the route parses the body itself). The
     caps (steps, restarts, images) are written in when the app is built (`schema.with_caps`)."""
     schema = params.model_json_schema()
@@ -316,50 +238,6 @@ def _value_range(params: dict[str, Any]) -> float:
         return 1.0  # the parameter model reports it
 
 
-def parse_params(model: type[_Params], raw: dict[str, Any], settings: Settings) -> Any:
-    """Validate parameters (422 on a bad or unknown one); the caps are `projection_config`'s."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
-
-
-# -- model and defense resolution -------------------------------------------------------------------
-def resolve_classifier(model: str | None, registry: Registry, s: Settings) -> tuple[str, str]:
-    ds, _, clf = (model or s.default_dataset).partition("/")
-    clf = clf or default_classifier(registry, ds, s.default_classifier)
-    key = f"{ds}/{clf}"
-    if not registry.has(key) or registry.get(key).kind != "classifier" or "onnx" not in registry.get(key).files:
-        known = sorted(k for k, a in registry.artifacts.items() if a.kind == "classifier" and "onnx" in a.files)
-        raise HTTPException(404, f"no classifier {key!r}; available: {', '.join(known) or 'none'}")
-    return ds, clf
-
-
-def projection(defense: str, dataset: str, p: _Params, registry: Registry, s: Settings) -> ProjectionConfig | None:
-    """The projection a defense implies, None where it does not project (404 when the generator or encoder it
-    needs is not shipped)."""
-    if defense not in PROJECTING:
-        return None
-    if not registry.has(f"{dataset}/generator"):
-        raise HTTPException(
-            404,
-            f"no generator is shipped for {dataset!r}: defended calls are unavailable (defense=none still classifies)",
-        )
-    if defense in WARM_START and not registry.has(f"{dataset}/encoder"):
-        raise HTTPException(404, f"no encoder is shipped for {dataset!r}: use defense=defense-gan")
-    try:
-        return projection_config(defense, p.steps, p.restarts, s)
-    except ParameterError as exc:
-        raise HTTPException(422, str(exc)) from exc
-
-
-def _dataset(name: str | None, registry: Registry, s: Settings) -> str:
-    ds = name or s.default_dataset
-    if not any(a.dataset == ds for a in registry.artifacts.values()):
-        raise HTTPException(404, f"no dataset {ds!r} in the registry")
-    return ds
-
-
 def _class_names(registry: Registry, ds: str) -> list[str]:
     return registry.class_names(ds) if registry.has(f"{ds}/generator") else [str(i) for i in range(10)]
 
@@ -382,7 +260,7 @@ async def _pngs(images: Any) -> list[str] | None:
     response_model=ClassifyResponse,
     summary="Classify images, purified first",
     openapi_extra=_openapi(
-        ClassifyParams,
+        ClassifyFields,
         {
             "image": EXAMPLE_PNG,
             "model": "mnist/classifier_A",
@@ -398,16 +276,12 @@ async def classify(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     settings, registry, batcher = sv.settings, sv.registry, sv.batcher
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
-    p: ClassifyParams = parse_params(ClassifyParams, raw, settings)
-    ds, clf = resolve_classifier(p.model, registry, settings)
-    defense = p.defense or default_defense(registry, ds, clf, settings.default_defense)
-    try:
-        clf = classifier_for(registry, ds, clf, defense)
-    except NotShipped as exc:
-        raise HTTPException(404, str(exc)) from exc
-    cfg = projection(defense, ds, p, registry, settings)
-    job = DefendJob(ds, clf, defense, cfg, p.seed if cfg else None)
-    out = await batcher.submit(job, x)
+    p = ClassifyFields.parse(raw)
+    req = resolve(p, settings, registry)
+    observe_stages(batcher.metrics, req.model, {"decode": decode_ms})
+    ds, clf, defense = req.dataset, req.classifier, req.defense
+    assert clf is not None  # the fields name a classifier
+    out = await batcher.submit(DefendJob(ds, clf, defense, req.cfg, req.job_seed), x)
     r: DefendResult = out.value
     pngs = await _pngs(r.purified if p.return_purified else None)
     inputs = await _pngs(x if p.return_input else None)
@@ -443,17 +317,18 @@ async def classify(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     }
 
 
-async def _purify(request: Request, sv: Serving, params: type[_Params]) -> tuple[Any, PurifyResult, str, float, float]:
-    settings, registry, batcher = sv.settings, sv.registry, sv.batcher
+async def _purify(request: Request, sv: Serving, fields: type[PurifyFields | DetectFields]
+                  ) -> tuple[Any, PurifyResult, str, float, dict[str, float]]:  # fmt: skip
+    settings, batcher = sv.settings, sv.batcher
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
-    p = parse_params(params, raw, settings)
-    ds = _dataset(p.dataset, registry, settings)
-    cfg = projection(p.defense, ds, p, registry, settings)
-    assert cfg is not None  # PurifyParams names projecting defenses only
-    out = await batcher.submit(PurifyJob(ds, cfg, p.seed), x)
+    p = fields.parse(raw)
+    req = resolve(p, settings, sv.registry)
+    observe_stages(batcher.metrics, req.model, {"decode": decode_ms})
+    assert req.cfg is not None  # purify and detect name projecting defenses only
+    out = await batcher.submit(PurifyJob(req.dataset, req.cfg, req.seed), x)
     timings = {"decode_ms": decode_ms, "queue_ms": out.queue_ms, **out.value.timings_ms, "engine_ms": out.compute_ms}
-    return p, out.value, ds, t0, timings  # type: ignore[return-value]
+    return p, out.value, req.dataset, t0, timings
 
 
 @router.post(
@@ -469,11 +344,11 @@ async def _purify(request: Request, sv: Serving, params: type[_Params]) -> tuple
             "description": "PNG (one image; MSE in X-MG-MSE), JSON, or .npy float32 N×1×28×28",
         }
     },
-    openapi_extra=_openapi(PurifyParams, {"image": EXAMPLE_PNG, "dataset": "mnist", "format": "json"}),
+    openapi_extra=_openapi(PurifyFields, {"image": EXAMPLE_PNG, "dataset": "mnist", "format": "json"}),
 )
 async def purify(request: Request, sv: Serving = Depends(get_serving)) -> Response:
     """The purified image(s): PNG by default (exactly one image), JSON (base64 PNGs with MSEs) or .npy."""
-    p, r, ds, t0, timings = await _purify(request, sv, PurifyParams)
+    p, r, ds, t0, timings = await _purify(request, sv, PurifyFields)
     headers = {
         "X-MG-Steps": str(r.steps),
         "X-MG-Restarts": str(r.restarts),
@@ -512,11 +387,11 @@ async def purify(request: Request, sv: Serving = Depends(get_serving)) -> Respon
     "/detect",
     response_model=DetectResponse,
     summary="Score images as adversarial (reconstruction MSE)",
-    openapi_extra=_openapi(DetectParams, {"image": EXAMPLE_PNG, "dataset": "mnist"}),
+    openapi_extra=_openapi(DetectFields, {"image": EXAMPLE_PNG, "dataset": "mnist"}),
 )
 async def detect(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     """Score = the reconstruction MSE after projection; flagged when above the threshold calibrated on clean images."""
-    p, r, ds, t0, timings = await _purify(request, sv, DetectParams)
+    p, r, ds, t0, timings = await _purify(request, sv, DetectFields)
     timings["total_ms"] = (time.perf_counter() - t0) * 1e3
     dets = [
         {"score": float(r.mse[i]), "flagged": None if r.flagged is None else bool(r.flagged[i])}

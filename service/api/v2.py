@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from service import imaging, oip
-from service.api import schema
-from service.batcher import Batcher, QueueFull, RequestTimeout
+from service import oip
+from service.api import errors, schema
+from service.batcher import Batcher
 from service.config import Settings, get_settings
-from service.proxy import ProxyClient, UpstreamError
+from service.proxy import ProxyClient
 from service.served import Model, ModelRepository, RawUpstream
 
 log = logging.getLogger(__name__)
@@ -94,30 +96,17 @@ class _Reply(Exception):
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """Map the failures of a call to protocol errors (raised as _Reply so a route returns them)."""
+    """Map a call's failures to protocol errors (`service.api.errors`; raised as _Reply for the route to return)."""
     try:
         yield
     except _Reply:
         raise
-    except oip.OIPError as e:
-        raise _Reply(_error(e.status, str(e))) from None
-    except imaging.ImageError as e:
-        raise _Reply(_error(e.status, str(e))) from None
-    except UpstreamError as e:
-        raise _Reply(_error(e.status, e.message)) from None
-    except QueueFull as e:
-        raise _Reply(_error(503, str(e), {"Retry-After": f"{e.retry_after:.0f}"})) from None
-    except RequestTimeout as e:
-        raise _Reply(_error(504, str(e))) from None
-    except ValueError as e:
-        raise _Reply(_error(400, str(e))) from None
-    except RecursionError:
-        raise _Reply(_error(400, "the request is nested too deeply")) from None
-    except MemoryError:
-        raise _Reply(_error(413, "the request needs more memory than the server grants one request")) from None
-    except Exception:
-        log.exception("v2 request failed")
-        raise _Reply(_error(500, "internal error")) from None
+    except Exception as e:  # noqa: BLE001 - every failure gets an answer
+        a = errors.answer(e, oip=True)
+        if a is None:
+            log.exception("v2 request failed")
+            raise _Reply(_error(500, "internal error")) from None
+        raise _Reply(_error(a.status, a.message, a.headers)) from None
 
 
 def _reply(resp: oip.InferResponse, binary: set[str] | bool, accept: str | None = None) -> Response:
@@ -236,13 +225,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         _versioned(st, name, version)  # a wrong version is a 404 before the body is read
         with _errors():
             body = await _body(request, st.settings.max_upload_bytes)
+            t = time.perf_counter()
             req = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
+            decode_ms = (time.perf_counter() - t) * 1e3
             m = st.models.get(name)
             if m is None:
                 return _error(404, f"unknown model {name!r}")
             if isinstance(m, RawUpstream):
                 return _error(400, f"{name!r} is a raw upstream; POST image bytes to /predictions/{name}")
-            resp = await m.infer(req, dict(request.headers))
+            resp = await m.infer(req, dict(request.headers), decode_ms)
             return _reply(resp, req.binary_outputs(), request.headers.get("accept-encoding"))
     except _Reply as r:
         return r.response
@@ -258,12 +249,8 @@ async def predictions(name: str, request: Request) -> Response:
     try:
         with _errors():
             body = await _body(request, st.settings.max_upload_bytes)
-            query = {k: _int_or_str(v) for k, v in request.query_params.items()}
+            query: dict[str, Any] = dict(request.query_params)  # digit strings are integers to `service.request`
             content, ctype, headers = await m.predictions(body, query, dict(request.headers))
             return Response(content, media_type=ctype, headers=headers)
     except _Reply as rep:
         return rep.response
-
-
-def _int_or_str(v: str) -> int | str:
-    return int(v) if v.lstrip("-").isdigit() else v

@@ -19,6 +19,8 @@ Two settings:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -99,18 +101,7 @@ def cw(
     return best.clamp(0.0, 1.0).detach()
 
 
-def cw_defense_gan(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    c: float = 100.0,
-    kappa: float = 0.0,
-    steps: int = 100,
-    search_steps: int = 1,
-    lr: float = 10.0,
-    abort_early: bool = True,
-    targeted: bool = False,
-) -> torch.Tensor:
-    """CW-L2 with Defense-GAN's cleverhans settings (`CW_DEFENSE_GAN`: 1 search step, 100 iterations, lr 10,
-    c = 100; cleverhans' early abort on), each overridable."""
-    return cw(model, images, labels, c, kappa, steps, search_steps, lr, abort_early, targeted)
+# CW-L2 with Defense-GAN's cleverhans settings (`CW_DEFENSE_GAN`: 1 search step, 100 iterations, lr 10, c = 100;
+# cleverhans' early abort on), each overridable: a partial, so that its signature carries those defaults.
+cw_defense_gan = functools.partial(cw, **CW_DEFENSE_GAN)
+cw_defense_gan.__doc__ = "CW-L2 with Defense-GAN's cleverhans settings (`CW_DEFENSE_GAN`), each overridable."

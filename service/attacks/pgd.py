@@ -32,6 +32,47 @@ def _normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.empty(like.shape, device="cpu").normal_(generator=generator).to(like)
 
 
+def ball_step(adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, eps: float, alpha: float, norm: str,
+              eps_for_division: float = 1e-10) -> torch.Tensor:  # fmt: skip
+    """One PGD ascent step, torchattacks' rules: x + α·sign g (L∞) or x + α·g/(‖g‖₂ + 1e-10) (L2), projected onto
+    the ε-ball around x0 (L∞: δ clamped; L2: δ scaled to ‖δ‖₂ ≤ ε), then onto [0, 1]."""
+    n = len(adv)
+    if norm == "linf":
+        delta = (adv + alpha * grad.sign() - x0).clamp(-eps, eps)
+    else:
+        grad_norms = grad.view(n, -1).norm(p=2, dim=1) + eps_for_division
+        delta = adv + alpha * grad / grad_norms.view(n, 1, 1, 1) - x0
+        norms = delta.view(n, -1).norm(p=2, dim=1).clamp_min(1e-12)  # torchattacks' factor where it is finite
+        delta = delta * torch.clamp(eps / norms, max=1.0).view(n, 1, 1, 1)
+    return (x0 + delta).clamp(0.0, 1.0)
+
+
+def _random_start(x0: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """A random point of the ε-ball (L∞: U(−ε, ε); L2: direction N(0, I), radius ε·U(0, 1)), clipped to [0, 1]."""
+    if norm == "linf":
+        return (x0 + _uniform(x0, -eps, eps, generator)).clamp(0.0, 1.0)
+    n = len(x0)
+    delta = _normal(x0, generator)
+    norms = delta.view(n, -1).norm(p=2, dim=1).view(n, 1, 1, 1)
+    radius = _uniform(norms, 0.0, 1.0, generator)
+    return (x0 + delta * (radius / norms * eps)).clamp(0.0, 1.0)
+
+
+def _pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, alpha: float, steps: int,
+         random_start: bool, targeted: bool, generator: torch.Generator | None, norm: str,
+         eps_for_division: float = 1e-10) -> torch.Tensor:  # fmt: skip
+    if eps < 0 or alpha < 0 or steps < 0:
+        raise ValueError(f"{'pgd' if norm == 'linf' else 'pgd_l2'} needs eps, alpha, steps >= 0")
+    x0 = images.detach()
+    adv = _random_start(x0, eps, norm, generator) if random_start else x0.clone()
+    for _ in range(steps):
+        adv = ball_step(adv, _loss_grad(model, adv, labels, targeted), x0, eps, alpha, norm, eps_for_division)
+    return adv.detach()
+
+
+# `pgd` and `pgd_l2` (and the adaptive attacks' `eot`) repeat one keyword signature on purpose: each public attack
+# states its paper's defaults in its own signature, as torchattacks and cleverhans expose them (`duplicates` pairs
+# them); the step and the loop are shared (`ball_step`, `_pgd`).
 def pgd(
     model: nn.Module,
     images: torch.Tensor,
@@ -48,18 +89,7 @@ def pgd(
     Defaults: ε = 0.3, α = 0.01, 40 steps, random start (Madry et al.'s MNIST setting). `generator` seeds the
     random start (the global RNG when None).
     """
-    if eps < 0 or alpha < 0 or steps < 0:
-        raise ValueError("pgd needs eps, alpha, steps >= 0")
-    images = images.detach()
-    adv = images.clone()
-    if random_start:
-        adv = (adv + _uniform(adv, -eps, eps, generator)).clamp(0.0, 1.0)
-    for _ in range(steps):
-        grad = _loss_grad(model, adv, labels, targeted)
-        adv = adv + alpha * grad.sign()
-        delta = (adv - images).clamp(-eps, eps)
-        adv = (images + delta).clamp(0.0, 1.0)
-    return adv.detach()
+    return _pgd(model, images, labels, eps, alpha, steps, random_start, targeted, generator, "linf")
 
 
 def pgd_l2(
@@ -79,21 +109,4 @@ def pgd_l2(
     Defaults: ε = 3.0 (a common MNIST L2 budget; ≈ 0.11 RMS per pixel), α = 0.25, 40 steps, random start
     (direction N(0, I), radius ε·U(0, 1), as torchattacks' PGDL2).
     """
-    if eps < 0 or alpha < 0 or steps < 0:
-        raise ValueError("pgd_l2 needs eps, alpha, steps >= 0")
-    images = images.detach()
-    n = len(images)
-    adv = images.clone()
-    if random_start:
-        delta = _normal(adv, generator)
-        norms = delta.view(n, -1).norm(p=2, dim=1).view(n, 1, 1, 1)
-        radius = _uniform(norms, 0.0, 1.0, generator)
-        adv = (adv + delta * (radius / norms * eps)).clamp(0.0, 1.0)
-    for _ in range(steps):
-        grad = _loss_grad(model, adv, labels, targeted)
-        grad_norms = grad.view(n, -1).norm(p=2, dim=1) + eps_for_division
-        adv = adv + alpha * grad / grad_norms.view(n, 1, 1, 1)
-        delta = adv - images
-        factor = torch.clamp(eps / delta.view(n, -1).norm(p=2, dim=1), max=1.0)
-        adv = (images + delta * factor.view(n, 1, 1, 1)).clamp(0.0, 1.0)
-    return adv.detach()
+    return _pgd(model, images, labels, eps, alpha, steps, random_start, targeted, generator, "l2", eps_for_division)
