@@ -325,3 +325,6 @@ def test_a_columns_run_measures_its_columns_and_reuses_the_others(own_tiny: Path
     assert "from the earlier run" in text and first["info"]["command"] in text
     with pytest.raises(SystemExit, match="same n"):
         quick(own_tiny, page, "--columns", "none", "--n", "12")
+    before = page.read_text()
+    redrawn = quick(own_tiny, page, "--rerender")
+    assert redrawn["info"] == second["info"] and page.read_text() == before, "--rerender measures nothing"

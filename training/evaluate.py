@@ -108,6 +108,11 @@ WHY: dict[tuple[str, str, str], str] = {
     "removes transferred FGSM noise that ours (CPU-trained, 1,750 iterations) reproduces — the same cause as the "
     "oblivious FGSM gap (docs/generator.md, docs/evaluation.md)",
 }
+# Why one cell of another column differs (measured; the page named)
+WHY_CELL: dict[tuple[str, str, str, str], str] = {
+    ("mnist", "fgsm", "A", "adv0.3"): "our FGSM-trained A masks its gradient: white-box FGSM fools it on 2.0% of "
+    "1,000 images, FGSM transferred from the standard A on 44.3% (docs/advgan.md)",
+}
 
 
 # -- bookkeeping ------------------------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ class Evaluation:
                  previous: dict | None = None) -> None:  # fmt: skip
         self.reg, self.ds, self.s, self.seed = reg, dataset, s, seed
         # the columns this run measures; the others are the previous run's (results JSON), or "not measured"
-        self.columns, self.previous = set(columns or COLUMNS), previous or {}
+        self.columns, self.previous = set(COLUMNS if columns is None else columns), previous or {}
         self.cache_dir = cache_dir
         xs, ys = data.load_slice(dataset)
         if s.n > len(xs):  # the slice is the first 1,000 test images; beyond it, the test set minus the 150 seeds
@@ -218,7 +223,7 @@ class Evaluation:
         self.adv_cache: dict[tuple, torch.Tensor] = {}
         self.cached_seconds = 0.0  # compute time of the cache entries this run reused
         self.results: dict = {"clean": {}, "whitebox": {}, "blackbox": {}, "adaptive": {}, "detector": {},
-                              "cw_l2": {}, "substitutes": {}}  # fmt: skip
+                              "cw_l2": {}, "substitutes": dict(self.previous.get("substitutes", {}))}  # fmt: skip
         self.projections_run = 0
         self.projections_reused = 0
 
@@ -640,7 +645,9 @@ def render(ev: Evaluation, info: dict) -> str:
     def no_attack(arch: str, n: int | None = None) -> str:
         """The bare classifier's clean accuracy, on the first n images when a row has fewer."""
         v = r["clean"].get(arch, {}).get("none")
-        if isinstance(v, dict) and "correct" in v and n is not None and n < v["cell"].n:
+        if isinstance(v, dict) and n is not None and n < v["cell"].n:
+            if "correct" not in v:  # a reused cell from a run that kept no per-image results
+                return f"{cell_text(v)} (n={v['cell'].n})"
             return Cell(int(v["correct"][:n].sum()), n).fmt()
         return cell_text(v)
 
@@ -744,17 +751,22 @@ def paper_comparison(ev: Evaluation) -> list[str]:
             v = (r["clean"].get(arch) or {}).get("none") if col == "clean" else (src or {}).get(OURS_FOR[col])
             ours = v["cell"] if isinstance(v, dict) and "cell" in v else None
             close = "–" if ours is None else "yes" if abs(ours.acc - paper) <= 0.02 else "no"
+            inside = "–" if ours is None else "yes" if ours.ci[0] <= paper <= ours.ci[1] else "no"
             why = WHY.get((ds, attack, who), "") if close == "no" and col == "rec" else ""
+            why = why or WHY_CELL.get((ds, attack, who, col), "") if close == "no" else ""
+            if close == "no" and not why and inside == "yes":
+                why = f"inside our 95% interval (n={ours.n}): not told apart from sampling error at this n"
             shown = ours.fmt() if ours else (v if isinstance(v, str) else "not measured")
             rows.append([ATTACK_NAMES.get(attack, "substitute FGSM"), who, PAPER_NAMES[col], f"{paper:.4g}", shown,
-                         close, why])  # fmt: skip
+                         close, inside, why or ("not investigated" if close == "no" else "")])  # fmt: skip
     if not rows:
         return []
     return ["### The paper's figures beside ours (Defense-GAN Tables 1 and 4)", "",
             "Ours for Defense-GAN-Rec and -Orig is the same column: our classifiers were trained on original images "
             "(the paper's Orig setting); its Rec classifiers were trained on reconstructions, which we have not "
             "trained. n and interval as in the tables above.", "",
-            *table(["Attack", "Classifier", "column", "paper", "ours", "within 2 points", "why they differ"], rows),
+            *table(["Attack", "Classifier", "column", "paper", "ours", "within 2 points", "paper inside our interval",
+                    "why they differ"], rows),
             ""]  # fmt: skip
 
 
@@ -791,8 +803,9 @@ def to_json(ev: Evaluation, info: dict) -> dict:
             return v.as_json()
         if isinstance(v, torch.Tensor):
             return None
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items() if not isinstance(x, torch.Tensor)}
+        if isinstance(v, dict):  # per-image tensors dropped, but for which images were correct (as 0s and 1s)
+            return {k: "".join("1" if c else "0" for c in x.tolist()) if k == "correct" else conv(x)
+                    for k, x in v.items() if k == "correct" or not isinstance(x, torch.Tensor)}  # fmt: skip
         return v
 
     return {"info": info, "results": conv(ev.results)}
@@ -803,7 +816,7 @@ def from_json(v: object) -> object:
     if isinstance(v, dict) and {"k", "n"} <= v.keys():
         return Cell(int(v["k"]), int(v["n"]))
     if isinstance(v, dict):
-        return {k: from_json(x) for k, x in v.items()}
+        return {k: torch.tensor([c == "1" for c in x]) if k == "correct" else from_json(x) for k, x in v.items()}
     return v
 
 
@@ -924,9 +937,10 @@ def run(args: argparse.Namespace) -> dict:
     holdout = load_holdout(args.dataset, s.n, s.substitute["holdout"]) if "blackbox" in args.sections else None
     cache_dir = args.cache_dir or (None if args.quick or args.no_cache else ROOT / "runs" / args.dataset / "eval_cache")
     out: Path = args.out or ROOT / "docs" / ("results-quick.md" if args.quick else "results.md")
-    prev = previous_results(out.with_name(f"{out.stem}-{args.dataset}.json"), s.n, args.quick) if args.columns else {}
+    reuse = args.columns or args.rerender
+    prev = previous_results(out.with_name(f"{out.stem}-{args.dataset}.json"), s.n, args.quick) if reuse else {}
     ev = Evaluation(reg, args.dataset, s, seed=args.seed, cache_dir=cache_dir, holdout=holdout,
-                    columns=args.columns, previous=prev.get("results"))  # fmt: skip
+                    columns=set() if args.rerender else args.columns, previous=prev.get("results"))  # fmt: skip
     print(
         f"evaluating {args.dataset} on n={len(ev.x)} ({'quick' if args.quick else 'full'}); generator: "
         f"{ev.G is not None}, encoder: {ev.E is not None}; classifiers: {reg.classifiers(args.dataset)}",
@@ -954,13 +968,15 @@ def run(args: argparse.Namespace) -> dict:
         "page": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
         "columns": sorted(ev.columns, key=list(COLUMNS).index),
     }  # fmt: skip
-    if prev:  # the reused columns' run, and the run before it where that one reused columns too
+    if args.rerender:  # nothing measured: the page is the previous run's, drawn by this code
+        info = prev["info"]
+    elif prev:  # the reused columns' run, and the run before it where that one reused columns too
         info["reused"] = [{k: prev["info"][k] for k in ("command", "commit", "date", "columns") if k in prev["info"]},
                           *prev["info"].get("reused", [])]  # fmt: skip
     write_page(out, args.dataset, render(ev, info), args.quick)
     doc = to_json(ev, info)
     out.with_name(f"{out.stem}-{args.dataset}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    if args.record if args.record is not None else not args.quick:
+    if (args.record if args.record is not None else not args.quick) and not args.rerender:
         record(ev, info, args.models_dir)
     print(f"wrote {out} in {info['duration']}", flush=True)
     return doc
@@ -992,6 +1008,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"measure only these columns ({', '.join(COLUMNS)}); the others are the previous run's, read from the "
         "page's JSON (same n)",
     )
+    p.add_argument("--rerender", action="store_true", help="measure nothing: redraw the page from its JSON")
     p.add_argument("--steps", type=int, default=None, help="Defense-GAN-Rec L (default 200)")
     p.add_argument("--restarts", type=int, default=None, help="Defense-GAN-Rec R (default 10)")
     p.add_argument("--adaptive-n", type=int, default=None, help="images for the adaptive rows (default 100)")
