@@ -325,7 +325,7 @@ def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path: Path, mo
 
     def row(clf: str, flags: list[bool], info: dict) -> dict:
         cell = {"accuracy": sum(flags) / len(flags), "ci": [0.0, 1.0], "n": len(flags), "robust_flags": flags,
-                "after": {"apgd-ce": sum(flags)}, "clean_correct": len(flags)}  # fmt: skip
+                "robust": sum(flags), "after": {"apgd-ce": sum(flags)}, "clean_correct": len(flags)}  # fmt: skip
         return {"classifier": clf, "defense": "none", "method": "trades", "clean": {"accuracy": 0.99, "n": 10000},
                 "attacks": ["apgd-ce"], "threats": {"linf:0.3": cell}, "evaluation": info}  # fmt: skip
 
@@ -334,7 +334,7 @@ def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path: Path, mo
     robustness.publish(args, reg, first, False, old_run, {})
     doc = json.loads((tmp_path / "docs" / "robustness-mnist.json").read_text())
     assert doc["default"]["classifier"] == "mnist/classifier_A" and doc["results"][0]["threats"]["linf:0.3"][
-        "robust"] == "1010"  # fmt: skip
+        "robust_bits"] == "1010"  # fmt: skip
 
     robustness.publish(args, reg, [row("classifier_S", [True, True, True, False], new_run)], True, new_run, {})
     doc = json.loads((tmp_path / "docs" / "robustness-mnist.json").read_text())

@@ -681,7 +681,7 @@ def pack_flags(r: dict, dataset: str) -> dict:
     out = strip_flags(r)
     flags = r["threats"].get(std, {}).get("robust_flags")
     if flags is not None:
-        out["threats"][std] = out["threats"][std] | {"robust": "".join("1" if f else "0" for f in flags)}
+        out["threats"][std] = out["threats"][std] | {"robust_bits": "".join("1" if f else "0" for f in flags)}
     return out
 
 
@@ -689,10 +689,10 @@ def unpack_flags(r: dict, dataset: str) -> dict:
     """`pack_flags` undone."""
     std = threat_key(*STANDARD[dataset])
     cell = r["threats"].get(std)
-    if not cell or "robust" not in cell:
+    if not cell or "robust_bits" not in cell:
         return r
-    flags = [c == "1" for c in cell["robust"]]
-    return r | {"threats": r["threats"] | {std: {k: v for k, v in cell.items() if k != "robust"}
+    flags = [c == "1" for c in cell["robust_bits"]]
+    return r | {"threats": r["threats"] | {std: {k: v for k, v in cell.items() if k != "robust_bits"}
                                            | {"robust_flags": flags}}}  # fmt: skip
 
 
