@@ -328,3 +328,21 @@ def test_a_columns_run_measures_its_columns_and_reuses_the_others(own_tiny: Path
     before = page.read_text()
     redrawn = quick(own_tiny, page, "--rerender")
     assert redrawn["info"] == second["info"] and page.read_text() == before, "--rerender measures nothing"
+
+
+def test_a_columns_run_records_its_defenses_beside_the_recorded_ones() -> None:
+    run = {"command": "python -m training.evaluate --columns magnet", "commit": "b", "date": "2026-12-01",
+           "page": "docs/results.md", "n": 100, "quick": False}  # fmt: skip
+    old = {
+        "eval_clean_accuracy": {"none": 0.99},
+        "eval_fixed_step_min": {"none": {"accuracy": 0.0}},
+        "evaluation": {"none": {"clean": {"k": 99}}, "command": "python -m training.evaluate", "commit": "a"},
+    }
+    new = {"eval_clean_accuracy": {"magnet": 1.0}, "eval_fixed_step_min": {"magnet": {"accuracy": 0.01}},
+           "evaluation": {"magnet": {"clean": {"k": 100}}, **run}}  # fmt: skip
+    out = evaluate.merged_headline(old, new)
+    assert out["eval_clean_accuracy"] == {"none": 0.99, "magnet": 1.0}
+    assert set(out["eval_fixed_step_min"]) == {"none", "magnet"}
+    ev = out["evaluation"]
+    assert ev["command"] == "python -m training.evaluate" and ev["none"] == {"clean": {"k": 99}}
+    assert ev["magnet"]["run"]["command"] == run["command"], "the added defense names the run that measured it"

@@ -873,11 +873,28 @@ def headline(ev: Evaluation, info: dict) -> dict[str, dict]:
 
 
 def record(ev: Evaluation, info: dict, models_dir: Path) -> None:
+    """The headline figures into each classifier's entry. A `--columns` run adds its defenses beside the recorded
+    ones (each with the run that measured it) instead of replacing them."""
+    partial = ev.columns != set(COLUMNS)
+    recorded = json.loads((models_dir / "manifest.json").read_text())["artifacts"] if partial else {}
     for key, metrics in headline(ev, info).items():
+        if partial:
+            metrics = merged_headline(recorded[key].get("metrics", {}), metrics)
         record_metrics(key, metrics, models_dir)
     if ev.G is not None and ev.results["detector"]:
         record_metrics(f"{ev.ds}/generator", {"eval_detector_auc": ev.results["detector"]}, models_dir)
     print(f"recorded headline metrics in {models_dir / 'manifest.json'}", flush=True)
+
+
+def merged_headline(old: dict, new: dict) -> dict:
+    """`new`'s per-defense figures beside `old`'s; the defenses measured by `new` carry its run (`run`), the
+    evaluation's own run fields stay those of the run that measured the rest."""
+    run = {k: new["evaluation"][k] for k in ("command", "commit", "date", "page") if k in new["evaluation"]}
+    measured = {d: v | {"run": run} for d, v in new["evaluation"].items() if isinstance(v, dict)}
+    return {"eval_clean_accuracy": old.get("eval_clean_accuracy", {}) | new["eval_clean_accuracy"],
+            "eval_fixed_step_min": old.get("eval_fixed_step_min", {}) | new["eval_fixed_step_min"],
+            "evaluation": (old.get("evaluation") or {k: v for k, v in new["evaluation"].items()
+                                                       if not isinstance(v, dict)}) | measured}  # fmt: skip
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
