@@ -2,6 +2,8 @@
 
     python -m training.evaluate --dataset mnist --n 1000            # the full tables (hours on CPU, see docs)
     python -m training.evaluate --dataset mnist --quick             # smoke test: a few dozen images, reduced L/R
+    python -m training.evaluate --dataset mnist --n 100 --columns magnet   # one column; the others from the JSON
+    python -m training.evaluate --dataset mnist --n 100 --rerender  # redraw the page from its JSON, measure nothing
 
 For classifiers A–D, on the first n images of the committed test slice:
 - white-box attacks computed on each column's own classifier (oblivious to the projection, as in the paper):
