@@ -619,7 +619,7 @@ def publish(args: argparse.Namespace, reg: Registry, results: list[dict], partia
     held-out checks stay where this run made none for the same default."""
     path = DOCS / f"robustness-{args.dataset}.json"
     with edit_json(path) as doc:
-        old = [{"evaluation": doc["info"]} | unpack_flags(r, args.dataset) for r in doc.get("results", [])]
+        old = rows_of(doc, args.dataset)
         rows = merge(old if partial else [], results, pipelines(reg, args.dataset, None))
         default = choose_default(rows, args.dataset)
         kept = {k: doc[k] for k in ("sanity", "cross_check", "holdout") if k in doc and doc.get("default") == default
@@ -663,8 +663,12 @@ def previous_rows(dataset: str, docs: Path | None = None) -> list[dict]:
     path = (docs or DOCS) / f"robustness-{dataset}.json"
     if not path.exists():
         return []
-    doc = json.loads(path.read_text())
-    return [{"evaluation": doc["info"]} | unpack_flags(r, dataset) for r in doc["results"]]
+    return rows_of(json.loads(path.read_text()), dataset)
+
+
+def rows_of(doc: dict, dataset: str) -> list[dict]:
+    """A page JSON's rows with their per-image flags, each naming the run that measured it."""
+    return [{"evaluation": doc["info"]} | unpack_flags(r, dataset) for r in doc.get("results", [])]
 
 
 def merge(old: list[dict], new: list[dict], order: list[tuple[str, str]]) -> list[dict]:
