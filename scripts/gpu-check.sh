@@ -5,8 +5,8 @@
 #   scripts/gpu-check.sh slim       here: .gpu-models/, an MNIST-only registry (its manifest, and a link to
 #                                   models/mnist) without the AdvGAN tables' models (classifier_<X>_{adv,ens,pgd}0.3
 #                                   but A_adv0.3, advgan_<X>_*), for a copy of the tree with models/fmnist and the
-#                                   files it prints set aside (the whole tree is ~100 MiB, over a 64 MiB transfer
-#                                   limit; so slimmed it is ~47 MiB)
+#                                   files it prints set aside (the whole tree is ~130 MiB, over a 64 MiB transfer
+#                                   limit; so slimmed it is ~45 MiB)
 #   scripts/gpu-check.sh [OUTDIR]   there: installs .whl/ (offline) into /tmp/site if present, uses .gpu-models/ if
 #                                   present, then runs bench/gpu.py with that host's python3 (its CUDA torch) into
 #                                   OUTDIR (default: $OUT, else runs/gpu); further arguments go to bench/gpu.py
