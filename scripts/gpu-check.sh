@@ -3,10 +3,10 @@
 #   scripts/gpu-check.sh wheels     here, once: the service's pure-Python dependencies that a stock PyTorch image
 #                                   lacks, as cp312 wheels in .whl/ (the versions of ./.venv, about 6 MB)
 #   scripts/gpu-check.sh slim       here: .gpu-models/, an MNIST-only registry (its manifest, and a link to
-#                                   models/mnist) without the AdvGAN tables' models (classifier_<X>_{adv,ens,pgd}0.3
-#                                   but A_adv0.3, advgan_<X>_*), for a copy of the tree with models/fmnist and the
-#                                   files it prints set aside (the whole tree is ~130 MiB, over a 64 MiB transfer
-#                                   limit; so slimmed it is ~45 MiB)
+#                                   models/mnist) without the paper tables' extra models (classifier_<X>_{adv,ens,pgd}0.3
+#                                   but A_adv0.3, B/C_adv0.15, classifier_<X>_rec, advgan_<X>_*), for a copy of the tree
+#                                   with models/fmnist and the files it prints set aside (the whole tree is ~160 MiB, over
+#                                   a 64 MiB transfer limit; so slimmed it is ~45 MiB)
 #   scripts/gpu-check.sh [OUTDIR]   there: installs .whl/ (offline) into /tmp/site if present, uses .gpu-models/ if
 #                                   present, then runs bench/gpu.py with that host's python3 (its CUDA torch) into
 #                                   OUTDIR (default: $OUT, else runs/gpu); further arguments go to bench/gpu.py
@@ -31,7 +31,8 @@ case "${1:-}" in
 import json, sys
 m = json.load(open("models/manifest.json"))
 import re
-table = re.compile(r"mnist/(classifier_[BC]_adv0\.3|classifier_[ABC]_(ens|pgd)0\.3|advgan_.+_.+)$")
+table = re.compile(r"mnist/(classifier_[BC]_adv0\.(3|15)|classifier_[ABC]_(ens|pgd)0\.3|classifier_[A-D]_rec"
+                   r"|advgan_.+_.+)$")
 aside = [f["path"] for k, v in m["artifacts"].items() if table.match(k) for f in v["files"].values()]
 m["artifacts"] = {k: v for k, v in m["artifacts"].items() if k.startswith("mnist/") and not table.match(k)}
 m["defaults"] = {k: v for k, v in m.get("defaults", {}).items() if k == "mnist"}

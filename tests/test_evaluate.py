@@ -6,6 +6,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -328,6 +329,33 @@ def test_a_columns_run_measures_its_columns_and_reuses_the_others(own_tiny: Path
     before = page.read_text()
     redrawn = quick(own_tiny, page, "--rerender")
     assert redrawn["info"] == second["info"] and page.read_text() == before, "--rerender measures nothing"
+    third = quick(own_tiny, page, "--columns", "none", "--sections", "blackbox")  # the other sections kept as they were
+    for group in ("whitebox", "adaptive"):
+        assert third["results"][group] == second["results"][group], group
+    assert third["results"]["blackbox"].keys() == second["results"]["blackbox"].keys()
+
+
+def test_the_papers_rec_column_is_ours_trained_on_reconstructions_else_orig_marked(registry: Registry) -> None:
+    """Defense-GAN-Rec is compared with the classifier trained on reconstructions; where that was not measured,
+    Defense-GAN-Orig's figure stands in, marked, and the row says so; Orig is always the original-image one."""
+
+    def c(k: int) -> dict:
+        return {"cell": evaluate.Cell(k, 100)}
+
+    results = {"clean": {"A": {"none": c(99)}}, "whitebox": {"fgsm": {"A": {"none": c(20), "rec": c(70)}}},
+               "blackbox": {"A/B": {"none": c(60), "rec": c(65), "rectrained": c(93)}}}  # fmt: skip
+    lines = evaluate.paper_comparison(SimpleNamespace(ds="mnist", results=results, reg=registry))  # type: ignore[arg-type]
+    rows = {tuple(r[:3]): r for r in (line.strip("| ").split(" | ") for line in lines if line.startswith("| "))}
+    rec = rows[("substitute FGSM", "A/B", "Defense-GAN-Rec")]
+    assert rec[4].startswith("0.930 [") and "(Orig)" not in rec[4] and rec[5] == "yes"
+    orig = rows[("substitute FGSM", "A/B", "Defense-GAN-Orig")]
+    assert orig[4].startswith("0.650 [") and "the gap is the projection's" in orig[7], (
+        "the attack transfers as strongly"
+    )
+    assert rows[("substitute FGSM", "A/B", "No attack")][5:] == ["yes", "yes"], "within 2 points: no reason given"
+    wb = rows[(evaluate.ATTACK_NAMES["fgsm"], "A", "Defense-GAN-Rec")]
+    assert wb[4].startswith("0.700 [") and wb[4].endswith("(Orig)") and evaluate.ORIG_STANDS_IN in wb[7]
+    assert rows[(evaluate.ATTACK_NAMES["fgsm"], "A", "MagNet")][4] == "not measured"
 
 
 def test_a_columns_run_records_its_defenses_beside_the_recorded_ones() -> None:

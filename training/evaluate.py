@@ -12,9 +12,11 @@ For classifiers A–D, on the first n images of the committed test slice:
 - the MSE detector's ROC AUC per attack (reconstruction MSE of clean vs attacked inputs);
 - adaptive attacks at the same L∞ budget, printed next to the oblivious rows: BPDA+EOT through the projection
   (PGD-40 on the classifiers that have no projection), and the latent-space ("overpowered") attack.
-Columns: No attack, No defense, Defense-GAN-Rec (L=200, R=10), encoder warm start (the generator's recorded L, R,
-else L=25, R=1), Enhanced Invert-and-Classify (classifier_<X>_enhanced behind the warm-start projection), and the
-adversarial-training baselines classifier_<X>_adv0.3 / _adv0.15 ("not shipped" where absent).
+Columns: No attack, No defense, Defense-GAN-Orig (L=200, R=10 before the classifier trained on the images),
+Defense-GAN-Rec (the same projection before classifier_<X>_rec, trained on reconstructions), encoder warm start
+(the generator's recorded L, R, else L=25, R=1), Enhanced Invert-and-Classify (classifier_<X>_enhanced behind the
+warm-start projection), and the adversarial-training baselines classifier_<X>_adv0.3 / _adv0.15
+("not shipped" where absent).
 
 Every accuracy is printed with n and a Wilson 95% interval as soon as it is measured. Projections are cached per
 (dataset, input images, L, R, init, seed, generator and encoder weights) for the run (and on disk under
@@ -60,10 +62,12 @@ CLASSIFIERS = ("A", "B", "C", "D")
 PAIRS = (("A", "B"), ("A", "E"), ("B", "B"), ("B", "E"), ("C", "B"), ("C", "E"), ("D", "B"), ("D", "E"))
 EPS = 0.3
 HOLDOUT = 150  # the substitute's seed images: the last test images, never evaluated
+SECTIONS = ("whitebox", "blackbox", "adaptive")  # --sections (clean and detector always run)
 # column id → (header, service defense name used in the manifest)
 COLUMNS: dict[str, tuple[str, str]] = {
     "none": ("No defense", "none"),
-    "rec": ("Defense-GAN-Rec", "defense-gan"),
+    "rec": ("Defense-GAN-Orig", "defense-gan"),
+    "rectrained": ("Defense-GAN-Rec", "defense-gan"),
     "magnet": ("MagNet", "magnet"),
     "warm": ("Encoder warm start", "invert-classify"),
     "enhanced": ("Enhanced INC", "enhanced-invert-classify"),
@@ -100,21 +104,58 @@ PAPER: dict[tuple[str, str, str], dict[str, float]] = {
                            "C": (0.933, 0.063, 0.896, 0.084, 0.107), "D": (0.892, 0.090, 0.875, 0.069, 0.149)},
     }.items() for arch, row in rows.items()},
 }  # fmt: skip
-# Why a measured Defense-GAN-Rec figure differs from the paper's (investigated; details in the docs named)
-WHY: dict[tuple[str, str, str], str] = {
-    ("mnist", "fgsm", "A"): "the official whitebox.py builds the attack on the classifier with the reconstruction "
-    "in front, whose gradient is zero (issue #14 of the official repo): its adversarial images equal the clean ones, "
-    "so 0.988 is a clean-reconstruction accuracy; an oblivious attack on the bare classifier is what this row "
-    "measures (docs/generator.md)",
-    ("mnist", "substitute", "A/B"): "a genuine black-box figure: the paper's generator (200k WGAN-GP iterations) "
-    "removes transferred FGSM noise that ours (CPU-trained, 1,750 iterations) reproduces — the same cause as the "
-    "oblivious FGSM gap (docs/generator.md, docs/evaluation.md)",
-}
 # Why one cell of another column differs (measured; the page named)
 WHY_CELL: dict[tuple[str, str, str, str], str] = {
     ("mnist", "fgsm", "A", "adv0.3"): "our FGSM-trained A masks its gradient: white-box FGSM fools it on 2.0% of "
     "1,000 images, FGSM transferred from the standard A on 44.3% (docs/advgan.md)",
+    ("mnist", "fgsm", "C", "adv0.3"): "our FGSM-trained C masks its gradient: white-box FGSM fools it on 1.0% of "
+    "1,000 images, FGSM transferred from the standard A on 26.7% (docs/advgan.md)",
 }
+
+
+def full_test_why(ev: Evaluation, arch: str, paper: float) -> str:
+    """Why a No-attack cell differs: the bare classifier's accuracy on the whole test set (its manifest entry), which
+    tells a real difference from sampling error on the first n images."""
+    key = f"{ev.ds}/classifier_{arch}"
+    m = ev.reg.get(key).metrics if ev.reg.has(key) else {}
+    if "clean_test_accuracy" not in m:
+        return ""
+    full, n = m["clean_test_accuracy"], m.get("test_images", 10000)
+    if abs(full - paper) <= 0.02:
+        return f"sampling error: our {arch} scores {full:.4f} on all {n:,} test images (manifest), within 2 points"
+    return f"our {arch} scores {full:.4f} on all {n:,} test images (manifest): the two trained classifiers differ"
+
+
+def transfer_why(ev: Evaluation, pair: str) -> str:
+    """Why a Table 1 Defense-GAN cell is far from the paper's: whether our substitute's FGSM transfers no more
+    strongly than the paper's (then the gap is the projection's) or more (then the pair does not compare)."""
+    none = (ev.results["blackbox"].get(pair) or {}).get("none")
+    if not (isinstance(none, dict) and "cell" in none):
+        return ""
+    cell, paper = none["cell"], PAPER[(ev.ds, "substitute", pair)]["none"]
+    ours, iters = cell.acc, ev.reg.get(f"{ev.ds}/generator").raw.get("training", {}).get("iterations", "?")
+    if ours >= paper - 0.02 or cell.ci[0] <= paper <= cell.ci[1]:  # as strong at most, or not told apart
+        return (
+            "our transferred attack is no stronger than the paper's, or not told apart at this n (No defense: ours "
+            f"{ours:.2f}, paper {paper:.2f}), so the gap is the projection's: the paper's generator (200k WGAN-GP "
+            f"iterations) removes transferred FGSM noise that ours ({iters} CPU iterations) keeps (docs/evaluation.md)"
+        )
+    return (
+        f"our transferred attack is stronger than the paper's (No defense: ours {ours:.2f}, paper {paper:.2f}): "
+        "the defended figures do not compare on this pair"
+    )
+
+
+def zero_gradient_why(r: dict, arch: str) -> str:
+    """Why a Table 4 Defense-GAN cell is far from the paper's: the official code attacks through a reconstruction
+    that passes no gradient, so its figure is a clean-reconstruction accuracy; ours on clean images beside it."""
+    row = r["clean"].get(arch) or {}
+    clean = next((v for c in ("rectrained", "rec") if isinstance(v := row.get(c), dict) and "cell" in v), None)
+    ours = f"; ours on clean images through the same projection: {clean['cell'].fmt()}" if clean else ""
+    return (
+        "the paper's attack ran through a reconstruction with zero gradient (official repo issue #14), so its "
+        f"images are the clean ones and its figure a clean-reconstruction accuracy (docs/generator.md){ours}"
+    )
 
 
 # -- bookkeeping ------------------------------------------------------------------------------------------------
@@ -172,7 +213,7 @@ class Settings:
     eot_samples: int = 8
     latent_steps: int = 200
     latent_check: int = 50
-    # projection L, R the adaptive attacker runs in its own passes through Defense-GAN-Rec (None: the defense's);
+    # projection L, R the adaptive attacker runs in its own passes through Defense-GAN (None: the defense's);
     # the warm start is cheap, so its attacker always runs the defense's own L, R
     attacker_steps: int | None = None
     attacker_restarts: int | None = None
@@ -233,20 +274,21 @@ class Evaluation:
     def key(self, arch: str, col: str) -> str | None:
         """The classifier a column uses for row `arch`, or None when it is not shipped."""
         name = {"adv0.3": f"classifier_{arch}_adv0.3", "adv0.15": f"classifier_{arch}_adv0.15",
-                "enhanced": f"classifier_{arch}_enhanced"}.get(col, f"classifier_{arch}")  # fmt: skip
+                "enhanced": f"classifier_{arch}_enhanced", "rectrained": f"classifier_{arch}_rec"
+                }.get(col, f"classifier_{arch}")  # fmt: skip
         return f"{self.ds}/{name}" if self.reg.has(f"{self.ds}/{name}") else None
 
     def missing(self) -> list[str]:
         """Models a column needs that the registry lacks."""
         names = {"none": "classifier_{}", "adv0.3": "classifier_{}_adv0.3", "adv0.15": "classifier_{}_adv0.15",
-                 "enhanced": "classifier_{}_enhanced"}  # fmt: skip
+                 "enhanced": "classifier_{}_enhanced", "rectrained": "classifier_{}_rec"}  # fmt: skip
         out = [f"{self.ds}/{n.format(a)}" for a in CLASSIFIERS for c, n in names.items() if self.key(a, c) is None]
         out += [f"{self.ds}/{k}" for k in ("generator", "encoder") if not self.reg.has(f"{self.ds}/{k}")]
         return out
 
     def projection(self, col: str) -> ProjectionConfig | None:
         """The projection a column puts in front of its classifier (None: no projection)."""
-        if col == "rec":
+        if col in ("rec", "rectrained"):
             return self.s.rec if self.G is not None else None
         if col in ("warm", "enhanced"):
             if self.G is None:
@@ -258,7 +300,7 @@ class Evaluation:
         """Why a column cannot be measured for this row, or None."""
         if self.key(arch, col) is None:
             return "not shipped"
-        if col in ("rec", "warm", "enhanced") and self.G is None:
+        if col in ("rec", "rectrained", "warm", "enhanced") and self.G is None:
             return "no generator"
         if col == "warm" and self.E is None:
             return "no encoder"
@@ -605,14 +647,17 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def reuse_lines(info: dict) -> list[str]:
-    """Which columns came from which earlier run (the latest run that measured each)."""
-    seen, out = set(info.get("columns", COLUMNS)), []
+    """Which columns (and sections) came from which earlier run: each cell is the newest run's that measured it."""
+    seen, out = {(c, g) for c in info.get("columns", COLUMNS) for g in info.get("sections", SECTIONS)}, []
     for r in info.get("reused", []):
-        cols = [c for c in r.get("columns", COLUMNS) if c not in seen]
-        seen |= set(cols)
+        new = {(c, g) for c in r.get("columns", COLUMNS) for g in r.get("sections", SECTIONS)} - seen
+        seen |= new
+        cols = [c for c in COLUMNS if any(c == nc for nc, _ in new)]
         if cols:
-            out.append(f"- columns {', '.join(COLUMNS[c][0] for c in cols)} from the earlier run `{r['command']}` "
-                       f"(commit `{r['commit'][:12]}`, {r['date']})")  # fmt: skip
+            groups = sorted({g for _, g in new})
+            where = "" if set(groups) == set(SECTIONS) else f" ({', '.join(groups)} rows)"
+            out.append(f"- columns {', '.join(COLUMNS[c][0] for c in cols)}{where} from the earlier run "
+                       f"`{r['command']}` (commit `{r['commit'][:12]}`, {r['date']})")  # fmt: skip
     return out
 
 
@@ -630,18 +675,20 @@ def render(ev: Evaluation, info: dict) -> str:
             f"- images: the first n test images (n ≤ 1000: the committed slice models/{ds}/test_slice.npz); "
             "adaptive rows on the "
             f"first {min(s.adaptive_n, s.n)}",
-            f"- Defense-GAN-Rec: L={s.rec.steps}, R={s.rec.restarts} ({s.rec.optimizer}, lr {s.rec.lr}); encoder warm "
+            f"- Defense-GAN-Orig and -Rec: L={s.rec.steps}, R={s.rec.restarts} ({s.rec.optimizer}, lr {s.rec.lr}); "
+            "the Rec classifiers are trained on reconstructions of training images (their manifest entries say "
+            f"how); encoder warm "
             f"start: L={s.warm.steps}, R={s.warm.restarts}; Enhanced INC projects with "
-            f"{'the warm start' if ev.E is not None else 'Defense-GAN-Rec'}",
+            f"{'the warm start' if ev.E is not None else 'L, R as Defense-GAN'}",
             f"- projections computed {ev.projections_run}, reused from the cache {ev.projections_reused}",
             f"- not shipped (cells say so): {', '.join(ev.missing()) or 'nothing'}",
             "- every accuracy: value [Wilson 95% interval]; n per row", ""]  # fmt: skip
     if info.get("figure"):
-        out += [f"![clean, FGSM and their Defense-GAN-Rec reconstructions]({info['figure']})", ""]
+        out += [f"![clean, FGSM and their Defense-GAN reconstructions (L, R as above)]({info['figure']})", ""]
     head = ["Classifier", "n"] + [COLUMNS[c][0] for c in cols]
     if r["clean"]:
         out += ["### Clean accuracy (no attack)", ""]
-        out += table(head, [[a, row_n(row)] + [cell_text(row[c]) for c in cols] for a, row in r["clean"].items()])
+        out += table(head, [[a, row_n(row)] + [cell_text(row.get(c)) for c in cols] for a, row in r["clean"].items()])
         out += [""]
 
     def no_attack(arch: str, n: int | None = None) -> str:
@@ -667,7 +714,7 @@ def render(ev: Evaluation, info: dict) -> str:
                 f"{s.eot_samples} random-restart draws ({s.pgd_steps} steps, α={s.pgd_alpha}; one draw where the "
                 "projection is deterministic); columns without a projection get PGD with the same budget. Latent: "
                 f"the overpowered attack ({s.latent_steps} steps). The attacker's own projection through "
-                f"Defense-GAN-Rec: L={s.attacker_steps or s.rec.steps}, R={s.attacker_restarts or s.rec.restarts}"
+                f"Defense-GAN: L={s.attacker_steps or s.rec.steps}, R={s.attacker_restarts or s.rec.restarts}"
                 " (the reported accuracy is always the real defense's); through the warm start: the defense's own.",
                 ""]  # fmt: skip
         rows = []
@@ -679,7 +726,7 @@ def render(ev: Evaluation, info: dict) -> str:
                     continue
                 kind = "oblivious" if group == "whitebox" else "**adaptive**"
                 rows.append([f"{arch}", f"{ATTACK_NAMES[attack]} ({kind})", row_n(row), no_attack(arch, first_n(row))]
-                            + [cell_text(row[c]) for c in cols])  # fmt: skip
+                            + [cell_text(row.get(c)) for c in cols])  # fmt: skip
         out += table(["Classifier", "Attack", "n", "No attack"] + [COLUMNS[c][0] for c in cols], rows) + [""]
     if "cw" in r["whitebox"]:
         out += ["### White-box CW-L2 (oblivious; Defense-GAN's cleverhans preset: 1 search step, "
@@ -689,7 +736,7 @@ def render(ev: Evaluation, info: dict) -> str:
             if not measured(row):
                 continue
             l2 = row.get("none", {}).get("mean_l2") if isinstance(row.get("none"), dict) else None
-            rows.append([arch, row_n(row), no_attack(arch)] + [cell_text(row[c]) for c in cols]
+            rows.append([arch, row_n(row), no_attack(arch)] + [cell_text(row.get(c)) for c in cols]
                         + [f"{l2:.2f}" if l2 is not None else "–"])  # fmt: skip
         out += table(["Classifier", "n", "No attack"] + [COLUMNS[c][0] for c in cols] + ["mean L2 (no def.)"], rows)
         out += [""]
@@ -699,7 +746,7 @@ def render(ev: Evaluation, info: dict) -> str:
                 f"Substitute trained from {p['holdout']} held-out test images with {p['rounds']} rounds of Jacobian "
                 f"augmentation (λ=0.1), {p['epochs']} epochs per round, querying the column's bare classifier for "
                 "labels only; FGSM on the substitute, transferred.", ""]  # fmt: skip
-        rows = [[pair, row_n(row), no_attack(pair[0])] + [cell_text(row[c]) for c in cols]
+        rows = [[pair, row_n(row), no_attack(pair[0])] + [cell_text(row.get(c)) for c in cols]
                 for pair, row in r["blackbox"].items() if measured(row)]  # fmt: skip
         out += table(["Classifier/substitute", "n", "No attack"] + [COLUMNS[c][0] for c in cols], rows) + [""]
     if r["detector"]:
@@ -709,7 +756,7 @@ def render(ev: Evaluation, info: dict) -> str:
                  f"{v['n_clean']}/{v['n_attacked']}"]
                 for col, d in r["detector"].items() for label, v in d.items()]  # fmt: skip
         out += table(["Projection", "Attack", "ROC AUC", "n"], rows) + [""]
-    proj_cols = [c for c in cols if c in ("rec", "warm", "enhanced", "magnet")]
+    proj_cols = [c for c in cols if c in ("rec", "rectrained", "warm", "enhanced", "magnet")]
     rows = []
     for group, attack in (("clean", None), ("whitebox", "fgsm"), ("whitebox", "rand-fgsm"), ("whitebox", "cw"),
                           ("adaptive", "eot"), ("adaptive", "latent")):  # fmt: skip
@@ -732,12 +779,30 @@ def render(ev: Evaluation, info: dict) -> str:
     return "\n".join(out)
 
 
-# our column measured against each paper column; our Defense-GAN column classifies with the classifier trained on
-# original images, the paper's "Orig" setting (its "Rec" classifier was trained on reconstructions)
-OURS_FOR = {"clean": "none", "none": "none", "rec": "rec", "orig": "rec", "magnet": "magnet", "adv0.3": "adv0.3",
-            "adv0.15": "adv0.15"}  # fmt: skip
+# our column measured against each paper column: the paper's Orig is the projection before the classifier trained
+# on original images (our "rec"), its Rec the projection before one trained on reconstructions (our "rectrained")
+OURS_FOR = {"clean": "none", "none": "none", "rec": "rectrained", "orig": "rec", "magnet": "magnet",
+            "adv0.3": "adv0.3", "adv0.15": "adv0.15"}  # fmt: skip
+ORIG_STANDS_IN = "ours: Defense-GAN-Orig's figure (Rec not measured in this cell)"
 PAPER_NAMES = {"clean": "No attack", "none": "No defense", "rec": "Defense-GAN-Rec", "orig": "Defense-GAN-Orig",
                "magnet": "MagNet", "adv0.3": "Adv. tr. ε=0.3", "adv0.15": "Adv. tr. ε=0.15"}  # fmt: skip
+
+
+def why_differs(ev: Evaluation, cell: tuple[str, str, str, str], paper: float, ours: Cell) -> str:
+    """The measured reason a cell (dataset, attack, classifier[/substitute], paper column) is not within 2 points of
+    the paper's, "" when it is, else "not investigated"."""
+    ds, attack, who, col = cell
+    if abs(ours.acc - paper) <= 0.02:
+        return ""
+    arch = who.split("/")[0]
+    why = ""
+    if col in ("rec", "orig"):
+        why = transfer_why(ev, who) if attack == "substitute" else zero_gradient_why(ev.results, arch)
+    why = full_test_why(ev, arch, paper) if col == "clean" else why
+    why = why or WHY_CELL.get(cell, "")
+    if not why and ours.ci[0] <= paper <= ours.ci[1]:
+        why = f"inside our 95% interval (n={ours.n}): not told apart from sampling error at this n"
+    return why or "not investigated"
 
 
 def paper_comparison(ev: Evaluation) -> list[str]:
@@ -748,25 +813,27 @@ def paper_comparison(ev: Evaluation) -> list[str]:
         if ds != ev.ds:
             continue
         arch = who.split("/")[0]
-        src = r["blackbox"].get(who) if attack == "substitute" else r["whitebox"].get(attack, {}).get(arch)
+        src = (r["blackbox"].get(who) if attack == "substitute" else r["whitebox"].get(attack, {}).get(arch)) or {}
         for col, paper in ref.items():
-            v = (r["clean"].get(arch) or {}).get("none") if col == "clean" else (src or {}).get(OURS_FOR[col])
+            v = (r["clean"].get(arch) or {}).get("none") if col == "clean" else src.get(OURS_FOR[col])
+            stand_in = col == "rec" and not (isinstance(v, dict) and "cell" in v)
+            v = src.get("rec") if stand_in else v  # Orig's figure, marked, where Rec was not measured
             ours = v["cell"] if isinstance(v, dict) and "cell" in v else None
             close = "–" if ours is None else "yes" if abs(ours.acc - paper) <= 0.02 else "no"
             inside = "–" if ours is None else "yes" if ours.ci[0] <= paper <= ours.ci[1] else "no"
-            why = WHY.get((ds, attack, who), "") if close == "no" and col == "rec" else ""
-            why = why or WHY_CELL.get((ds, attack, who, col), "") if close == "no" else ""
-            if close == "no" and not why and inside == "yes":
-                why = f"inside our 95% interval (n={ours.n}): not told apart from sampling error at this n"
-            shown = ours.fmt() if ours else (v if isinstance(v, str) else "not measured")
+            why = why_differs(ev, (ds, attack, who, col), paper, ours) if ours else ""
+            why = "; ".join(w for w in (ORIG_STANDS_IN if stand_in and ours else "", why) if w)
+            shown = ours.fmt() + (" (Orig)" if stand_in else "") if ours else (v if isinstance(v, str) else
+                                                                                 "not measured")  # fmt: skip
             rows.append([ATTACK_NAMES.get(attack, "substitute FGSM"), who, PAPER_NAMES[col], f"{paper:.4g}", shown,
-                         close, inside, why or ("not investigated" if close == "no" else "")])  # fmt: skip
+                         close, inside, why])  # fmt: skip
     if not rows:
         return []
     return ["### The paper's figures beside ours (Defense-GAN Tables 1 and 4)", "",
-            "Ours for Defense-GAN-Rec and -Orig is the same column: our classifiers were trained on original images "
-            "(the paper's Orig setting); its Rec classifiers were trained on reconstructions, which we have not "
-            "trained. n and interval as in the tables above.", "",
+            "Defense-GAN-Orig is the projection before the classifier trained on original images; Defense-GAN-Rec "
+            "the same projection before classifier_<X>_rec, trained on reconstructions of training images. Where "
+            "the Rec column was not measured, Orig's figure stands in, marked (Orig). n and interval as in the "
+            "tables above.", "",
             *table(["Attack", "Classifier", "column", "paper", "ours", "within 2 points", "paper inside our interval",
                     "why they differ"], rows),
             ""]  # fmt: skip
@@ -926,7 +993,7 @@ def load_holdout(dataset: str, n_needed: int, size: int) -> torch.Tensor | None:
 
 
 def example_figure(ev: Evaluation, path: Path) -> bool:
-    """Clean images, FGSM on classifier A, and the Defense-GAN-Rec reconstructions of both (rows of 10)."""
+    """Clean images, FGSM on classifier A, and the Defense-GAN reconstructions of both (rows of 10)."""
     adv = ev.adv_cache.get(("fgsm", ev.key("A", "none"), len(ev.x)))
     if adv is None or ev.G is None:
         return False
@@ -960,6 +1027,8 @@ def run(args: argparse.Namespace) -> dict:
     prev = previous_results(out.with_name(f"{out.stem}-{args.dataset}.json"), s.n, args.quick) if reuse else {}
     ev = Evaluation(reg, args.dataset, s, seed=args.seed, cache_dir=cache_dir, holdout=holdout,
                     columns=set() if args.rerender else args.columns, previous=prev.get("results"))  # fmt: skip
+    for group in set(SECTIONS) - args.sections:  # a section not run keeps the previous one's
+        ev.results[group] = from_json(prev.get("results", {}).get(group, {}))
     print(
         f"evaluating {args.dataset} on n={len(ev.x)} ({'quick' if args.quick else 'full'}); generator: "
         f"{ev.G is not None}, encoder: {ev.E is not None}; classifiers: {reg.classifiers(args.dataset)}",
@@ -986,11 +1055,13 @@ def run(args: argparse.Namespace) -> dict:
         "figure": str(fig.relative_to(out.parent)) if has_fig else None,
         "page": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
         "columns": sorted(ev.columns, key=list(COLUMNS).index),
+        "sections": sorted(args.sections),
     }  # fmt: skip
     if args.rerender:  # nothing measured: the page is the previous run's, drawn by this code
         info = prev["info"]
     elif prev:  # the reused columns' run, and the run before it where that one reused columns too
-        info["reused"] = [{k: prev["info"][k] for k in ("command", "commit", "date", "columns") if k in prev["info"]},
+        keep = ("command", "commit", "date", "columns", "sections")
+        info["reused"] = [{k: prev["info"][k] for k in keep if k in prev["info"]},
                           *prev["info"].get("reused", [])]  # fmt: skip
     write_page(out, args.dataset, render(ev, info), args.quick)
     doc = to_json(ev, info)
@@ -1017,7 +1088,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         type=lambda v: set(v.split(",")),
-        default={"whitebox", "blackbox", "adaptive"},
+        default=set(SECTIONS),
         help="comma list of whitebox, blackbox, adaptive (clean and detector always run)",
     )
     p.add_argument(
@@ -1028,15 +1099,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "page's JSON (same n)",
     )
     p.add_argument("--rerender", action="store_true", help="measure nothing: redraw the page from its JSON")
-    p.add_argument("--steps", type=int, default=None, help="Defense-GAN-Rec L (default 200)")
-    p.add_argument("--restarts", type=int, default=None, help="Defense-GAN-Rec R (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="Defense-GAN's L (default 200)")
+    p.add_argument("--restarts", type=int, default=None, help="Defense-GAN's R (default 10)")
     p.add_argument("--adaptive-n", type=int, default=None, help="images for the adaptive rows (default 100)")
     p.add_argument("--adaptive-classifiers", default=None, help="comma list (default A,B,C,D; quick A)")
     p.add_argument("--eot-samples", type=int, default=None, help="EOT draws per step (default 8)")
     p.add_argument("--pgd-steps", type=int, default=None, help="BPDA/PGD steps (default 40)")
     p.add_argument("--latent-steps", type=int, default=None, help="latent attack steps (default 200)")
     p.add_argument("--attacker-steps", type=int, default=None, help="L of the adaptive attacker's own passes "
-                   "through Defense-GAN-Rec (default: the defense's)")  # fmt: skip
+                   "through Defense-GAN (default: the defense's)")  # fmt: skip
     p.add_argument("--attacker-restarts", type=int, default=None, help="R of those passes (default: the defense's)")
     p.add_argument("--batch", type=int, default=None, help="images per projection batch (default 16)")
     p.add_argument("--seed", type=int, default=0)

@@ -33,6 +33,10 @@ def _how(t: dict) -> str:
         beta = f" β={t['beta']:g}" if method == "trades" else ""
         init = f" from {t['init'].split('/')[-1]}" if t.get("init") else ""
         return f"{t.get('epochs')} epochs{init}, {method.upper()} ε={eps:g}{beta}, {t['steps']} steps"
+    if method == "reconstructions":
+        rc = t["reconstructions"]
+        return (f"{t.get('epochs')} epochs on G(z*) of {rc['images']:,} training images (warm start L={rc['steps']}, "
+                f"R={rc['restarts']}), Defense-GAN-Rec")  # fmt: skip
     if method == "enhanced-inc":
         return (f"{t.get('epochs')} epochs from {t.get('init')}: PGD ε={eps:g}, {t['steps']} steps + overpowered "
                 f"pairs every {t.get('op_every')} batches, Enhanced INC")  # fmt: skip

@@ -3,12 +3,17 @@
     python -m training.train_classifier --dataset mnist --model A
     python -m training.train_classifier --dataset mnist --model A --adv-eps 0.3     # FGSM adversarial training
     python -m training.train_classifier --dataset mnist --model B --adv-eps 0.3 --adv-static D,E   # ensemble
+    python -m training.train_classifier --dataset mnist --model A --on-reconstructions 20000   # Defense-GAN-Rec
 
 Adam lr 1e-3, 10 epochs, batch 128, inputs in [0, 1] (the paper's settings). With --adv-eps, every batch is half
 clean and half FGSM(ε) on the current weights (Goodfellow et al. 2015's mixed objective, the paper's
 "adversarial training" baseline). With --adv-static as well, ensemble adversarial training (Tramèr et al. 2018):
 the adversarial half is crafted in turn on the current weights and on each named static, pre-trained classifier
 (shipped, frozen, hashes verified), so batch i uses source i mod (1 + statics).
+With --on-reconstructions N, the classifier is trained on G(z*) of N training images instead of the images
+(Defense-GAN's "Rec" classifiers): projected by the shipped generator with the encoder warm start and the L, R
+recorded on the generator's entry (Defense-GAN's L=200, R=10 costs ~2 s per image here: 60k would take 35 h),
+cached in chunks under runs/<dataset>/train_recs/ (resumable).
 Measures clean accuracy on the full 10,000-image test set, checks ONNX Runtime against torch on the 1,000-image
 slice, and records both in models/manifest.json.
 """
@@ -22,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from service.attacks import fgsm
 from service.nets import build_classifier
+from service.purify import ProjectionConfig, project
 from service.registry import Registry
 from training import data
 from training.common import MODELS_DIR, add_device_option, batches, command_line, save_weights, setup, update_manifest
@@ -43,8 +50,11 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     """Train and return the classifier (CPU, eval mode); `arrays` overrides the cached dataset (tests)."""
     device = setup(args.seed, args.threads, args.device)
     arrays = arrays if arrays is not None else data.load(args.dataset)
-    x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
-    y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64)).to(device)
+    x_tr = torch.from_numpy(data.to_float(arrays["x_train"]))
+    y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64))
+    if args.on_reconstructions:
+        x_tr, y_tr = reconstructions(args, x_tr, y_tr)
+    x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     x_te = torch.from_numpy(data.to_float(arrays["x_test"])).to(device)
     y_te = torch.from_numpy(arrays["y_test"].astype(np.int64)).to(device)
     model = build_classifier(args.model).to(device)
@@ -76,6 +86,37 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
               f"({(time.time() - t0) / 60:.1f} min)", flush=True)  # fmt: skip
     model = model.cpu().eval()
     return model
+
+
+def rec_config(reg: Registry, dataset: str) -> ProjectionConfig:
+    """The warm start recorded on the generator's entry (eval_generator --init encoder), else L=25, R=1."""
+    m = reg.get(f"{dataset}/generator").metrics
+    return ProjectionConfig(init="encoder", steps=int(m.get("warm_steps", 25)), restarts=int(m.get("warm_restarts", 1)))
+
+
+def reconstructions(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000,
+                    batch: int = 100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """G(z*) of the first --on-reconstructions training images (a fixed shuffle) and their labels; each chunk is
+    cached under runs/<dataset>/train_recs/<generator, encoder sha, L, R>/ so a stopped run resumes."""
+    reg = Registry(args.models_dir)
+    G, E = reg.generator(args.dataset), reg.encoder(args.dataset)
+    cfg = rec_config(reg, args.dataset)
+    idx = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(x))[: args.on_reconstructions])
+    x, y = x[idx], y[idx]
+    shas = [reg.get(f"{args.dataset}/{k}").files["weights"]["sha256"][:12] for k in ("generator", "encoder")]
+    folder = args.runs_dir / args.dataset / "train_recs" / f"{'-'.join(shas)}-L{cfg.steps}-R{cfg.restarts}-s{args.seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out, t0 = [], time.time()
+    for i in range(0, len(x), chunk):
+        f = folder / f"{i:06d}-{min(i + chunk, len(x)):06d}.safetensors"
+        if not f.exists():
+            imgs = [project(x[j : j + batch], G, cfg, encoder=E, seed=args.seed + j).images
+                    for j in range(i, min(i + chunk, len(x)), batch)]  # fmt: skip
+            save_file({"images": torch.cat(imgs).contiguous()}, str(f))
+        out.append(load_file(str(f))["images"])
+        print(f"reconstructed {min(i + chunk, len(x))}/{len(x)} training images ({time.time() - t0:.0f}s)", flush=True)
+    args.rec_config = cfg
+    return torch.cat(out), y
 
 
 def static_models(args: argparse.Namespace, device: torch.device) -> list[nn.Module]:
@@ -114,12 +155,19 @@ def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metr
 
 def ship(args: argparse.Namespace, model: nn.Module) -> dict:
     method = ("ensemble" if args.adv_static else "fgsm") if args.adv_eps > 0 else "standard"
-    suffix = {"standard": "", "fgsm": f"_adv{args.adv_eps:g}", "ensemble": f"_ens{args.adv_eps:g}"}[method]
+    method = "reconstructions" if args.on_reconstructions else method
+    suffix = {"standard": "", "fgsm": f"_adv{args.adv_eps:g}", "ensemble": f"_ens{args.adv_eps:g}",
+              "reconstructions": "_rec"}[method]  # fmt: skip
     threat = {"norm": "linf", "eps": args.adv_eps} if args.adv_eps > 0 else None
     training = {"method": method, "threat": threat, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
                 "adv_eps": args.adv_eps, "seed": args.seed}  # fmt: skip
     if args.adv_static:
         training["static"] = [f"{args.dataset}/classifier_{a.upper()}" for a in args.adv_static]
+    if args.on_reconstructions:
+        cfg = args.rec_config
+        training["reconstructions"] = {"images": args.on_reconstructions, "init": cfg.init, "steps": cfg.steps,
+                                       "restarts": cfg.restarts, "generator": f"{args.dataset}/generator",
+                                       "encoder": f"{args.dataset}/encoder"}  # fmt: skip
     name = f"classifier_{args.model.upper()}{suffix}"
     return ship_classifier(model, args.dataset, name, {"arch": args.model.upper(), "training": training},
                            models_dir=args.models_dir)  # fmt: skip
@@ -135,6 +183,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adv-eps", type=float, default=0.0, help="FGSM adversarial training at this ε (0: off)")
     p.add_argument("--adv-static", type=lambda v: [a for a in v.split(",") if a], default=[],
                    help="ensemble adversarial training: comma list of shipped static sources (e.g. D,E)")  # fmt: skip
+    p.add_argument("--on-reconstructions", type=int, default=0, metavar="N",
+                   help="train on G(z*) of N training images (Defense-GAN-Rec's classifier; 0: off)")  # fmt: skip
+    p.add_argument("--runs-dir", type=Path, default=MODELS_DIR.parent / "runs", help="cache of the reconstructions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     add_device_option(p)
@@ -143,6 +194,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.adv_static and a.adv_eps <= 0:
         p.error("--adv-static needs --adv-eps > 0")
+    if a.on_reconstructions and a.adv_eps > 0:
+        p.error("--on-reconstructions trains a standard classifier: no --adv-eps")
     return a
 
 
