@@ -134,16 +134,14 @@ def transfer_why(ev: Evaluation, pair: str) -> str:
         return ""
     cell, paper = none["cell"], PAPER[(ev.ds, "substitute", pair)]["none"]
     ours, iters = cell.acc, ev.reg.get(f"{ev.ds}/generator").raw.get("training", {}).get("iterations", "?")
+    told = f"(No defense: ours {ours:.2f}, paper {paper:.2f})"
     if ours >= paper - 0.02 or cell.ci[0] <= paper <= cell.ci[1]:  # as strong at most, or not told apart
         return (
-            "our transferred attack is no stronger than the paper's, or not told apart at this n (No defense: ours "
-            f"{ours:.2f}, paper {paper:.2f}), so the gap is the projection's: the paper's generator (200k WGAN-GP "
-            f"iterations) removes transferred FGSM noise that ours ({iters} CPU iterations) keeps (docs/evaluation.md)"
+            f"our substitute's FGSM fools the bare classifier no more than the paper's, or not told apart {told}, "
+            f"so the gap is the projection's: the paper's generator (200k WGAN-GP iterations) removes transferred "
+            f"FGSM noise that ours ({iters} CPU iterations) keeps (docs/evaluation.md)"
         )
-    return (
-        f"our transferred attack is stronger than the paper's (No defense: ours {ours:.2f}, paper {paper:.2f}): "
-        "the defended figures do not compare on this pair"
-    )
+    return f"our substitute's FGSM fools the bare classifier more than the paper's {told}: the defenses do not compare"
 
 
 def zero_gradient_why(r: dict, arch: str) -> str:
@@ -650,7 +648,8 @@ def reuse_lines(info: dict) -> list[str]:
     """Which columns (and sections) came from which earlier run: each cell is the newest run's that measured it."""
     seen, out = {(c, g) for c in info.get("columns", COLUMNS) for g in info.get("sections", SECTIONS)}, []
     for r in info.get("reused", []):
-        new = {(c, g) for c in r.get("columns", COLUMNS) for g in r.get("sections", SECTIONS)} - seen
+        cols = r.get("columns", [c for c in COLUMNS if c != "rectrained"])  # a run naming none predates rectrained
+        new = {(c, g) for c in cols for g in r.get("sections", SECTIONS)} - seen
         seen |= new
         cols = [c for c in COLUMNS if any(c == nc for nc, _ in new)]
         if cols:
