@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from service.device import pick_device
-from service.registry import sha256_file
+from service.purify import ProjectionConfig
+from service.registry import Registry, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
@@ -172,3 +173,12 @@ class Progress:
 def env_threads() -> int | None:
     v = os.environ.get("MG_THREADS")
     return int(v) if v else None
+
+
+def warm_config(reg: Registry, dataset: str) -> ProjectionConfig:
+    """The warm start's L, R as recorded on the generator's entry (eval_generator --init encoder), else 25, 1."""
+    raw = reg.get(f"{dataset}/generator").raw if reg.has(f"{dataset}/generator") else {}
+    m, ws = raw.get("metrics", {}), raw.get("warm_start", {})
+    steps = int(ws.get("steps", m.get("warm_steps", 25)))
+    restarts = int(ws.get("restarts", m.get("warm_restarts", 1)))
+    return ProjectionConfig(init="encoder", steps=steps, restarts=restarts)

@@ -54,7 +54,7 @@ from service.attacks import Defended, Reformed, cw_defense_gan, eot, fgsm, laten
 from service.purify import ProjectionConfig, project, roc_auc
 from service.registry import Registry
 from training import data
-from training.common import command_line, git_commit, record_metrics
+from training.common import command_line, git_commit, record_metrics, warm_config
 from training.eval_generator import wilson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,15 +226,6 @@ def quick_settings() -> Settings:
         substitute={"rounds": 2, "epochs": 2, "holdout": 20}, pgd_steps=3, pgd_alpha=0.1, eot_samples=2,
         latent_steps=4, latent_check=2, adaptive_classifiers=("A",), batch=24,
     )  # fmt: skip
-
-
-def warm_config(reg: Registry, dataset: str) -> ProjectionConfig:
-    """The warm start's L, R as recorded on the generator's entry (eval_generator --init encoder), else 25, 1."""
-    raw = reg.get(f"{dataset}/generator").raw if reg.has(f"{dataset}/generator") else {}
-    m, ws = raw.get("metrics", {}), raw.get("warm_start", {})
-    steps = int(ws.get("steps", m.get("warm_steps", 25)))
-    restarts = int(ws.get("restarts", m.get("warm_restarts", 1)))
-    return ProjectionConfig(init="encoder", steps=steps, restarts=restarts)
 
 
 # -- the evaluator ----------------------------------------------------------------------------------------------
@@ -648,8 +639,8 @@ def reuse_lines(info: dict) -> list[str]:
     """Which columns (and sections) came from which earlier run: each cell is the newest run's that measured it."""
     seen, out = {(c, g) for c in info.get("columns", COLUMNS) for g in info.get("sections", SECTIONS)}, []
     for r in info.get("reused", []):
-        cols = r.get("columns", [c for c in COLUMNS if c != "rectrained"])  # a run naming none predates rectrained
-        new = {(c, g) for c in cols for g in r.get("sections", SECTIONS)} - seen
+        named = r.get("columns", [c for c in COLUMNS if c != "rectrained"])  # a run naming none predates rectrained
+        new = {(c, g) for c in named for g in r.get("sections", SECTIONS)} - seen
         seen |= new
         cols = [c for c in COLUMNS if any(c == nc for nc, _ in new)]
         if cols:

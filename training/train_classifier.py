@@ -32,10 +32,19 @@ from torch import nn
 
 from service.attacks import fgsm
 from service.nets import build_classifier
-from service.purify import ProjectionConfig, project
+from service.purify import project
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, add_device_option, batches, command_line, save_weights, setup, update_manifest
+from training.common import (
+    MODELS_DIR,
+    add_device_option,
+    batches,
+    command_line,
+    save_weights,
+    setup,
+    update_manifest,
+    warm_config,
+)
 from training.onnx_export import export_onnx, onnx_max_diff
 
 
@@ -88,19 +97,13 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     return model
 
 
-def rec_config(reg: Registry, dataset: str) -> ProjectionConfig:
-    """The warm start recorded on the generator's entry (eval_generator --init encoder), else L=25, R=1."""
-    m = reg.get(f"{dataset}/generator").metrics
-    return ProjectionConfig(init="encoder", steps=int(m.get("warm_steps", 25)), restarts=int(m.get("warm_restarts", 1)))
-
-
 def reconstructions(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000,
                     batch: int = 100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """G(z*) of the first --on-reconstructions training images (a fixed shuffle) and their labels; each chunk is
     cached under runs/<dataset>/train_recs/<generator, encoder sha, L, R>/ so a stopped run resumes."""
     reg = Registry(args.models_dir)
     G, E = reg.generator(args.dataset), reg.encoder(args.dataset)
-    cfg = rec_config(reg, args.dataset)
+    cfg = warm_config(reg, args.dataset)
     idx = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(x))[: args.on_reconstructions])
     x, y = x[idx], y[idx]
     shas = [reg.get(f"{args.dataset}/{k}").files["weights"]["sha256"][:12] for k in ("generator", "encoder")]
