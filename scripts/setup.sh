@@ -37,8 +37,10 @@ if [ "$dev" = 1 ]; then
   apt_pkgs=""
   command -v docker-compose >/dev/null 2>&1 || apt_pkgs="docker-compose"
   { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || apt_pkgs="$apt_pkgs chromium chromium-driver"
+  # redis-server: tests/test_guard.py starts one on a free loopback port (the shared per-client state)
+  command -v redis-server >/dev/null 2>&1 || apt_pkgs="$apt_pkgs redis-server"
   if [ -n "$apt_pkgs" ] && [ "${MG_NO_APT:-0}" = 1 ]; then
-    echo "note: MG_NO_APT=1, not installed:$apt_pkgs; tests/test_page.py skips without chromium"
+    echo "note: MG_NO_APT=1, not installed:$apt_pkgs; tests/test_page.py skips without chromium, the Redis tests of tests/test_guard.py without redis-server"
   elif [ -n "$apt_pkgs" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "installing with apt-get:$apt_pkgs"
@@ -46,7 +48,7 @@ if [ "$dev" = 1 ]; then
       (apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 $apt_pkgs) >/dev/null 2>&1 \
         || echo "note: apt-get could not install:$apt_pkgs"
     else
-      echo "note: not installed (needs root and apt-get):$apt_pkgs; tests/test_page.py skips without chromium"
+      echo "note: not installed (needs root and apt-get):$apt_pkgs; tests/test_page.py skips without chromium, the Redis tests of tests/test_guard.py without redis-server"
     fi
   fi
   if [ -x /usr/bin/chromium ]; then echo "browser for the page's tests: $(/usr/bin/chromium --version 2>/dev/null)"; fi

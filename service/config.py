@@ -46,6 +46,8 @@ class Upstream(BaseModel):
     datatype: Literal["FP32", "UINT8"] = "FP32"
     value_range: Literal[1.0, 255.0] = 1.0  # 1.0 for [0, 1] inputs, 255.0 for [0, 255]
     dataset: str = "mnist"  # whose generator purifies it
+    scores: Literal["logits", "probabilities"] = "logits"  # what its score output holds (the public profile's input)
+    scores_output: str | None = None  # the score output's name; None: its first floating N×K output
     binary_data: bool = True  # forward tensors with the binary extension (Triton, KServe); False: JSON only
     timeout_s: float | None = None  # this upstream's read timeout; None: proxy.timeout_s
 
@@ -58,6 +60,53 @@ class ProxySettings(BaseModel):
     max_keepalive_connections: int = 16
     keepalive_expiry_s: float = 30.0
     max_response_bytes: int = 64 * 1024 * 1024  # a larger upstream reply is a 502
+
+
+Output = Literal["label", "top1", "probabilities"]
+OnFlagged = Literal["answer", "abstain", "refuse"]
+
+
+class ServedPipeline(BaseModel):
+    """What the public profile serves under one name; a public caller changes none of it."""
+
+    defense: str | None = None  # None: the model's default (the manifest's for our own, defense-gan for a proxy)
+    steps: int | None = None  # None: the server's default for the defense's start
+    restarts: int | None = None
+    output: Output = "top1"  # label | top1 (label and its probability, rounded) | probabilities (all, rounded)
+    decimals: int = Field(2, ge=0, le=8)  # rounding of returned probabilities
+    on_flagged: OnFlagged = "answer"  # a flagged input: answered as any other, abstained (label -1), or refused
+
+
+class ProfileSettings(BaseModel):
+    """The public profile (MG_PUBLIC=true): each served name's pipeline fixed by the operator, outputs reduced."""
+
+    inspect_keys: list[str] = Field(default_factory=list, description="X-API-Key values of the inspect scope: "
+                                    "callers that may set defense, steps, restarts and seed and read mse/flagged")
+    pipelines: dict[str, ServedPipeline] = Field(default_factory=dict, description="per served name: a /v2 model "
+                                                 "name, or a /v1 model (dataset or dataset/classifier)")
+    default: ServedPipeline = Field(default_factory=ServedPipeline)
+
+    def pipeline(self, name: str) -> ServedPipeline:
+        return self.pipelines.get(name, self.default)
+
+
+class ClientSettings(BaseModel):
+    """Per-client defences: a client is its API key, else its address (X-Forwarded-For only from trusted proxies)."""
+
+    enabled: bool | None = None  # None: on exactly under the public profile
+    trusted_proxies: list[str] = Field(default_factory=list, description="addresses or CIDRs whose "
+                                       "X-Forwarded-For names the client")
+    rate_per_s: float = 20.0  # images per second a client may send, sustained (token bucket)
+    burst: int = 128  # the bucket's size, in images
+    budget: int = 20_000  # images per client per budget window
+    budget_window_s: float = 86_400.0
+    detector: bool = True  # the stateful query-attack detector (Blacklight-style)
+    cooldown_s: float = 3_600.0  # a detected client is refused (429) this long
+    # memory (bench/guard.py): ≈ 0.8 kB per tracked client plus 261 B per remembered query, 389 B per stream query;
+    # at these caps at most ≈ 20,000 × (0.8 kB + 32 × 261 B) + 100,000 × 389 B ≈ 220 MB in-process
+    max_clients: int = 20_000  # tracked clients, the least recently seen evicted first
+    history: int = 32  # recent queries remembered per client
+    stream_history: int = 100_000  # recent queries remembered across all clients
 
 
 class Settings(BaseSettings):
@@ -113,6 +162,17 @@ class Settings(BaseSettings):
 
     attack: AttackSettings = Field(default_factory=AttackSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+
+    # the public profile (docs/threat-model.md): off for `python -m service` on loopback, on in docker-compose/deploy
+    public: bool = False
+    profile: ProfileSettings = Field(default_factory=ProfileSettings)
+    clients: ClientSettings = Field(default_factory=ClientSettings)
+    state_url: str | None = None  # redis://host:port/db keeps the per-client state there (shared by replicas)
+
+    @property
+    def guarded(self) -> bool:
+        """Per-client defences on: as set, else exactly under the public profile."""
+        return self.public if self.clients.enabled is None else self.clients.enabled
 
 
 @lru_cache

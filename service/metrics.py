@@ -8,6 +8,9 @@ purified_images_total{dataset,init}, detector_flags_total{dataset,flagged}, stag
 the seconds it spent in each stage — decode, queue, purify, classify — on /v1 and /v2 alike; `model` is what the
 engine ran: "<dataset>/<classifier>" for a classification, "<dataset>" for a purification alone, as in /v1/purify,
 /v1/detect and the proxy; a merged batch's purify and classify seconds count for each of its requests).
+Per-client defences (service.guard): clients_throttled_total{reason} (429s: rate | budget | detected),
+query_attacks_detected_total{reason} (clients the query-attack detector stopped: matches | peer),
+state_backend_up (1 while the per-client state backend answers; 0 while the service runs on in-process state).
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class Metrics:
         self.flags = Counter("mg_detector_flags", "detector decisions", ["dataset", "flagged"], registry=r)
         self.stages = Histogram("mg_stage_seconds", "seconds a request spent in a stage (decode, queue, purify, "
                                 "classify)", ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.throttled = Counter("mg_clients_throttled", "requests refused by a per-client limit (429)", ["reason"],
+                                 registry=r)  # fmt: skip
+        self.attacks = Counter("mg_query_attacks_detected", "clients stopped by the query-attack detector",
+                               ["reason"], registry=r)  # fmt: skip
+        self.state_up = Gauge("mg_state_backend_up", "1 while the per-client state backend answers", registry=r)
+        self.state_up.set(1)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -81,7 +81,9 @@ def initial_latents(
 ) -> torch.Tensor:
     """Starting points, N·R×latent (restart-major within each image: rows i·R … i·R+R−1 belong to image i).
 
-    With a seed, every image gets the same R noise draws, so a batch gives exactly the per-image results.
+    With a seed, every image gets the same R noise draws, so a batch gives exactly the per-image results. Without
+    one, each image gets its own draws from a fresh non-deterministic seed: two identical images in one batch (two
+    callers' identical requests) start apart, and no caller can predict or repeat another's starts.
     """
     n, r = x.shape[0], cfg.restarts
     gen = torch.Generator(device="cpu")
@@ -89,16 +91,18 @@ def initial_latents(
         gen.seed()
     else:
         gen.manual_seed(seed)
-    noise = torch.randn(r, latent_dim, generator=gen).to(x.device)
+    shape = (1, r, latent_dim) if seed is not None else (n, r, latent_dim)
+    noise = torch.randn(shape, generator=gen).to(x.device).expand(n, r, latent_dim)
     if cfg.init == "random":
         std = cfg.init_std if cfg.init_std is not None else 1.0 / math.sqrt(latent_dim)
-        return (noise * std).repeat(n, 1)
+        return (noise * std).reshape(n * r, latent_dim)
     if encoder is None:
         raise ValueError("init='encoder' needs an encoder")
     with torch.no_grad():
         z0 = encoder(x)  # N×latent
-    noise[0].zero_()  # the first start is E(x) itself
-    return (z0[:, None, :] + cfg.encoder_noise * noise[None]).reshape(n * r, latent_dim)
+    noise = noise.clone()
+    noise[:, 0].zero_()  # the first start is E(x) itself
+    return (z0[:, None, :] + cfg.encoder_noise * noise).reshape(n * r, latent_dim)
 
 
 class Descent:

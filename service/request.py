@@ -40,8 +40,9 @@ from service.engine import (
 from service.purify import ProjectionConfig
 from service.registry import Registry
 
-# a proxied model classifies upstream: it is purified by a projection (never "none", MagNet or our enhanced classifiers)
-PROXY_DEFENSES = tuple(d for d in DEFENSES if d in PROJECTING and d != "enhanced-invert-classify")
+# a proxied model classifies upstream: purified by a projection (never MagNet or our enhanced classifiers), or
+# forwarded as it came ("none": the guard's per-client defences and output policy alone)
+PROXY_DEFENSES = tuple(d for d in DEFENSES if d == "none" or (d in PROJECTING and d != "enhanced-invert-classify"))
 OIP_KEYS = ("defense", "steps", "restarts", "seed")  # our keys among an OIP request's parameters
 SEED_MAX = 2**32 - 1
 

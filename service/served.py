@@ -30,6 +30,7 @@ from service.batcher import Batcher
 from service.config import Settings, Upstream
 from service.engine import DefendResult, PurifyResult
 from service.metrics import observe_stages
+from service.profile import Caller, Gate, Reduced, admit, fix_pipeline, reduce, restricted, softmax
 from service.proxy import ProxyClient, purify_and_forward
 from service.request import Request, Target, check_images, oip_fields, resolve
 
@@ -38,10 +39,13 @@ OWN_OUTPUTS = ("probabilities", "labels", "mse", "flagged", "purified")
 
 
 # -- the request's purification, described -------------------------------------------------------------------------
-def described(p: Request, dataset: str, r: PurifyResult | DefendResult, images: int) -> dict[str, Any]:
+def described(p: Request, dataset: str, r: PurifyResult | DefendResult | None, images: int) -> dict[str, Any]:
     """Scalar response parameters describing the purification (the protocol's parameters are scalars)."""
     out: dict[str, Any] = {"purified": p.defense != "none", "defense": p.defense, "dataset": dataset,
-                           "steps": r.steps, "restarts": r.restarts, "images": images}  # fmt: skip
+                           "images": images}  # fmt: skip
+    if r is None:  # a proxied name served without purification
+        return out
+    out |= {"steps": r.steps, "restarts": r.restarts}
     if p.seed is not None:
         out["seed"] = p.seed
     if r.mse is not None:
@@ -64,10 +68,12 @@ class Model:
     versions: tuple[str, ...] = ()  # () : the model names no versions of its own
 
     batcher: Batcher  # set by each kind of model; its metrics record the decode stage
+    settings: Settings
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.ready = False
+        self.gate: Callable[[], Gate | None] = lambda: None  # the app's per-client defences (set by the repository)
 
     async def load(self) -> None:
         self.ready = True
@@ -78,22 +84,54 @@ class Model:
     async def metadata(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    async def infer(self, req: oip.InferRequest, headers: dict[str, str], decode_ms: float = 0.0
-                    ) -> oip.InferResponse:  # fmt: skip
-        """`decode_ms`: what decoding the body took; preprocessing counts to the decode stage too."""
+    async def infer(self, req: oip.InferRequest, headers: dict[str, str], decode_ms: float = 0.0,
+                    caller: Caller | None = None) -> oip.InferResponse:  # fmt: skip
+        """`decode_ms`: what decoding the body took; preprocessing counts to the decode stage too. `caller`: who
+        asks (the public profile and the per-client defences apply to it; None: an in-process caller)."""
         t = time.perf_counter()
-        x, ctx = self.preprocess(req)
+        public = restricted(caller, self.settings)
+        x, ctx = self.preprocess(req, caller)
+        if public:
+            _public_outputs(req)
         observe_stages(self.batcher.metrics, ctx.model, {"decode": decode_ms + (time.perf_counter() - t) * 1e3})
-        return self.postprocess(await self.predict(x, ctx, req, headers), req, ctx)
+        out = await self.predict(x, ctx, req, headers, caller)
+        if public:
+            return self.public_answer(out, req)
+        return self.postprocess(out, req, ctx)
 
-    def preprocess(self, req: oip.InferRequest) -> tuple[Any, Request]:
+    def preprocess(self, req: oip.InferRequest, caller: Caller | None = None) -> tuple[Any, Request]:
         raise NotImplementedError
 
-    async def predict(self, x: Any, p: Request, req: oip.InferRequest, headers: dict[str, str]) -> Any:
+    async def predict(self, x: Any, p: Request, req: oip.InferRequest, headers: dict[str, str],
+                      caller: Caller | None = None) -> Any:  # fmt: skip
         raise NotImplementedError
 
     def postprocess(self, out: Any, req: oip.InferRequest, p: Request) -> oip.InferResponse:
         raise NotImplementedError
+
+    def public_answer(self, out: Any, req: oip.InferRequest) -> oip.InferResponse:
+        """The answer under the public profile: labels and what the output policy allows (`public_outputs`)."""
+        raise NotImplementedError
+
+    def reduced_response(self, reduced: Reduced, req: oip.InferRequest, version: str | None) -> oip.InferResponse:
+        tensors = {"labels": reduced.labels, "top1": reduced.top1, "probabilities": reduced.probabilities}
+        outputs = [oip.Tensor.from_numpy(k, v) for k, v in tensors.items() if v is not None]
+        if req.outputs is not None:
+            missing = sorted({o.name for o in req.outputs} - {t.name for t in outputs})
+            if missing:
+                raise oip.OIPError(f"outputs {missing} are not offered by {self.name!r} under the public profile")
+            outputs = [t for t in outputs if t.name in {o.name for o in req.outputs}]
+        return oip.InferResponse(self.name, outputs, version, req.id, {})
+
+
+PUBLIC_OUTPUTS = ("labels", "top1", "probabilities")
+
+
+def _public_outputs(req: oip.InferRequest) -> None:
+    """Refuse, before any work, a request for an output the public profile never gives."""
+    asked = sorted({o.name for o in req.outputs or []} - set(PUBLIC_OUTPUTS))
+    if asked:
+        raise oip.OIPError(f"outputs {asked} are not offered under the public profile; outputs: {PUBLIC_OUTPUTS}")
 
 
 def own_images(t: oip.Tensor, s: Settings) -> torch.Tensor:
@@ -144,20 +182,25 @@ class OwnModel(Model):
             "outputs": [{"name": k, "datatype": d, "shape": sh} for k, (d, sh) in shapes.items()],
         }
 
-    def preprocess(self, req: oip.InferRequest) -> tuple[torch.Tensor, Request]:
+    def preprocess(self, req: oip.InferRequest, caller: Caller | None = None) -> tuple[torch.Tensor, Request]:
         if len(req.inputs) != 1:
             raise oip.OIPError(f"model {self.name!r} takes one input tensor, got {len(req.inputs)}")
         x = own_images(req.inputs[0], self.settings)
         for o in req.outputs or []:
-            if o.name not in OWN_OUTPUTS:
+            if o.name not in (*OWN_OUTPUTS, *PUBLIC_OUTPUTS):
                 raise oip.OIPError(f"unknown output {o.name!r}; outputs: {list(OWN_OUTPUTS)}")
-        fields = oip_fields(dict(req.parameters))
+        fields = fix_pipeline(oip_fields(dict(req.parameters)), self.name, caller, self.settings)
         return x, resolve(fields, self.settings, self.batcher.engine.registry, Target(self.dataset, self.classifier))
 
-    async def predict(self, x: torch.Tensor, p: Request, req: oip.InferRequest,
-                      headers: dict[str, str]) -> DefendResult:  # fmt: skip
+    async def predict(self, x: torch.Tensor, p: Request, req: oip.InferRequest, headers: dict[str, str],
+                      caller: Caller | None = None) -> DefendResult:  # fmt: skip
         assert p.classifier is not None
+        await admit(self.gate(), caller, x)
         return await self.batcher.defend(x, p.dataset, p.classifier, p.defense, p.cfg, p.seed)
+
+    def public_answer(self, r: DefendResult, req: oip.InferRequest) -> oip.InferResponse:
+        return self.reduced_response(reduce(r.probs, r.flagged, self.settings.profile.pipeline(self.name)), req,
+                                     VERSION)  # fmt: skip
 
     def postprocess(self, r: DefendResult, req: oip.InferRequest, p: Request) -> oip.InferResponse:
         wanted = [o.name for o in req.outputs] if req.outputs is not None else None
@@ -193,31 +236,56 @@ class ProxiedModel(Model):
     async def metadata(self) -> dict[str, Any]:
         return await self.proxy.metadata(self.name)
 
-    def preprocess(self, req: oip.InferRequest) -> tuple[oip.InferRequest, Request]:
+    def preprocess(self, req: oip.InferRequest, caller: Caller | None = None) -> tuple[oip.InferRequest, Request]:
         fields = oip_fields(req.parameters)  # our parameters are stripped from what is forwarded
+        fields = fix_pipeline(fields, self.name, caller, self.settings)
         p = resolve(fields, self.settings, self.batcher.engine.registry, Target(self.upstream.dataset))
-        assert p.cfg is not None  # a proxied model always purifies
         return req, p
 
-    async def predict(self, req: oip.InferRequest, p: Request, _: oip.InferRequest,
-                      headers: dict[str, str]) -> tuple[oip.InferResponse, PurifyResult, int]:  # fmt: skip
+    async def predict(self, req: oip.InferRequest, p: Request, _: oip.InferRequest, headers: dict[str, str],
+                      caller: Caller | None = None) -> Proxied:  # fmt: skip
         result: list[PurifyResult] = []
 
         async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
             check_images(x.shape[0], self.settings)
-            assert p.cfg is not None
+            await admit(self.gate(), caller, x)
+            if p.cfg is None:  # defense "none": forwarded as it came
+                return x
             r = await self.batcher.purify(x, dataset, p.cfg, p.seed)
             result.append(r)
             return r.images
 
         fwd = await purify_and_forward(self.proxy, self.name, req, purify, headers)
-        return fwd.response, result[0], fwd.images
+        return fwd.response, (result[0] if result else None), fwd.images
 
-    def postprocess(self, out: tuple[oip.InferResponse, PurifyResult, int], req: oip.InferRequest,
-                    p: Request) -> oip.InferResponse:  # fmt: skip
+    def postprocess(self, out: Proxied, req: oip.InferRequest, p: Request) -> oip.InferResponse:
         resp, r, images = out
         resp.parameters.update(described(p, self.upstream.dataset, r, images))
         return resp
+
+    def public_answer(self, out: Proxied, req: oip.InferRequest) -> oip.InferResponse:
+        """The upstream's score tensor reduced to what the output policy allows; everything else dropped."""
+        resp, r, _ = out
+        probs = upstream_probabilities(resp, self.upstream)
+        pipeline = self.settings.profile.pipeline(self.name)
+        reduced = reduce(probs, None if r is None else r.flagged, pipeline)
+        return self.reduced_response(reduced, req, resp.model_version)
+
+
+Proxied = tuple[oip.InferResponse, PurifyResult | None, int]  # the upstream's answer, the purification, images
+
+
+def upstream_probabilities(resp: oip.InferResponse, up: Upstream) -> np.ndarray:
+    """N×K probabilities from an upstream's answer: its score output (`up.scores_output`, else the first floating
+    N×K output), softmaxed when the upstream answers logits (`up.scores`)."""
+    named = [t for t in resp.outputs if t.name == up.scores_output] if up.scores_output else []
+    floats = [t for t in resp.outputs if t.datatype in ("FP16", "FP32", "FP64") and t.data.ndim == 2]
+    found = named or floats
+    if not found:
+        raise oip.OIPError(f"upstream answered no N×K score tensor (outputs {[t.name for t in resp.outputs]}); "
+                           "the public profile needs one to answer", status=502)  # fmt: skip
+    scores = found[0].data.astype(np.float32)
+    return softmax(scores) if up.scores == "logits" else scores
 
 
 class RawUpstream(Model):
@@ -228,18 +296,22 @@ class RawUpstream(Model):
         super().__init__(name)
         self.upstream, self.proxy, self.batcher, self.settings = upstream, proxy, batcher, settings
 
-    async def predictions(self, body: bytes, query: dict[str, Any], headers: dict[str, str]
-                          ) -> tuple[bytes, str, dict[str, str]]:  # fmt: skip
-        """(the upstream's reply, its content type, X-Purification-* headers) for one image's bytes."""
+    async def predictions(self, body: bytes, query: dict[str, Any], headers: dict[str, str],
+                          caller: Caller | None = None) -> tuple[bytes, str, dict[str, str]]:  # fmt: skip
+        """(the upstream's reply, its content type, X-Purification-* headers) for one image's bytes; under the
+        public profile the upstream's reply alone (its answer is the upstream's own format: not reduced here)."""
         s = self.settings
         x = imaging.to_tensor(imaging.load_bytes(body, s.max_image_pixels, 1), 1)
-        p = resolve(oip_fields(query), s, self.batcher.engine.registry, Target(self.upstream.dataset))
+        fields = fix_pipeline(oip_fields(query), self.name, caller, s)
+        p = resolve(fields, s, self.batcher.engine.registry, Target(self.upstream.dataset))
         if query:
             raise oip.OIPError(f"unknown query parameters {sorted(query)}")
-        assert p.cfg is not None
-        r = await self.batcher.purify(x, self.upstream.dataset, p.cfg, p.seed)
-        png = await asyncio.to_thread(imaging.encode_png, r.images[0])
+        await admit(self.gate(), caller, x)
+        r = None if p.cfg is None else await self.batcher.purify(x, self.upstream.dataset, p.cfg, p.seed)
+        png = await asyncio.to_thread(imaging.encode_png, x[0] if r is None else r.images[0])
         content, ctype = await self.proxy.predictions(self.name, png, "image/png", headers)
+        if restricted(caller, s):
+            return content, ctype, {}
         meta = described(p, self.upstream.dataset, r, 1)
         return content, ctype, {f"X-Purification-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()}
 
@@ -248,7 +320,8 @@ class ModelRepository:
     """Every model /v2 serves, by name: ours from the registry, the proxied ones from the allow-list."""
 
     def __init__(self, batcher: Batcher, proxy: ProxyClient, settings: Settings,
-                 server_ready: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+                 server_ready: Callable[[], bool] = lambda: True,
+                 gate: Callable[[], Gate | None] = lambda: None) -> None:  # fmt: skip
         self.server_ready = server_ready  # the engine runs and warm-up finished
         reg = batcher.engine.registry
         pairs = [(ds, clf) for ds in reg.datasets() for clf in reg.classifiers(ds)]
@@ -256,6 +329,8 @@ class ModelRepository:
         kinds = {"v2": ProxiedModel, "raw": RawUpstream}
         self.proxied: dict[str, Model] = {n: kinds[u.protocol](n, u, proxy, batcher, settings)
                                           for n, u in settings.proxy.upstreams.items()}  # fmt: skip
+        for m in (*self.own.values(), *self.proxied.values()):
+            m.gate = gate
 
     async def load(self) -> None:
         for m in (*self.own.values(), *self.proxied.values()):

@@ -14,13 +14,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,49 +26,12 @@ from PIL import Image
 
 tritonclient_http = pytest.importorskip("tritonclient.http", reason="needs the [test] extra: tritonclient[http]")
 pytest.importorskip("kserve", reason="needs the [test] extra: kserve")
+from procs import Proc  # noqa: E402
+from procs import free_port as _port  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"steps": 4, "restarts": 2, "seed": 3}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A child process with its log; `stop()` terminates it (and only it)."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._f = log.open("wb")
-        self.p = subprocess.Popen(["nice", "-n", "10", *args], cwd=ROOT, stdout=self._f, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **(env or {})})  # fmt: skip
-
-    def wait_http(self, url: str, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"{url}: process exited\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{url} not ready after {timeout:g} s\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGINT)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self._f.close()
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +202,7 @@ def test_own_model_over_the_protocol(servers: dict, images: np.ndarray) -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [({"steps": 10**6}, "steps=1000000 is outside"), ({"defense": "magic"}, "'defense' must be one of"),
-     ({"defense": "none"}, "'defense' must be one of"), ({"restarts": 0}, "restarts=0 is outside"),
+     ({"defense": "invert-classify", "steps": -1}, "steps=-1 is outside"), ({"restarts": 0}, "restarts=0 is outside"),
      ({"steps": True}, "steps must be an integer")],
 )  # fmt: skip
 def test_bad_purification_parameters_are_400(servers: dict, images: np.ndarray, params: dict, message: str) -> None:
@@ -252,6 +210,16 @@ def test_bad_purification_parameters_are_400(servers: dict, images: np.ndarray, 
     with pytest.raises(InferenceServerException, match=message) as e:
         mg.infer("mnist-nchw", [_input(images, True)], parameters=params)
     assert e.value.status() == "400"
+
+
+def test_defense_none_forwards_the_input_unchanged(servers: dict, images: np.ndarray) -> None:
+    """A proxied name with defense none: the per-client defences and output policy alone (the public profile)."""
+    mg = tritonclient_http.InferenceServerClient(servers["mg"])
+    up = tritonclient_http.InferenceServerClient(servers["kserve"])
+    r = mg.infer("mnist-nchw", [_input(images, True)], outputs=_outputs(True), parameters={"defense": "none"})
+    direct = up.infer("mnist-nchw", [_input(images, True)], outputs=_outputs(True))
+    np.testing.assert_array_equal(r.as_numpy("logits"), direct.as_numpy("logits"))
+    assert r.get_response()["parameters"]["purified"] is False
 
 
 def test_wrong_tensors_for_the_upstream_are_400(servers: dict, images: np.ndarray) -> None:

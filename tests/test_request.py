@@ -125,11 +125,12 @@ def test_v1_fields_and_oip_parameters_resolve_to_the_same_request(tiny_registry:
                              ProjectionConfig(init="encoder").with_(steps=3, restarts=2), 7)  # fmt: skip
 
 
-def test_a_proxied_model_always_projects(tiny_registry: Registry) -> None:
-    for defense in ("none", "magnet", "enhanced-invert-classify", "magic"):
+def test_a_proxied_model_projects_or_forwards(tiny_registry: Registry) -> None:
+    for defense in ("magnet", "enhanced-invert-classify", "magic"):
         e = refused(resolve, oip_fields({"defense": defense}), S, tiny_registry, Target("mnist"))
         assert e.status == 422 and "'defense' must be one of" in str(e)
     assert resolve(oip_fields({}), S, tiny_registry, Target("mnist")).defense == "defense-gan"
+    assert resolve(oip_fields({"defense": "none"}), S, tiny_registry, Target("mnist")).cfg is None
 
 
 def test_no_generator_no_projection(tmp_path: Path) -> None:

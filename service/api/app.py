@@ -34,6 +34,7 @@ from service.api.schema import with_caps
 from service.batcher import Batcher
 from service.config import Settings, get_settings
 from service.engine import Engine
+from service.guard import Guard
 from service.imaging import set_pixel_limit
 from service.metrics import Metrics
 from service.registry import ManifestError, Registry
@@ -207,6 +208,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = Engine.from_settings(registry, s)
     batcher = app.state.batcher_factory(engine, s, app.state.metrics)
     await batcher.start()
+    app.state.guard = Guard.from_settings(s, app.state.metrics) if s.guarded else None
     app.state.registry, app.state.engine, app.state.batcher = registry, engine, batcher
     log.info("models from %s verified; engine on %s", s.models_dir, engine.device)
     warm = asyncio.create_task(_warm_up(app))
@@ -215,6 +217,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         warm.cancel()
         await batcher.stop()
+        if app.state.guard is not None:
+            await app.state.guard.aclose()
         app.state.ready = False
 
 
@@ -261,7 +265,7 @@ def create_app(settings: Settings | None = None, batcher_factory: BatcherFactory
     app.state.metrics = Metrics()
     app.state.ready = False
     app.state.not_ready_reason = "warming up"
-    app.state.registry = app.state.engine = app.state.batcher = None
+    app.state.registry = app.state.engine = app.state.batcher = app.state.guard = None
     _offline_docs(app)
     _page(app)
     app.add_middleware(EdgeMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics,

@@ -13,7 +13,9 @@ from fastapi import HTTPException, Request
 from service.batcher import Batcher
 from service.config import Settings
 from service.engine import Engine
+from service.guard import client_id
 from service.metrics import Metrics
+from service.profile import Caller
 from service.registry import Registry
 
 
@@ -55,3 +57,12 @@ class Serving:
 
 async def get_serving(request: Request) -> Serving:
     return Serving(await get_settings(request), await get_registry(request), await get_batcher(request))
+
+
+async def get_caller(request: Request) -> Caller:
+    """The client the per-client defences count (its API key, else its address; X-Forwarded-For only from a
+    trusted proxy) and whether its key has the inspect scope (service.profile)."""
+    s: Settings = request.app.state.settings
+    key = request.headers.get("x-api-key")
+    peer = request.client.host if request.client else None
+    return Caller(client_id(request.headers, peer, s.clients.trusted_proxies), key in s.profile.inspect_keys)

@@ -15,6 +15,7 @@ from typing import Any
 from service.attacks.runner import AttackRequestError
 from service.batcher import NotRunning, OverBudget, QueueFull, RequestTimeout
 from service.engine import NotShipped, ParameterError
+from service.guard import Throttled
 from service.imaging import ImageError
 from service.oip import OIPError
 from service.proxy import UpstreamError
@@ -49,6 +50,8 @@ def answer(exc: BaseException, oip: bool = False) -> Answer | None:
         return Answer(exc.status, exc.message)
     if isinstance(exc, NotShipped):
         return Answer(404, msg)
+    if isinstance(exc, Throttled):
+        return Answer(429, msg, {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}, {"reason": exc.reason})
     if isinstance(exc, QueueFull):
         return Answer(503, msg, {"Retry-After": str(math.ceil(exc.retry_after))})
     if isinstance(exc, NotRunning):
@@ -67,4 +70,4 @@ def answer(exc: BaseException, oip: bool = False) -> Answer | None:
 # the exception types `answer` knows, for the app's handlers (ValueError only on /v2)
 HANDLED: tuple[type[BaseException], ...] = (RequestError, OverBudget, ParameterError, AttackRequestError,
                                              ImageError, OIPError, UpstreamError, NotShipped, QueueFull, NotRunning,
-                                             RequestTimeout, RecursionError, MemoryError)  # fmt: skip
+                                             RequestTimeout, Throttled, RecursionError, MemoryError)  # fmt: skip

@@ -21,15 +21,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import imaging
-from service.api.deps import Serving, get_metrics, get_registry, get_serving, get_settings
+from service.api.deps import Serving, get_caller, get_metrics, get_registry, get_serving, get_settings
 from service.api.schema import errors
 from service.attacks import runner
 from service.batcher import DefendJob, PurifyJob
 from service.config import Settings
 from service.engine import ENHANCED, DefendResult, PurifyResult, default_classifier, default_defense
 from service.metrics import Metrics, observe_stages
+from service.profile import Caller, admit, fix_pipeline, reduce, restricted, served_model
 from service.registry import Registry, grid_key
-from service.request import ClassifyFields, DetectFields, Fields, PurifyFields, resolve
+from service.request import ClassifyFields, DetectFields, Fields, PurifyFields, RequestError, resolve
 
 ERRORS = errors(400, 404, 408, 413, 415, 422, 503, 504)
 EXAMPLE_PNG = imaging.png_base64(np.zeros((28, 28), dtype=np.float32))  # a real (blank) image the schema can send
@@ -63,6 +64,20 @@ class Prediction(BaseModel):
     flagged: bool | None = Field(None, description="detector: MSE above the calibrated threshold")
     purified_png: str | None = Field(None, description="base64 PNG, with return_purified=true")
     input_png: str | None = Field(None, description="the model's 28×28 input as base64 PNG, with return_input=true")
+
+
+class PublicPrediction(BaseModel):
+    label: int = Field(description="−1: the server abstained (a flagged input, where the operator chose so)")
+    class_name: str
+    probability: float | None = Field(None, description="the label's probability, rounded (output policy top1)")
+    probabilities: list[float] | None = Field(None, description="rounded (output policy probabilities)")
+
+
+class PublicClassifyResponse(BaseModel):
+    """The answer under the public profile: the operator's output policy, no detector figures or timings."""
+
+    model: str
+    predictions: list[PublicPrediction]
 
 
 class _Projected(BaseModel):
@@ -257,7 +272,7 @@ async def _pngs(images: Any) -> list[str] | None:
 # -- routes -----------------------------------------------------------------------------------------
 @router.post(
     "/classify",
-    response_model=ClassifyResponse,
+    response_model=ClassifyResponse | PublicClassifyResponse,
     summary="Classify images, purified first",
     openapi_extra=_openapi(
         ClassifyFields,
@@ -270,19 +285,27 @@ async def _pngs(images: Any) -> list[str] | None:
         },
     ),
 )
-async def classify(request: Request, sv: Serving = Depends(get_serving)) -> Any:
+async def classify(request: Request, sv: Serving = Depends(get_serving), caller: Caller = Depends(get_caller)
+                   ) -> Any:  # fmt: skip
     """Label, class name and probabilities per image; with a defense also the reconstruction MSE, the detector's
-    flag and (with `return_purified`) the purified image."""
+    flag and (with `return_purified`) the purified image. Under the public profile: the operator's pipeline and
+    output policy (`PublicClassifyResponse`)."""
     settings, registry, batcher = sv.settings, sv.registry, sv.batcher
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
     p = ClassifyFields.parse(raw)
+    public = restricted(caller, settings)
+    name = served_model(p.model, settings) if public else ""
+    p = fix_pipeline(p, name, caller, settings)
     req = resolve(p, settings, registry)
+    await admit(request.app.state.guard, caller, x)
     observe_stages(batcher.metrics, req.model, {"decode": decode_ms})
     ds, clf, defense = req.dataset, req.classifier, req.defense
     assert clf is not None  # the fields name a classifier
     out = await batcher.submit(DefendJob(ds, clf, defense, req.cfg, req.job_seed), x)
     r: DefendResult = out.value
+    if public:
+        return _public_answer(r, name, settings, _class_names(registry, ds))
     pngs = await _pngs(r.purified if p.return_purified else None)
     inputs = await _pngs(x if p.return_input else None)
     names = _class_names(registry, ds)
@@ -317,9 +340,27 @@ async def classify(request: Request, sv: Serving = Depends(get_serving)) -> Any:
     }
 
 
+def _public_answer(r: DefendResult, name: str, s: Settings, names: list[str]) -> JSONResponse:
+    """/v1/classify's answer under the public profile (`service.profile.reduce`)."""
+    out = reduce(r.probs, r.flagged, s.profile.pipeline(name))
+    preds = []
+    for i, label in enumerate(int(v) for v in out.labels):
+        pred: dict[str, Any] = {"label": label, "class_name": names[label] if 0 <= label < len(names) else "abstain"}
+        if out.top1 is not None:
+            pred["probability"] = float(out.top1[i])
+        if out.probabilities is not None:
+            pred["probabilities"] = [float(v) for v in out.probabilities[i]]
+        preds.append(pred)
+    return JSONResponse(PublicClassifyResponse(model=name, predictions=preds).model_dump(exclude_none=True))
+
+
 async def _purify(request: Request, sv: Serving, fields: type[PurifyFields | DetectFields]
                   ) -> tuple[Any, PurifyResult, str, float, dict[str, float]]:  # fmt: skip
     settings, batcher = sv.settings, sv.batcher
+    caller = await get_caller(request)
+    if restricted(caller, settings):
+        raise RequestError("purified images and detector scores are not offered under the public profile "
+                           "(MG_PUBLIC); an API key of the inspect scope may call this", 403)  # fmt: skip
     t0 = time.perf_counter()
     x, raw, decode_ms = await read_input(request, settings)
     p = fields.parse(raw)
@@ -505,7 +546,10 @@ async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     batcher = state.batcher
     if state.ready and batcher is not None and batcher.running:
-        return JSONResponse({"status": "ready", "device": str(state.engine.device), "queue_depth": batcher.depth})
+        body = {"status": "ready", "device": str(state.engine.device), "queue_depth": batcher.depth}
+        if state.guard is not None:  # the per-client state: in-process, or Redis and whether it answers
+            body["client_state"] = state.guard.health()
+        return JSONResponse(body)
     why = "shutting down" if batcher is not None and batcher.draining else state.not_ready_reason
     return JSONResponse({"error": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "1"})
 

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from service import oip
 from service.api import errors, schema
+from service.api.deps import get_caller
 from service.batcher import Batcher
 from service.config import Settings, get_settings
 from service.proxy import ProxyClient
@@ -65,7 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         """The engine runs and (inside the full app) warm-up finished."""
         return batcher.running and getattr(app.state, "ready", True) is not False
 
-    models = ModelRepository(batcher, proxy, settings, server_ready)
+    models = ModelRepository(batcher, proxy, settings, server_ready, lambda: getattr(app.state, "guard", None))
     await models.load()
     app.state.mg_v2 = _State(settings, batcher, proxy, models)
     try:
@@ -233,7 +234,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                 return _error(404, f"unknown model {name!r}")
             if isinstance(m, RawUpstream):
                 return _error(400, f"{name!r} is a raw upstream; POST image bytes to /predictions/{name}")
-            resp = await m.infer(req, dict(request.headers), decode_ms)
+            resp = await m.infer(req, dict(request.headers), decode_ms, await get_caller(request))
             return _reply(resp, req.binary_outputs(), request.headers.get("accept-encoding"))
     except _Reply as r:
         return r.response
@@ -250,7 +251,7 @@ async def predictions(name: str, request: Request) -> Response:
         with _errors():
             body = await _body(request, st.settings.max_upload_bytes)
             query: dict[str, Any] = dict(request.query_params)  # digit strings are integers to `service.request`
-            content, ctype, headers = await m.predictions(body, query, dict(request.headers))
+            content, ctype, headers = await m.predictions(body, query, dict(request.headers), await get_caller(request))
             return Response(content, media_type=ctype, headers=headers)
     except _Reply as rep:
         return rep.response
