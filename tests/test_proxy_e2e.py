@@ -163,6 +163,11 @@ def test_protocol_endpoints_through_tritonclient(servers: dict) -> None:
     assert not mg.is_model_ready("slow")  # the faulty server has no ready endpoint for models
     with pytest.raises(InferenceServerException, match="unknown model"):
         mg.get_model_metadata("nobody")
+    index = {m["name"]: m for m in mg.get_model_repository_index()}  # the repository extension, as Triton's
+    assert index["mnist-classifier_A"] == {"name": "mnist-classifier_A", "version": "1", "state": "READY"}
+    assert index["mnist-nchw"]["state"] == "READY" and index["slow"]["state"] == "UNAVAILABLE"
+    ready = httpx.post(f"http://{servers['mg']}/v2/repository/index", json={"ready": True}).json()
+    assert "slow" not in {m["name"] for m in ready} and "mnist-nchw" in {m["name"] for m in ready}
 
 
 def test_versions_and_health_bodies_as_clients_read_them(servers: dict, images: np.ndarray) -> None:

@@ -10,7 +10,9 @@ deflate-compressed; infer answers are compressed when the caller's Accept-Encodi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,7 +31,10 @@ from service.proxy import ProxyClient
 from service.served import Model, ModelRepository, RawUpstream
 
 log = logging.getLogger(__name__)
-SERVER = {"name": "manifold-guard", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+SERVER = {"name": "manifold-guard", "version": "0.1.0", "extensions": ["binary_tensor_data", "model_repository"]}
+INDEX = {"type": "array", "items": {"type": "object", "required": ["name", "state"], "properties": {
+    "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"},
+    "reason": {"type": "string"}}}}  # fmt: skip
 LIVE = {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}}
 READY = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
 METADATA_RESPONSES = {200: schema.json_body(schema.MODEL_METADATA, "model metadata"), **schema.errors(404, 502, 504)}
@@ -161,6 +166,32 @@ async def ready(request: Request) -> Response:
     if _state(request).models.server_ready():
         return JSONResponse({"ready": True})
     return JSONResponse({"ready": False, "error": "the engine is not ready"}, status_code=503)
+
+
+@router.post("/v2/repository/index", responses={200: schema.json_body(INDEX, "the model repository's index"),
+                                                **schema.errors(400)})  # fmt: skip
+async def repository_index(request: Request) -> Response:
+    """The repository extension's index (Triton's `get_model_repository_index`): every name served here, our own
+    and the proxied ones, with its state; the body `{"ready": true}` keeps the ready ones only."""
+    st = _state(request)
+    raw = await request.body()
+    try:
+        wanted = json.loads(raw or b"{}")
+        ready_only = bool(wanted.get("ready", False)) if isinstance(wanted, dict) else None
+    except ValueError:
+        ready_only = None
+    if ready_only is None:
+        return _error(400, 'the body must be empty or a JSON object such as {"ready": true}')
+    models = {**st.models.own, **st.models.proxied}
+    states = await asyncio.gather(*(m.is_ready() for m in models.values()))  # proxied: one upstream call each
+    index = []
+    for (name, m), ready in zip(models.items(), states, strict=True):
+        if ready_only and not ready:
+            continue
+        entry = {"name": name, "version": m.versions[0] if m.versions else "", "state": "READY" if ready else
+                 "UNAVAILABLE"}  # fmt: skip
+        index.append(entry if ready else {**entry, "reason": "the engine or the upstream is not ready"})
+    return JSONResponse(index)
 
 
 # -- model-level routes: each path also under /versions/{version} (a version the model must have) ------------------
