@@ -12,9 +12,9 @@ spread through the carry-over and peer rules below); at window 50 none matched a
 (bench/guard.py --sections detect), hence window = 50.
 
 Deviations, each for a stated reason:
-- the window hash is a keyed 64-bit polynomial (random odd multipliers) with a splitmix64 finaliser, computed for
-  all windows at once in numpy, instead of SHA-256 per window in Python (735 windows per 28×28 image: ≈ 1 ms, the
-  whole budget, against 0.05–0.15 ms here); the multipliers, the finaliser's key and the salt derive from a secret
+- the window hash is a keyed rolling 64-bit polynomial (a secret odd base) with a splitmix64 finaliser, computed for
+  all windows at once from one prefix sum in numpy, instead of SHA-256 per window in Python (735 windows per 28×28
+  image: ≈ 1 ms, the whole budget, against ≈ 0.03 ms here); the base, the finaliser's key and the salt derive from a secret
   (per process, or shared through the Redis state), so an attacker can neither compute a fingerprint nor
   precompute collisions;
 - the salt shifts each pixel's quantization grid by a random fraction of a step with no wrap-around: the authors'
@@ -37,10 +37,10 @@ stopped at its 11th query (p_init 0.05), 18th–25th (p_init 0.3) or 27th–32nd
 rules make false positives contagious where benign queries match each other (window 20 above): keep the benign
 match rate near zero.
 
-Memory (in-process, default settings, bench/guard.py --sections memory): ≈ 390 B per stream query (its 50 × 4-byte
-hashes, digest, owner and its share of the bucket table: 37 MB preallocated at stream_history 100,000); ≈ 830 B per
-tracked client with one query, plus 261 B per further remembered query: 66 kB with a full history of 256, so the
-worst case is max_clients × 66 kB (640 MB per 10,000 such clients) — lower `history` to lower it.
+Memory (in-process, bench/guard.py --sections memory): ≈ 390 B per stream query (its 50 × 4-byte hashes, digest,
+owner and its share of the bucket table: 37 MB preallocated at stream_history 100,000); ≈ 830 B per tracked client
+with one query, plus 261 B per further remembered query; at the default caps (20,000 clients, history 32) at most
+≈ 20,000 × 9 kB + 37 MB ≈ 220 MB.
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ class Fingerprinter:
         self.cfg, self.key = cfg, key
         rng = np.random.default_rng(np.frombuffer(hashlib.sha256(key).digest(), dtype=np.uint32))
         top = np.iinfo(np.int64).max
-        self.mult = rng.integers(0, top, self.cfg.window, dtype=np.int64).astype(U64) * U64(2) + U64(1)
+        self.base = int(rng.integers(0, top, dtype=np.int64)) * 2 + 1  # odd: invertible mod 2⁶⁴
+        self.inverse = pow(self.base, -1, 2**64)
+        self.pows: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.digest_mult = rng.integers(0, top, self.cfg.top_k, dtype=np.int64).astype(U64) * U64(2) + U64(1)
         self.seed = U64(rng.integers(0, top, dtype=np.int64))
         self.salts: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -122,24 +124,43 @@ class Fingerprinter:
         scaled = np.clip(v, 0.0, 1.0) * np.float32(255.0 / self.cfg.quant_step) + self.salt(v.shape[1])
         return scaled.astype(U64)
 
+    def powers(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(b^t, b^−t) mod 2⁶⁴ for t < length: the rolling hash's weights for a flattened image; cached."""
+        cached = self.pows.get(length)
+        if cached is None:
+            up, down = np.empty(length, U64), np.empty(length, U64)
+            p, q = 1, 1
+            for t in range(length):
+                up[t], down[t] = p, q
+                p, q = p * self.base % 2**64, q * self.inverse % 2**64
+            cached = (up, down)
+            with self.lock:
+                self.pows[length] = cached
+                while len(self.pows) > 16:
+                    self.pows.popitem(last=False)
+        return cached
+
     def window_hashes(self, u: np.ndarray) -> np.ndarray:
-        """Keyed hash of every window: Σ u[j+i]·mult[i] (mod 2⁶⁴), then splitmix64."""
+        """Keyed hash of every window, Σ_j u[i+j]·b^j (mod 2⁶⁴) with a secret odd base b, then splitmix64: a
+        rolling polynomial hash from one prefix sum (O(H·W·C) per image, not O(windows × window))."""
         w, s = min(self.cfg.window, u.shape[1]), self.cfg.stride
-        m = (u.shape[1] - w) // s + 1
-        h = u[:, 0 : (m - 1) * s + 1 : s] * self.mult[0]
-        for i in range(1, w):
-            h += u[:, i : i + (m - 1) * s + 1 : s] * self.mult[i]
-        return splitmix64(h ^ self.seed)
+        up, down = self.powers(u.shape[1])
+        prefix = np.zeros((u.shape[0], u.shape[1] + 1), U64)
+        np.cumsum(u * up, axis=1, dtype=U64, out=prefix[:, 1:])
+        m = u.shape[1] - w + 1
+        h = (prefix[:, w:] - prefix[:, :m]) * down[:m]
+        return splitmix64(h[:, ::s] ^ self.seed)
 
     def top(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The top_k largest distinct hashes per row (their top 32 bits; 0 pads a row with fewer), and digests."""
         k = self.cfg.top_k
         h.sort(axis=1)
-        h[:, 1:][h[:, 1:] == h[:, :-1]] = 0  # duplicates → 0, sorted below the rest
-        h.sort(axis=1)
-        if h.shape[1] < k:
-            h = np.concatenate([np.zeros((len(h), k - h.shape[1]), U64), h], axis=1)
-        t = h[:, -k:]
+        distinct = np.ones(h.shape, dtype=bool)
+        distinct[:, :-1] = h[:, 1:] != h[:, :-1]  # the last of each run of equal values
+        t = np.zeros((len(h), k), U64)
+        for i, (row, keep) in enumerate(zip(h, distinct, strict=True)):
+            top = row[keep][-k:]
+            t[i, k - len(top) :] = top
         fp = (t >> U64(32)).astype(np.uint32)
         fp[(t != 0) & (fp == 0)] = 1  # 0 means "no hash"
         digest = splitmix64((fp.astype(U64) * self.digest_mult).sum(axis=1, dtype=U64) ^ self.seed)
@@ -212,9 +233,13 @@ class StreamIndex:
         self.n = 0
 
     def matches(self, q: np.ndarray, digest: np.uint64, threshold: int) -> np.ndarray:
-        """Slots of stored queries sharing more than `threshold` hashes with q, other than identical ones."""
-        slots = np.unique(self.table[q & self.mask].ravel())
-        slots = slots[slots >= 0]
+        """Slots of stored queries sharing more than `threshold` hashes with q, other than identical ones. Only
+        slots that last wrote at least half as many of q's buckets are counted exactly (a stored query sharing
+        more than `threshold` hashes wrote that many buckets; later writers may have pushed some of its entries
+        out, not most of them while it is recent)."""
+        found = self.table[q & self.mask].ravel()
+        slots, hits = np.unique(found[found >= 0], return_counts=True)
+        slots = slots[hits > threshold // 2]
         counts = shared(self.fps[slots], q)
         return slots[(counts > threshold) & (self.digests[slots] != digest)]
 
@@ -222,7 +247,7 @@ class StreamIndex:
         slot = self.n % self.size
         self.n += 1
         self.fps[slot], self.digests[slot], self.owners[slot] = fp, digest, owner
-        b = np.unique(fp[fp != 0] & self.mask)
+        b = fp[fp != 0] & self.mask  # distinct hashes rarely share a bucket; if they do, one slot is spent twice
         c = self.cursor[b]
         self.table[b, c % self.depth] = slot
         self.cursor[b] = (c + 1) % self.depth
