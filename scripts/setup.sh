@@ -33,9 +33,12 @@ if [ "$dev" = 1 ]; then
   # test-only reference implementation of FGSM/PGD; its declared dependencies (torchvision, ...) are not needed
   pip install -q --no-deps "torchattacks==3.5.1"
   # system packages: docker-compose validates docker-compose.yml without a Docker engine (Debian's 1.29);
-  # chromium and chromium-driver run the page's browser tests (tests/test_page.py; no browser download)
+  # chromium and chromium-driver run the page's browser tests (tests/test_page.py; no browser download);
+  # docker.io and debootstrap build and run the image in a private engine (tests/test_container.py)
   apt_pkgs=""
   command -v docker-compose >/dev/null 2>&1 || apt_pkgs="docker-compose"
+  [ -x /usr/sbin/dockerd ] || apt_pkgs="$apt_pkgs docker.io"
+  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || apt_pkgs="$apt_pkgs debootstrap"
   { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || apt_pkgs="$apt_pkgs chromium chromium-driver"
   # redis-server: tests/test_guard.py starts one on a free loopback port (the shared per-client state)
   command -v redis-server >/dev/null 2>&1 || apt_pkgs="$apt_pkgs redis-server"

@@ -1,6 +1,7 @@
 """Docker files without a Docker engine: compose validates (`docker-compose config`), the Dockerfile's layout holds
-(CPU last, deps before source, no pip cache, numeric user, /readyz health), and the CPU stage's pip commands resolve
-in a clean venv to the CPU torch build and nothing else of torch or CUDA."""
+(CPU last on a BASE_IMAGE argument, deps before source, no pip cache, pip's CA only as a secret, numeric user, /readyz
+health), and the CPU stage's pip commands resolve in a clean venv to the CPU torch build and nothing else of torch
+or CUDA. The image itself is built and run by tests/test_container.py (marker `container`)."""
 
 from __future__ import annotations
 
@@ -47,8 +48,13 @@ def stages(text: str = DOCKERFILE) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def pip_runs(stage: list[tuple[str, str]]) -> list[str]:
-    return [rest for instr, rest in stage if instr == "RUN" and "pip install" in rest]
+RUN_FLAGS = re.compile(r"^((?:--\S+\s+)*)(.*)$", re.S)  # RUN --mount=... COMMAND
+
+
+def pip_runs(stage: list[tuple[str, str]], flags: bool = False) -> list[str]:
+    """The stage's RUN commands that call pip install: the shell command (`flags`: the RUN flags instead)."""
+    runs = [RUN_FLAGS.match(rest).groups() for instr, rest in stage if instr == "RUN" and "pip install" in rest]
+    return [f.strip() if flags else cmd for f, cmd in runs]
 
 
 def arg_defaults(stage: list[tuple[str, str]]) -> dict[str, str]:
@@ -81,6 +87,9 @@ def test_dockerfile_layers_user_and_health() -> None:
     s = stages()
     assert list(s) == ["gpu", "cpu"], "cpu must be the last stage: the default `docker build` target"
     assert arg_defaults(s["cpu"])["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    # the CPU stage's base is a build argument (a registry-less build imports its own: scripts/container-base.sh)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", DOCKERFILE, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS cpu$", DOCKERFILE, re.M)
     for name, stage in s.items():
         runs = pip_runs(stage)
         assert runs and all("--no-cache-dir" in r for r in runs), (name, runs)
@@ -92,6 +101,9 @@ def test_dockerfile_layers_user_and_health() -> None:
         assert users and all(re.fullmatch(r"\d+(:\d+)?", u) and not u.startswith("0") for u in users), users
         health = " ".join(rest for instr, rest in stage if instr == "HEALTHCHECK")
         assert "/readyz" in health, name
+        # pip's CA bundle (an intercepting proxy) only as a BuildKit secret, mounted while pip runs: never a layer
+        assert all("--mount=type=secret,id=pip_cert" in f for f in pip_runs(stage, flags=True)), name
+        assert not [r for i, r in stage if i in ("COPY", "ADD") and re.search(r"\.(crt|pem)\b|cert", r)], name
     assert "--gpu" in pip_runs(s["gpu"])[1] and "--gpu" not in pip_runs(s["cpu"])[1]
 
 
@@ -107,6 +119,18 @@ def test_the_image_copies_everything_the_service_imports() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top not in ours - {"service"}, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
+    """.dockerignore is an allowlist (`*`, then `!path`): every COPY source must be let back in."""
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()[:1] not in ("", "#")]
+    assert "*" in lines
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    for name, stage in stages().items():
+        for instr, rest in stage:
+            if instr == "COPY" and not rest.startswith("--from"):
+                src = rest.split()[0].rstrip("/")
+                assert src in allowed, f"{name}: COPY {src} is not let back in by .dockerignore ({sorted(allowed)})"
 
 
 def test_requirements_swap_onnxruntime_for_the_gpu_build() -> None:
