@@ -80,10 +80,15 @@ class ServedPipeline(BaseModel):
 class ProfileSettings(BaseModel):
     """The public profile (MG_PUBLIC=true): each served name's pipeline fixed by the operator, outputs reduced."""
 
-    inspect_keys: list[str] = Field(default_factory=list, description="X-API-Key values of the inspect scope: "
-                                    "callers that may set defense, steps, restarts and seed and read mse/flagged")
-    pipelines: dict[str, ServedPipeline] = Field(default_factory=dict, description="per served name: a /v2 model "
-                                                 "name, or a /v1 model (dataset or dataset/classifier)")
+    inspect_keys: list[str] = Field(
+        default_factory=list,
+        description="X-API-Key values of the inspect scope: "
+        "callers that may set defense, steps, restarts and seed and read mse/flagged",
+    )
+    pipelines: dict[str, ServedPipeline] = Field(
+        default_factory=dict,
+        description="per served name: a /v2 model name, or a /v1 model (dataset or dataset/classifier)",
+    )
     default: ServedPipeline = Field(default_factory=ServedPipeline)
 
     def pipeline(self, name: str) -> ServedPipeline:
@@ -94,8 +99,9 @@ class ClientSettings(BaseModel):
     """Per-client defences: a client is its API key, else its address (X-Forwarded-For only from trusted proxies)."""
 
     enabled: bool | None = None  # None: on exactly under the public profile
-    trusted_proxies: list[str] = Field(default_factory=list, description="addresses or CIDRs whose "
-                                       "X-Forwarded-For names the client")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or CIDRs whose X-Forwarded-For names the client"
+    )
     rate_per_s: float = 20.0  # images per second a client may send, sustained (token bucket)
     burst: int = 128  # the bucket's size, in images
     budget: int = 20_000  # images per client per budget window

@@ -14,8 +14,8 @@ spread through the carry-over and peer rules below); at window 50 none matched a
 Deviations, each for a stated reason:
 - the window hash is a keyed rolling 64-bit polynomial (a secret odd base) with a splitmix64 finaliser, computed for
   all windows at once from one prefix sum in numpy, instead of SHA-256 per window in Python (735 windows per 28×28
-  image: ≈ 1 ms, the whole budget, against ≈ 0.03 ms here); the base, the finaliser's key and the salt derive from a secret
-  (per process, or shared through the Redis state), so an attacker can neither compute a fingerprint nor
+  image: ≈ 1 ms, the whole budget, against ≈ 0.03 ms here); the base, the finaliser's key and the salt derive from a
+  secret (per process, or shared through the Redis state), so an attacker can neither compute a fingerprint nor
   precompute collisions;
 - the salt shifts each pixel's quantization grid by a random fraction of a step with no wrap-around: the authors'
   `(x·255 + salt) % 255` puts black (0) and white (255) in the same bin, which on MNIST (black background, white
