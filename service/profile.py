@@ -98,13 +98,6 @@ def reduce(probs: np.ndarray, flagged: np.ndarray | None, pipeline: ServedPipeli
     return Reduced(labels)
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Probabilities of N×K logits (an upstream's score tensor)."""
-    z = scores.astype(np.float64) - scores.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 class Gate(Protocol):
     """The per-client defences (service.guard.Guard): raise Throttled when a client must wait or is stopped."""
 

@@ -27,10 +27,11 @@ import torch
 
 from service import imaging, oip
 from service.batcher import Batcher
+from service.classify import labels_and_probs
 from service.config import Settings, Upstream
 from service.engine import DefendResult, PurifyResult
 from service.metrics import observe_stages
-from service.profile import Caller, Gate, Reduced, admit, fix_pipeline, reduce, restricted, softmax
+from service.profile import Caller, Gate, Reduced, admit, fix_pipeline, reduce, restricted
 from service.proxy import ProxyClient, purify_and_forward
 from service.request import Request, Target, check_images, oip_fields, resolve
 
@@ -285,7 +286,7 @@ def upstream_probabilities(resp: oip.InferResponse, up: Upstream) -> np.ndarray:
         raise oip.OIPError(f"upstream answered no N×K score tensor (outputs {[t.name for t in resp.outputs]}); "
                            "the public profile needs one to answer", status=502)  # fmt: skip
     scores = found[0].data.astype(np.float32)
-    return softmax(scores) if up.scores == "logits" else scores
+    return labels_and_probs(scores)[1] if up.scores == "logits" else scores
 
 
 class RawUpstream(Model):

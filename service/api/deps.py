@@ -64,5 +64,8 @@ async def get_caller(request: Request) -> Caller:
     trusted proxy) and whether its key has the inspect scope (service.profile)."""
     s: Settings = request.app.state.settings
     key = request.headers.get("x-api-key")
+    inspect = key in s.profile.inspect_keys
+    if not s.guarded:  # no per-client defence counts it: no identity to work out
+        return Caller("local", inspect)
     peer = request.client.host if request.client else None
-    return Caller(client_id(request.headers, peer, s.clients.trusted_proxies), key in s.profile.inspect_keys)
+    return Caller(client_id(request.headers, peer, s.clients.trusted_proxies), inspect)
