@@ -22,7 +22,6 @@ import asyncio
 import io
 import os
 import re
-import socket
 import subprocess
 import time
 
@@ -38,6 +37,7 @@ from service.config import Settings  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.purify import ProjectionConfig  # noqa: E402
 from service.registry import Registry  # noqa: E402
+from training.processes import free_port  # noqa: E402
 
 
 def png(a: np.ndarray) -> bytes:
@@ -89,12 +89,6 @@ def direct_throughput(engine: Engine, x: torch.Tensor, batch: int, total: int, d
         engine.defend(x[n % len(x) : n % len(x) + batch], dataset, classifier, defense, cfg)
         n += batch
     return n / (time.perf_counter() - t)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(models_dir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

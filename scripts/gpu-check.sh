@@ -35,8 +35,11 @@ table = re.compile(r"mnist/(classifier_[BC]_adv0\.(3|15)|classifier_[ABC]_(ens|p
                    r"|advgan_.+_.+)$")
 aside = [f["path"] for k, v in m["artifacts"].items() if table.match(k) for f in v["files"].values()]
 m["artifacts"] = {k: v for k, v in m["artifacts"].items() if k.startswith("mnist/") and not table.match(k)}
-m["defaults"] = {k: v for k, v in m.get("defaults", {}).items() if k == "mnist"}
 json.dump(m, open(".gpu-models/manifest.json", "w"), indent=2)
+measured = json.load(open("models/measured.json"))
+measured["artifacts"] = {k: v for k, v in measured["artifacts"].items() if k in m["artifacts"]}
+measured["defaults"] = {k: v for k, v in measured["defaults"].items() if k == "mnist"}
+json.dump(measured, open(".gpu-models/measured.json", "w"), indent=2)
 print(len(m["artifacts"]), "mnist artifacts in .gpu-models/; set aside for a device run: models/fmnist",
       *("models/" + p for p in aside))'
     exit 0 ;;

@@ -3,17 +3,18 @@
     await batcher.submit(job, images)        → Outcome(value = this request's slice of the batch result, stats)
     await batcher.defend(images, "mnist", "classifier_A", "defense-gan", cfg)  → DefendResult (a shortcut)
     await batcher.purify(images, "mnist", cfg)                                 → PurifyResult (purify-only)
-    await batcher.call(fn, *args)            → fn(*args) run on the engine worker, unbatched (attacks, anything)
+    await batcher.call(fn, *args)            → fn(*args) run on the engine worker, unbatched (warm-up, anything)
 
-A job key is a frozen dataclass (`DefendJob`, `PurifyJob`, or your own with `op`, `run`, `split`, `cost`):
+A job key is a frozen dataclass (`DefendJob`, `PurifyJob`, or your own with `op`, `run`, `split`, `cost`; with
+`alone = True` it is never merged nor waits for a batch to fill: `service.attacks.runner.AttackJob`, `call`):
 requests with equal keys are concatenated along the batch axis, up to `max_batch_size` images (from_settings: on a
 GPU engine MG_CUDA_BATCH_SIZE, see `service.device.batch_size`), waiting for a batch to fill at most `max_wait_ms`
 (or 10 % of the lane's previous batch when that is longer, never more than `max_fill_ms`), counted from the later
 of the oldest request's arrival and the worker becoming free.
 
 Two lanes, each with its own queue, worker thread and fill window: `fast` for undefended classification and
-MagNet (ONNX and a small autoencoder, milliseconds; its window is `fast_wait_ms`), `slow` for projections and
-calls. A `defense=none` or `magnet` request never waits behind a projection.
+MagNet (ONNX and a small autoencoder, milliseconds; its window is `fast_wait_ms`), `slow` for projections, attacks
+and calls. A `defense=none` or `magnet` request never waits behind a projection.
 
 Limits, checked at `submit` before anything is queued:
 - the compute budget: a request's cost (generator passes, images × steps × restarts) above `max_request_cost`
@@ -22,7 +23,8 @@ Limits, checked at `submit` before anything is queued:
   running cost × the lane's measured seconds per unit) plus its own compute exceeds its timeout raises
   `QueueFull` at once, with that estimate as Retry-After, instead of timing out later.
 Deadlines: a caller that times out (or goes) leaves its future cancelled; the scheduler never starts such an item,
-and a running batch whose callers are all gone is stopped between two projection steps (`service.purify.Cancelled`).
+and a running batch whose callers are all gone is stopped between two projection steps, or an attack between two
+passes of its model (`service.purify.Cancelled`).
 
 With a fixed seed, a batch gives exactly the per-request results: every image of a projection gets the same noise
 draws (see service.purify.initial_latents), so batching changes throughput, not answers.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -46,6 +49,7 @@ import torch
 from service.config import Settings
 from service.device import batch_size
 from service.engine import PROJECTING, DefendResult, Engine, PurifyResult, Stop
+from service.errors import ServiceError
 from service.metrics import STAGES, Metrics, observe_stages
 from service.purify import Cancelled, ProjectionConfig
 
@@ -57,14 +61,16 @@ UNIT_EWMA = 0.3  # weight of the newest batch in the lane's seconds-per-cost-uni
 ADMIT_MARGIN = 1.25  # admission wants the estimate × this within the timeout (rates drift under load)
 
 
-class OverBudget(ValueError):
-    """A request costs more than the per-request compute budget (HTTP 422 on /v1, 400 on /v2)."""
+class OverBudget(ServiceError, ValueError):
+    """A request costs more than the per-request compute budget (422 on /v1, 400 on /v2; both numbers in the
+    /v1 body)."""
 
     status = 422
 
     def __init__(self, cost: int, budget: int, what: str) -> None:
         super().__init__(f"the request costs {cost:,} generator passes ({what}); the per-request budget is "
-                         f"{budget:,} (MG_MAX_REQUEST_COST): send fewer images, steps or restarts")  # fmt: skip
+                         f"{budget:,} (MG_MAX_REQUEST_COST): send fewer images, steps or restarts",
+                         cost=cost, budget=budget)  # fmt: skip
         self.cost, self.budget = cost, budget
 
 
@@ -100,25 +106,35 @@ def observe_outcome(metrics: Metrics | None, job: Any, out: Outcome) -> None:
     observe_stages(metrics, getattr(job, "model", None), ms)
 
 
-class QueueFull(RuntimeError):
-    """The request cannot be served in time (queue full, or the estimated wait exceeds its timeout): HTTP 503,
-    retry after `retry_after` seconds."""
+class QueueFull(ServiceError, RuntimeError):
+    """The request cannot be served in time (queue full, or the estimated wait exceeds its timeout): 503, retry
+    after `retry_after` seconds."""
+
+    status = 503
 
     def __init__(self, depth: int, retry_after: float, estimate: float | None = None,
                  timeout: float | None = None) -> None:  # fmt: skip
         why = f"{depth} requests queued"
         if estimate is not None and timeout is not None and estimate > timeout:
             why += f"; it would finish in about {estimate:.1f} s, past its {timeout:g} s timeout"
-        super().__init__(f"the service is busy ({why}); retry later")
+        retry = {"Retry-After": str(math.ceil(retry_after))}
+        super().__init__(f"the service is busy ({why}); retry later", headers=retry)
         self.retry_after = retry_after
 
 
-class NotRunning(RuntimeError):
-    """The batcher is not started, or is shutting down (HTTP 503)."""
+class NotRunning(ServiceError, RuntimeError):
+    """The batcher is not started, or is shutting down."""
+
+    status = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
 
 
-class RequestTimeout(TimeoutError):
+class RequestTimeout(ServiceError, TimeoutError):
     """A request waited and ran longer than its timeout."""
+
+    status = 504
 
 
 class Job(Protocol):
@@ -137,7 +153,8 @@ class Job(Protocol):
 @dataclass(frozen=True)
 class DefendJob:
     """Classify, purifying first unless defense == "none" (MagNet: reformed by its autoencoder; `cfg` and `seed`
-    are None for both)."""
+    are None for both). `classifier` is the one that classifies: the enhanced twin for enhanced-invert-classify
+    (`service.request.resolve` names it)."""
 
     dataset: str
     classifier: str
@@ -155,7 +172,7 @@ class DefendJob:
         return f"{self.dataset}/{self.classifier}"
 
     def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> DefendResult:
-        return engine.defend(x, self.dataset, self.classifier, self.defense, self.cfg, self.seed, stop)
+        return engine.run_defense(x, self.dataset, self.classifier, self.defense, self.cfg, self.seed, stop)
 
     def cost(self, n: int) -> tuple[int, str]:
         if self.defense not in PROJECTING:
@@ -209,6 +226,7 @@ class _CallJob:
     """An arbitrary function run alone on the worker (never merged: every instance is its own key)."""
 
     op = "call"
+    alone = True
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn, self.args = fn, args
@@ -484,7 +502,7 @@ class Batcher:
         taken: list[_Item] = []
         rest: deque[_Item] = deque()
         images = 0
-        batchable = not isinstance(job, _CallJob)
+        batchable = not getattr(job, "alone", False)
         for it in lane.queue:
             if it.future.done():
                 continue
@@ -525,7 +543,7 @@ class Batcher:
                 await lane.wake.wait()
                 continue
             head = lane.queue[0]
-            if not isinstance(head.job, _CallJob):
+            if not getattr(head.job, "alone", False):
                 await self._fill(lane, head)
             batch = self._take(lane, head.job)
             if batch:

@@ -7,13 +7,30 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_BATCH_CAP = 4096  # MG_CUDA_BATCH_SIZE above this is refused at start (its static loops would take ~15 GiB)
+
+# The defenses a call may name, the one list: `service.engine` says what each needs and does, `service.request`
+# which a call may use, /v1/models which a dataset offers.
+Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet"]
+DEFENSES: tuple[Defense, ...] = get_args(Defense)
+
+
+class WarmStart(NamedTuple):
+    """A projection's L (gradient steps) and R (restarts) from the encoder's estimate E(x)."""
+
+    steps: int
+    restarts: int
+
+
+# The warm start's L and R (Invert-and-Classify): the server's default for the defenses that start from E(x)
+# (MG_ENCODER_STEPS, MG_ENCODER_RESTARTS overrides them) and the setting the evaluations measure it at.
+WARM_START = WarmStart(steps=25, restarts=1)
 
 
 class AttackSettings(BaseModel):
@@ -28,7 +45,6 @@ class AttackSettings(BaseModel):
     # caps of POST /v1/attack (docs/attacks.md); a request above a cap is refused with 422, never trimmed
     max_projection_steps: int = 200  # projection steps L of the defense an attack runs through
     max_generator_evals: int = 100_000  # per request: attack passes through the defense × L × R (≈ 0.1–1 s per 1k)
-    max_concurrent: int = 1  # attacks computed at once; more wait their turn (up to timeout_s)
     timeout_s: float = 300.0
     adaptive_steps: int = 10  # BPDA/EOT iterations when the caller gives none (EOT: half as many)
     substitute_arch: str = "E"  # the black-box substitute's architecture (E or B)
@@ -60,6 +76,23 @@ class ProxySettings(BaseModel):
     max_keepalive_connections: int = 16
     keepalive_expiry_s: float = 30.0
     max_response_bytes: int = 64 * 1024 * 1024  # a larger upstream reply is a 502
+
+
+class AuditSettings(BaseModel):
+    """POST /v1/audits and `python -m service.audit` (docs/audit.md): robustness audits of allow-listed model
+    servers, bare and behind the guard, as jobs behind an API key; a request over a cap is refused (422)."""
+
+    api_keys: list[str] = Field(default_factory=list, description="X-API-Key values that may run audits")
+    targets: list[str] | None = None  # names an audit may target; None: every proxied upstream (proxy.upstreams)
+    max_images: int = 500  # images per audit
+    max_queries: int = 2_000_000  # rows sent to the target per audit, every attack and pipeline together
+    max_queries_per_image: int = 10_000  # one attack's queries per image
+    max_pipelines: int = 3  # guarded pipelines per audit
+    max_concurrent: int = 1  # audits run at once; more wait in the queue
+    max_queued: int = 8  # audits waiting; more are refused (429)
+    max_sample_bytes: int = 8 * 1024 * 1024  # an uploaded sample (.npz or .zip of class folders)
+    reports_dir: Path = ROOT / "runs" / "audits"  # finished reports, kept across restarts
+    max_reports_bytes: int = 100 * 1024 * 1024  # the oldest reports are removed past this
 
 
 Output = Literal["label", "top1", "probabilities"]
@@ -108,6 +141,8 @@ class ClientSettings(BaseModel):
     budget_window_s: float = 86_400.0
     detector: bool = True  # the stateful query-attack detector (Blacklight-style)
     cooldown_s: float = 3_600.0  # a detected client is refused (429) this long
+    # K: matched queries among a client's recent ones that detect it (docs/detectors.md measures 10, 5 and 3)
+    detector_matches: int = Field(10, ge=1)
     # memory (bench/guard.py): ≈ 0.8 kB per tracked client plus 261 B per remembered query, 389 B per stream query;
     # at these caps at most ≈ 20,000 × (0.8 kB + 32 × 261 B) + 100,000 × 389 B ≈ 220 MB in-process
     max_clients: int = 20_000  # tracked clients, the least recently seen evicted first
@@ -128,8 +163,8 @@ class Settings(BaseSettings):
     default_classifier: str | None = None  # None: the manifest's `defaults` (its most robust pipeline)
     default_steps: int = 200
     default_restarts: int = 10
-    encoder_steps: int = 25
-    encoder_restarts: int = 1
+    encoder_steps: int = WARM_START.steps
+    encoder_restarts: int = WARM_START.restarts
     max_steps: int = 500
     max_restarts: int = 16
     # per request: images × steps × restarts generator passes (≈ 1 ms each on a 2-core CPU: ≈ 40 s); the default
@@ -160,14 +195,12 @@ class Settings(BaseSettings):
     # serving (python -m service; the /v1 API)
     host: str = "127.0.0.1"
     port: int = 8000
-    # None: the manifest's default pipeline (service.engine.default_defense)
-    default_defense: Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet"] | None = (
-        None
-    )
+    default_defense: Defense | None = None  # None: the manifest's default pipeline (service.engine.default_defense)
     warm_up: bool = True  # run every model once at start-up; /readyz answers 200 after it
 
     attack: AttackSettings = Field(default_factory=AttackSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     # the public profile (docs/threat-model.md): off for `python -m service` on loopback, on in docker-compose/deploy
     public: bool = False

@@ -10,21 +10,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from service.classify import OnnxClassifier, labels_and_probs
-from service.config import Settings
+from service.config import DEFENSES, Defense, Settings
 from service.device import pick_device, to_device, to_host
+from service.errors import ServiceError
 from service.purify import Detector, Projection, ProjectionConfig, StepGraphs, check_images, project
 from service.registry import Registry
 
-Defense = Literal["none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet"]
-DEFENSES: tuple[str, ...] = ("none", "defense-gan", "invert-classify", "enhanced-invert-classify", "magnet")
-PROJECTING: tuple[str, ...] = ("defense-gan", "invert-classify", "enhanced-invert-classify")  # onto G's range
-WARM_START: tuple[str, ...] = ("invert-classify", "enhanced-invert-classify")  # project from E(x)
+PROJECTING: tuple[Defense, ...] = ("defense-gan", "invert-classify", "enhanced-invert-classify")  # onto G's range
+FROM_ENCODER: tuple[Defense, ...] = ("invert-classify", "enhanced-invert-classify")  # project from E(x)
 Stop = Callable[[], bool]  # asked between projection steps: True cancels (service.purify.Cancelled)
 ENHANCED = "_enhanced"  # classifier_X_enhanced: classifier_X adversarially fine-tuned on G's range
 
@@ -35,8 +34,23 @@ def enhanced_classifier(registry: Registry, dataset: str, classifier: str) -> st
     return name if registry.has(f"{dataset}/{name}") else None
 
 
-class NotShipped(LookupError):
-    """A model the request needs is not in the registry (HTTP 404)."""
+class NotShipped(ServiceError, LookupError):
+    """A model the request needs is not in the registry."""
+
+    status = 404
+
+
+def offered_defenses(registry: Registry, dataset: str) -> list[Defense]:
+    """The defenses `dataset`'s shipped models make possible, in the order of `DEFENSES`."""
+    gen, enc = registry.has(f"{dataset}/generator"), registry.has(f"{dataset}/encoder")
+    needs = {
+        "none": True,
+        "defense-gan": gen,
+        "invert-classify": gen and enc,
+        "enhanced-invert-classify": gen and enc and any(c.endswith(ENHANCED) for c in registry.classifiers(dataset)),
+        "magnet": registry.has(f"{dataset}/magnet"),
+    }
+    return [d for d in DEFENSES if needs[d]]
 
 
 def require_magnet(registry: Registry, dataset: str) -> None:
@@ -91,32 +105,30 @@ def default_defense(registry: Registry, dataset: str, classifier: str | None = N
     return defense
 
 
-class ParameterError(ValueError):
-    """A projection parameter outside what the server accepts (v1 answers 422, v2 400)."""
+class ParameterError(ServiceError, ValueError):
+    """A projection parameter outside what the server accepts (/v1 answers 422, the Open Inference Protocol 400)."""
+
+    status = 422
 
 
-def _strict_int(name: str, v: object, low: int, high: int) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ParameterError(f"{name} must be an integer, got {v!r}")
-    if not low <= v <= high:
+def _within(name: str, v: int | None, low: int, high: int) -> int | None:
+    """`v` (an integer: the request's fields are typed by pydantic) unless it lies outside [low, high]."""
+    if v is not None and not low <= v <= high:
         cap = f" (the server cap max_{name}, MG_MAX_{name.upper()})" if v > high else ""
         raise ParameterError(f"{name}={v} is outside [{low}, {high}]{cap}")
     return v
 
 
-def projection_config(defense: str, steps: object, restarts: object, s: Settings) -> ProjectionConfig | None:
+def projection_config(defense: str, steps: int | None, restarts: int | None, s: Settings) -> ProjectionConfig | None:
     """The projection a defense name implies, with the caller's overrides (None: the server's defaults): the one
-    rule for steps and restarts of /v1, /v2 and the proxy. Integers only (a JSON `true` is not 1), restarts in
-    [1, max_restarts], steps in [1, max_steps] — 0 only with the encoder's warm start (classify E(x) unrefined;
-    from a random start it would classify noise). None for a defense that does not project ("none", "magnet"):
-    steps and restarts do not apply to it."""
+    rule for steps and restarts of /v1, /v2 and the proxy. Restarts in [1, max_restarts], steps in [1, max_steps] —
+    0 only with the encoder's warm start (classify E(x) unrefined; from a random start it would classify noise).
+    None for a defense that does not project ("none", "magnet"): steps and restarts do not apply to it."""
     if defense not in PROJECTING:
         return None
-    warm = defense in WARM_START
-    st = _strict_int("steps", steps, 0 if warm else 1, s.max_steps)
-    rs = _strict_int("restarts", restarts, 1, s.max_restarts)
+    warm = defense in FROM_ENCODER
+    st = _within("steps", steps, 0 if warm else 1, s.max_steps)
+    rs = _within("restarts", restarts, 1, s.max_restarts)
     if warm:
         return ProjectionConfig(init="encoder").with_(steps=s.encoder_steps if st is None else st,
                                                       restarts=rs or s.encoder_restarts)  # fmt: skip
@@ -223,8 +235,8 @@ class Engine:
     # -- stages -------------------------------------------------------------------------------------
     def purify(self, x: torch.Tensor, dataset: str, cfg: ProjectionConfig, seed: int | None = None,
                stop: Stop | None = None) -> Projection:  # fmt: skip
-        """Project x (N×1×28×28 in [0, 1]) onto the dataset's generator range (`stop`: see `project`)."""
-        check_images(x)
+        """Project x (N×1×28×28 in [0, 1]) onto the dataset's generator range (`stop`: see `project`, which checks
+        the images)."""
         gen = self.registry.generator(dataset, self.device)
         enc = self.registry.encoder(dataset, self.device) if cfg.init == "encoder" else None
         if cfg.init == "encoder" and enc is None:
@@ -247,23 +259,19 @@ class Engine:
     def detect(self, dataset: str, cfg: ProjectionConfig, mse: np.ndarray
                ) -> tuple[Detector | None, np.ndarray | None, str | None]:  # fmt: skip
         """(detector, flags, None) where a threshold is calibrated for cfg's start, L and R, else (None, None, why)."""
-        det = self.registry.detector(dataset, cfg.init, cfg.steps, cfg.restarts)
-        if det is None:
-            return None, None, self.registry.detector_note(dataset, cfg.init, cfg.steps, cfg.restarts)
-        return det, mse > det.threshold, None
+        return self.registry.verdict(dataset, cfg, mse)
 
     def reform(self, x: torch.Tensor, dataset: str) -> MagNetResult:
         """MagNet: the reformed images AE_I(x) and the verdict of its two detectors (NotShipped without one)."""
         check_images(x)
         require_magnet(self.registry, dataset)
         net = self.registry.magnet(dataset, self.device)
-        t1, t2 = self.registry.magnet_thresholds(dataset)
+        det = self.registry.magnet_detector(dataset)
         with torch.no_grad():
             xd = to_device(x, self.device)
             reformed = net(xd)
             images, s1, s2 = to_host(reformed, *net.scores(xd, reformed))
-        flagged = (s1 > t1) | (s2 > t2)
-        return MagNetResult(images, s1.numpy(), flagged.numpy(), t1)
+        return MagNetResult(images, s1.numpy(), det.flag(s1, s2).numpy(), det.threshold_i)
 
     def classify(self, x: torch.Tensor, dataset: str, classifier: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, probabilities) of x through the ONNX classifier."""
@@ -277,16 +285,26 @@ class Engine:
         if defense not in DEFENSES:
             raise ValueError(f"unknown defense {defense!r}; expected one of {DEFENSES}")
         classifier = classifier_for(self.registry, dataset, classifier, defense)
-        check_images(x)
+        return self.run_defense(x, dataset, classifier, defense, cfg, seed, stop)
+
+    def run_defense(self, x: torch.Tensor, dataset: str, classifier: str, defense: str,
+                    cfg: ProjectionConfig | None = None, seed: int | None = None, stop: Stop | None = None
+                    ) -> DefendResult:  # fmt: skip
+        """`defend` for a resolved request: `classifier` is the one that classifies (`service.request.resolve`
+        named it, the enhanced twin for enhanced-invert-classify). The images are checked once, by the stage that
+        reads them first."""
+        if defense == "enhanced-invert-classify" and not classifier.endswith(ENHANCED):
+            raise ValueError(f"{classifier!r} is not an enhanced classifier: resolve the request first")
         timings: dict[str, float] = {}
         if defense == "none":
+            check_images(x)
             t = time.perf_counter()
             labels, probs = self.classify(x, dataset, classifier)
             timings["classify_ms"] = (time.perf_counter() - t) * 1e3
             return DefendResult(labels, probs, None, None, None, None, timings, 0, 0)
         if defense == "magnet":
             return self._magnet(x, dataset, classifier, timings)
-        cfg = cfg or ProjectionConfig(init="encoder" if defense in WARM_START else "random")
+        cfg = cfg or ProjectionConfig(init="encoder" if defense in FROM_ENCODER else "random")
         t = time.perf_counter()
         proj = self.purify(x, dataset, cfg, seed=seed, stop=stop)
         timings["purify_ms"] = (time.perf_counter() - t) * 1e3

@@ -34,6 +34,8 @@ import numpy.lib.format as npformat
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from service.errors import ServiceError
+
 SIZE = 28
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 REDUCE_ABOVE = 4 * SIZE  # an 8-bit image wider or taller than this is box-reduced before the float conversion
@@ -42,12 +44,10 @@ FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a partly grey image
 
 
-class ImageError(ValueError):
-    """A bad input image; `status` is the HTTP status it maps to (400 malformed, 413 too large, 415 unsupported)."""
+class ImageError(ServiceError, ValueError):
+    """A bad input image: 400 malformed (the default), 413 too large, 415 unsupported."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+    status = 400
 
 
 def set_pixel_limit(max_pixels: int) -> None:

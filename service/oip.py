@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import ServiceError
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
@@ -45,12 +47,10 @@ DTYPES: dict[str, np.dtype] = {
 DATATYPES: tuple[str, ...] = tuple(DTYPES)
 
 
-class OIPError(ValueError):
-    """A request or response that does not follow the protocol; `status` is the HTTP status to answer with."""
+class OIPError(ServiceError, ValueError):
+    """A request or response that does not follow the protocol (400 unless another status is given)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+    status = 400
 
 
 @dataclass

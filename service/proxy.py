@@ -21,19 +21,21 @@ import torch
 
 from service import oip
 from service.config import ProxySettings, Upstream
+from service.errors import ServiceError
 
 SIDE = 28
 FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
 Purify = Callable[[torch.Tensor, str], Awaitable[torch.Tensor]]  # (N×1×28×28 in [0, 1], dataset) → purified
 
 
-class UpstreamError(Exception):
+class UpstreamError(ServiceError):
     """An upstream call that failed; `status` is what the proxy answers (502, 504, or the upstream's 4xx)."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(message, status)
+
+    def status_for(self, oip: bool) -> int:
+        return self.status  # the upstream's own 4xx (a 422 included) passes through as it came
 
 
 # -- tensors -------------------------------------------------------------------------------------------------------
@@ -87,8 +89,9 @@ class ProxyClient:
         limits = httpx.Limits(max_connections=settings.max_connections,
                               max_keepalive_connections=settings.max_keepalive_connections,
                               keepalive_expiry=settings.keepalive_expiry_s)  # fmt: skip
+        # identity: replies are read raw and capped in bytes (`_send`), so none may arrive compressed
         self._client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, follow_redirects=False,
-                                         trust_env=False)  # fmt: skip
+                                         trust_env=False, headers={"Accept-Encoding": "identity"})  # fmt: skip
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -130,9 +133,11 @@ class ProxyClient:
         status = r.status_code if 400 <= r.status_code < 500 else 502
         return UpstreamError(status, f"upstream answered {r.status_code}: {msg}")
 
-    async def infer(self, name: str, req: oip.InferRequest, headers: dict[str, str] | None = None) -> oip.InferResponse:
-        """Forward an (already purified) V2 request and decode the upstream's response."""
-        up = self._require(name, "v2")
+    async def infer(self, name: str, req: oip.InferRequest, headers: dict[str, str] | None = None,
+                    up: Upstream | None = None) -> oip.InferResponse:  # fmt: skip
+        """Forward an (already purified) V2 request and decode the upstream's response (`up`: `name`'s entry, when
+        the caller holds it already)."""
+        up = up or self._require(name, "v2")
         req = _for_upstream(req, up)
         body, h = oip.encode_request(req, binary_inputs=up.binary_data)
         r, content = await self._send(up, "POST", self._url(up, name, "v2", "models", "{model}", "infer"), body,
@@ -203,16 +208,14 @@ def _for_upstream(req: oip.InferRequest, up: Upstream) -> oip.InferRequest:
     return oip.InferRequest(req.inputs, outputs, req.id, params)
 
 
-async def purify_and_forward(client: ProxyClient, name: str, req: oip.InferRequest, purify: Purify,
+async def purify_and_forward(client: ProxyClient, name: str, up: Upstream, req: oip.InferRequest, purify: Purify,
                              headers: dict[str, str] | None = None) -> Forwarded:  # fmt: skip
-    """Purify the upstream's image input of `req` in place, forward it, return the upstream's response."""
-    up = client.upstream(name)
-    if up is None:
-        raise UpstreamError(404, f"no upstream named {name!r}")
+    """Purify the image input of `req` for the upstream `up` (allow-listed as `name`) in place, forward it, return
+    the upstream's response."""
     t = req.input(up.input_name)
     if t.datatype != up.datatype:
         raise oip.OIPError(f"input {up.input_name!r} must be {up.datatype} for upstream {name!r}, got {t.datatype}")
     x, channels = to_unit(t.data, up)
     purified = await purify(x, up.dataset)
     t.data = from_unit(purified, up, channels)
-    return Forwarded(await client.infer(name, req, headers), images=x.shape[0])
+    return Forwarded(await client.infer(name, req, headers, up), images=x.shape[0])

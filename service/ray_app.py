@@ -8,7 +8,8 @@ Two deployments; `python -m service` (one process, `service.batcher`) stays the 
 - `ingress` serves `service.api.app.create_app` (the same routes, validation, caps and errors) with a `RayBatcher`:
   the compute budget is checked there (`Batcher.check_budget`), then each request goes to the engine deployment's
   lane of the in-process batcher (`fast` for defense=none and magnet, `slow` for projections). Attacks
-  (`Batcher.call`) run on the ingress replica itself.
+  (`service.attacks.runner.AttackJob`) and warm-up calls (`Batcher.call`) go through the ingress replica's own
+  in-process lanes: admitted, timed out and cancelled there as in the single process.
 - `engine` holds an `Engine` per replica on the replica's share of the machine (`num_cpus`, `num_gpus`, fractions
   allowed). Its lanes are `@serve.batch` methods: a batch's requests are grouped by their job key (`DefendJob`,
   `PurifyJob`: dataset, classifier, defense, steps, restarts, init, seed) and each group runs as one engine call,
@@ -149,7 +150,8 @@ REMOTE = (DefendJob, PurifyJob)  # the jobs the engine deployment runs: data-onl
 
 class RayBatcher(Batcher):
     """The ingress's batcher: the budget is checked here, `DefendJob`s and `PurifyJob`s are batched by the engine
-    deployment; any other job (`call`: warm-up, attacks) runs on this replica's own worker, as in the single process."""
+    deployment; any other job (attacks, `call`s such as warm-up) runs on this replica's own lanes, as in the single
+    process."""
 
     handle: DeploymentHandle | None = None
     remote = 0  # requests sent to the engine and not yet answered

@@ -12,14 +12,15 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from safetensors.torch import load
 from torch import nn
 
 from service import nets
-from service.purify import Detector, freeze
+from service.purify import Detector, ProjectionConfig, freeze
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models"
 
@@ -60,6 +61,21 @@ class Artifact:
         return root / self.files[role]["path"]
 
 
+T = TypeVar("T", torch.Tensor, np.ndarray)
+
+
+@dataclass(frozen=True)
+class MagNetDetector:
+    """MagNet's two detectors (Meng & Chen 2017): an image is flagged when either score passes its threshold —
+    detector I on the reformer's reconstruction MSE, detector II on the second autoencoder's mean absolute error."""
+
+    threshold_i: float
+    threshold_ii: float
+
+    def flag(self, score_i: T, score_ii: T) -> T:
+        return (score_i > self.threshold_i) | (score_ii > self.threshold_ii)
+
+
 FPR_TOLERANCE = 0.03  # a calibration whose held-out false-positive rate misses its target by more is not used
 
 
@@ -68,8 +84,69 @@ def grid_key(init: str, steps: int, restarts: int) -> str:
     return f"{init}:{steps}:{restarts}"
 
 
+KINDS = ("generator", "encoder", "classifier", "magnet", "advgan")
+_HEX = set("0123456789abcdef")
+# the manifest's schema: per entry field, the type it must have (kind, dataset, files required; the rest optional)
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "dataset": str, "files": dict, "arch": (str, type(None)), "command": str, "commit": str,
+    "created": str, "classes": list, "training": dict, "metrics": dict, "detector": dict, "detector_grid": dict,
+    "latent_dim": int, "latent_std": (int, float), "onnx_command": str, "generator_sha256": str, "defense": str,
+    "target": str, "target_sha256": str, "eps": (int, float), "warm_start": dict,
+}  # fmt: skip
+_CALIBRATION = {"threshold": (int, float), "fpr": (int, float), "steps": int, "restarts": int, "n": int}
+
+
+def _check_types(where: str, doc: dict, fields: dict[str, type | tuple[type, ...]]) -> None:
+    for name, kind in fields.items():
+        value = doc.get(name)
+        if name in doc and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ManifestError(f"{where}.{name} is {type(value).__name__}, not {kind}")
+
+
+def check_entry(key: str, e: dict) -> None:
+    """The schema of one manifest entry, checked at start-up: the required fields, the type of every known field,
+    each file's path and sha256, and each detector calibration's threshold, fpr and (where given) L and R."""
+    if not isinstance(e, dict):
+        raise ManifestError(f"artifacts[{key!r}] is not an object")
+    missing = [f for f in ("kind", "dataset", "files") if f not in e]
+    if missing:
+        raise ManifestError(f"artifacts[{key!r}] lacks {', '.join(missing)}")
+    _check_types(f"artifacts[{key!r}]", e, _FIELDS)
+    if e["kind"] not in KINDS or key != f"{e['dataset']}/{key.partition('/')[2]}":
+        raise ManifestError(f"artifacts[{key!r}]: kind {e['kind']!r} or dataset {e['dataset']!r} does not fit")
+    for role, f in e["files"].items():
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+                and len(f["sha256"]) == 64 and set(f["sha256"]) <= _HEX):  # fmt: skip
+            raise ManifestError(f"artifacts[{key!r}].files[{role!r}] needs a path and a sha256 (64 hex digits)")
+    cals = {**{f"detector[{k!r}]": c for k, c in e.get("detector", {}).items() if e["kind"] == "generator"},
+            **{f"detector_grid[{k!r}]": c for k, c in e.get("detector_grid", {}).items()}}  # fmt: skip
+    for where, cal in cals.items():
+        if not isinstance(cal, dict) or "threshold" not in cal or "fpr" not in cal:
+            raise ManifestError(f"artifacts[{key!r}].{where} needs a threshold and an fpr")
+        _check_types(f"artifacts[{key!r}].{where}", cal, _CALIBRATION)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What `models/measured.json` (built by `python -m training.report` from the results tree) holds: per artifact
+    its newest measured figures, and per dataset the pipeline measured most robust and the threat it was ranked at."""
+
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> Measured:
+        if not path.exists():
+            return cls()
+        doc = json.loads(path.read_text())
+        if not isinstance(doc.get("artifacts", {}), dict) or not isinstance(doc.get("defaults", {}), dict):
+            raise ManifestError(f"{path} is malformed: artifacts and defaults must be objects")
+        return cls(doc.get("artifacts", {}), doc.get("defaults", {}))
+
+
 class Registry:
-    """Loads what `models/manifest.json` lists; `verify()` checks every file against its sha256."""
+    """Loads what `models/manifest.json` lists (its schema checked); `verify()` checks every file against its
+    sha256. An artifact's `metrics`: the manifest's training-time figures, then `models/measured.json`'s."""
 
     def __init__(self, root: Path = DEFAULT_ROOT, verify: bool = True) -> None:
         self.root = Path(root)
@@ -78,27 +155,27 @@ class Registry:
             raise ManifestError(f"{manifest} does not exist")
         try:
             doc = json.loads(manifest.read_text())
+            for key, e in doc["artifacts"].items():
+                check_entry(key, e)
+            measured = Measured.read(self.root / "measured.json")
             self.artifacts = {
-                key: Artifact(
-                    key=key,
-                    kind=e["kind"],
-                    dataset=e["dataset"],
-                    arch=e.get("arch"),
-                    files=e["files"],
-                    metrics=e.get("metrics", {}),
-                    raw=e,
-                )  # fmt: skip
+                key: Artifact(key=key, kind=e["kind"], dataset=e["dataset"], arch=e.get("arch"), files=e["files"],
+                              metrics={**e.get("metrics", {}), **measured.artifacts.get(key, {})}, raw=e)
                 for key, e in doc["artifacts"].items()
-            }
-            self.raw_defaults: dict[str, dict[str, Any]] = dict(doc.get("defaults", {}))
+            }  # fmt: skip
+            # the manifest's own `defaults` (a test's fixture) else the measured choice
+            defaults = doc.get("defaults") or {ds: d for ds, d in measured.defaults.items()
+                                                if d.get("classifier") in doc["artifacts"]}  # fmt: skip
+            self.raw_defaults: dict[str, dict[str, Any]] = dict(defaults)
             self.defaults = {ds: Pipeline(d["classifier"].split("/", 1)[1], d["defense"])
-                             for ds, d in doc.get("defaults", {}).items()}  # fmt: skip
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+                             for ds, d in defaults.items()}  # fmt: skip
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ManifestError(f"{manifest} is malformed: {exc!r}") from exc
         for ds, d in self.defaults.items():
             if f"{ds}/{d.classifier}" not in self.artifacts:
                 raise ManifestError(f"{manifest}: defaults[{ds!r}] names {ds}/{d.classifier}, which it does not list")
         self._cache: dict[str, nn.Module] = {}
+        self._calibrations: dict[str, list[dict]] = {}
         self._lock = threading.Lock()
         self._verify = verify
         if verify:
@@ -185,48 +262,68 @@ class Registry:
     def classifier(self, dataset: str, name: str = "classifier_A", device: torch.device | str = "cpu") -> nn.Module:
         return self.module(f"{dataset}/{name}", device)
 
-    def detector(self, dataset: str, init: str = "random", steps: int | None = None,
-                 restarts: int | None = None) -> Detector | None:  # fmt: skip
-        """The detector calibrated for this projection: start `init` and — when `steps`/`restarts` are given —
-        exactly those (a threshold is a quantile of clean MSEs at one L and R: at other L, R it misfires, e.g.
-        74 % of clean images flagged at L=25 under a threshold set at L=200), else None (`detector_note` says why)."""
+    def magnet_detector(self, dataset: str) -> MagNetDetector:
+        """MagNet's two detectors at their calibrated thresholds."""
+        return MagNetDetector(*self.magnet_thresholds(dataset))
+
+    def detector(self, dataset: str, init: str, steps: int, restarts: int) -> Detector | None:
+        """The one detector lookup, keyed by the projection (start, L, R): the detector calibrated for exactly that
+        projection, else None (`detector_note` says why). A threshold is a quantile of clean MSEs at one L and R:
+        at other L, R it misfires (e.g. 74 % of clean images flagged at L=25 under a threshold set at L=200)."""
         cal = self.detector_calibration(dataset, init, steps, restarts)
         return None if cal is None else Detector(threshold=float(cal["threshold"]), fpr=float(cal["fpr"]))
 
+    def verdict(self, dataset: str, cfg: ProjectionConfig, mse: T) -> tuple[Detector | None, T | None, str | None]:
+        """The detector's verdict on reconstruction MSEs of a projection with `cfg`: (detector, flags, None) where a
+        threshold is calibrated for cfg's start, L and R, else (None, None, why). Service and evaluations both
+        flag here."""
+        det = self.detector(dataset, cfg.init, cfg.steps, cfg.restarts)
+        if det is None:
+            return None, None, self.detector_note(dataset, cfg.init, cfg.steps, cfg.restarts)
+        return det, det.flag(mse), None
+
     def detector_calibration(self, dataset: str, init: str, steps: int | None = None,
                              restarts: int | None = None) -> dict | None:  # fmt: skip
-        """The recorded calibration (threshold, fpr, n, steps, restarts, images) the service uses for this start at
-        exactly these L and R — the start's main entry (`detector[init]`) or a grid point (`detector_grid["init:L:R"]`,
-        `training.calibrate_detector`) — or None. Without steps/restarts: the start's main entry. A calibration whose
-        measured held-out false-positive rate misses its target by more than FPR_TOLERANCE is not used."""
+        """The recorded calibration (threshold, fpr, n, steps, restarts, images) applied to a projection from `init`
+        at exactly these L and R, or None. Without steps/restarts: at the start's main L and R (its `detector[init]`
+        entry's). A calibration whose measured held-out false-positive rate misses its target by more than
+        FPR_TOLERANCE is not used."""
         cal = self._calibration_at(dataset, init, steps, restarts)
         return cal if cal is not None and cal["on_target"] else None
 
     def _calibration_at(self, dataset: str, init: str, steps: int | None, restarts: int | None) -> dict | None:
-        for cal in self.detector_calibrations(dataset):
-            if cal["init"] != init or (steps is None and restarts is None and not cal["main"]):
-                continue
-            if all(
-                want is None or int(cal.get(key, want)) == want
-                for key, want in (("steps", steps), ("restarts", restarts))
-            ):
-                return cal
-        return None
+        cals = self.detector_calibrations(dataset)
+        if steps is None or restarts is None:
+            main = next((c for c in cals if c["main"] and c["init"] == init), None)
+            if main is None or main.get("steps") is None or main.get("restarts") is None:
+                return main
+            steps = main["steps"] if steps is None else steps
+            restarts = main["restarts"] if restarts is None else restarts
+        # grid points come first: set on more images, they win where a main entry has the same L and R; a
+        # calibration that records no L or R (a test fixture's) holds at any
+        return next((c for c in cals if c["init"] == init and c.get("steps") in (None, steps)
+                     and c.get("restarts") in (None, restarts)), None)  # fmt: skip
 
     def detector_calibrations(self, dataset: str) -> list[dict]:
-        """Every calibration of the dataset's detector, each with its `init`, `main` flag, `held_out_fpr` (the
-        false-positive rate measured on held-out clean images, where recorded) and `on_target` (within
-        FPR_TOLERANCE of its target, or not measured): grid points first (set on more images, they win where a main
-        entry has the same L and R), then the main entries."""
+        """Every calibration of the dataset's detector, each with its `init`, `steps`, `restarts`, `main` flag,
+        `held_out_fpr` (the false-positive rate measured on held-out clean images, where recorded) and `on_target`
+        (within FPR_TOLERANCE of its target, or not measured): grid points first, then the main entries. Built
+        once per dataset."""
+        if dataset not in self._calibrations:
+            self._calibrations[dataset] = self._read_calibrations(dataset)
+        return [dict(c) for c in self._calibrations[dataset]]
+
+    def _read_calibrations(self, dataset: str) -> list[dict]:
         if not self.has(f"{dataset}/generator"):
             return []
         art = self.get(f"{dataset}/generator")
         out = [{**c, "init": c.get("init", key.split(":")[0]), "main": False, "held_out_fpr": c.get("test_fpr")}
                for key, c in art.raw.get("detector_grid", {}).items()]  # fmt: skip
         for init, c in art.raw.get("detector", {}).items():  # measured by training.eval_generator --record
-            measured = art.metrics.get(f"{'rec' if init == 'random' else 'warm'}_detector_fpr_on_slice")
-            out.append({**c, "init": init, "main": True, "held_out_fpr": measured})
+            legacy = art.metrics.get(f"{'rec' if init == 'random' else 'warm'}_detector_fpr_on_slice")
+            out.append({**c, "init": init, "main": True, "held_out_fpr": c.get("test_fpr", legacy)})
         for c in out:
+            c.update({k: int(c[k]) for k in ("steps", "restarts") if c.get(k) is not None})
             c["on_target"] = c["held_out_fpr"] is None or abs(c["held_out_fpr"] - c["fpr"]) <= FPR_TOLERANCE
         return out
 

@@ -7,13 +7,15 @@ the /v2 own and proxied models and /predictions.
 
 The fields come from any body form: v1's query string and JSON or multipart fields (`Fields.parse`), an Open
 Inference Protocol request's `parameters` (`oip_fields`: our keys taken out, the rest left to the upstream).
-`resolve` applies, once: the server's defaults (`Settings`), the manifest's per-dataset defaults
-(`engine.default_classifier`, `engine.default_defense`), which models are shipped (404), and every cap — steps and
-restarts (`engine.projection_config`), images per request (`check_images`). Types are strict: an integer field
-takes an integer or a string of digits (query and form values are strings), never a boolean or a float.
+`resolve` applies, once per request: the server's defaults (`Settings`), the manifest's per-dataset defaults
+(`engine.default_classifier`, `engine.default_defense`), which models are shipped (404), the classifier a defense
+classifies with (`engine.classifier_for`) and the caps of steps and restarts (`engine.projection_config`: they
+depend on the defense, which may come from the manifest, and on the operator's pipeline under the public
+profile). Types are pydantic's, checked once by `Fields.parse`: an integer field takes an integer or a string of
+digits (query and form values are strings), never a boolean or a float. `check_count` is the images-per-request cap.
 
-Every refusal is a `RequestError` with its HTTP status (422 a bad or over-cap field, 404 a model not shipped, 413
-too many images); `service.api.errors` maps it (the Open Inference Protocol answers 400 where v1 answers 422).
+Every refusal is a `RequestError` (a `service.errors.ServiceError`: 422 a bad or over-cap field, 404 a model not
+shipped, 413 too many images); the Open Inference Protocol answers 400 where v1 answers 422.
 """
 
 from __future__ import annotations
@@ -24,19 +26,16 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from service.config import Settings
+from service.config import DEFENSES, Defense, Settings
 from service.engine import (
-    DEFENSES,
+    FROM_ENCODER,
     PROJECTING,
-    WARM_START,
-    Defense,
-    NotShipped,
-    ParameterError,
     classifier_for,
     default_classifier,
     default_defense,
     projection_config,
 )
+from service.errors import ServiceError
 from service.purify import ProjectionConfig
 from service.registry import Registry
 
@@ -47,12 +46,12 @@ OIP_KEYS = ("defense", "steps", "restarts", "seed")  # our keys among an OIP req
 SEED_MAX = 2**32 - 1
 
 
-class RequestError(ValueError):
-    """A request the server refuses; `status` is its HTTP status (422, 404 or 413); `detail` pydantic's errors."""
+class RequestError(ServiceError, ValueError):
+    """A request the server refuses: 422 (the default), 404 or 413; `detail` pydantic's errors (in /v1's body)."""
 
     def __init__(self, message: str, status: int = 422, detail: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.detail = status, detail
+        super().__init__(message, status, detail=detail)
+        self.detail = detail
 
 
 # -- the caller's fields ---------------------------------------------------------------------------------------------
@@ -196,10 +195,11 @@ class Request:
         return self.seed if self.cfg is not None else None
 
 
-def resolve(f: Fields, s: Settings, registry: Registry, target: Target | None = None, project: bool = True) -> Request:
-    """The request `f` asks of this server (RequestError on a model not shipped or a field over a cap).
-    `target`: the OIP model called (else the fields name it); `project` False: no projection (an attack on the bare
-    classifier where the dataset has no generator)."""
+def resolve(f: Fields, s: Settings, registry: Registry, target: Target | None = None,
+            project: bool | None = True) -> Request:  # fmt: skip
+    """The request `f` asks of this server (RequestError or NotShipped on a model not shipped, a field over a cap).
+    `target`: the OIP model called (else the fields name it). `project` False: no projection; None: a projection
+    where the dataset's generator is shipped, else none (an attack on the bare classifier)."""
     ds, clf = _target(f, s, registry, target)
     proxied = target is not None and target.classifier is None
     defense = getattr(f, "defense", None) or default_defense(registry, ds, clf, s.default_defense, proxied)
@@ -207,10 +207,9 @@ def resolve(f: Fields, s: Settings, registry: Registry, target: Target | None = 
     if defense not in allowed:
         raise RequestError(f"parameter 'defense' must be one of {list(allowed)}, got {defense!r}")
     if clf is not None:
-        try:
-            clf = classifier_for(registry, ds, clf, defense)
-        except NotShipped as exc:
-            raise RequestError(str(exc), 404) from None
+        clf = classifier_for(registry, ds, clf, defense)
+    if project is None:
+        project = registry.has(f"{ds}/generator")
     cfg = projection(defense, ds, f, s, registry) if project else None
     return Request(ds, clf, defense, cfg, f.seed)
 
@@ -247,15 +246,12 @@ def projection(defense: str, dataset: str, f: Fields, s: Settings, registry: Reg
     if not registry.has(f"{dataset}/generator"):
         raise RequestError(f"no generator is shipped for {dataset!r}: defended calls are unavailable (defense=none "
                            "still classifies)", 404)  # fmt: skip
-    if defense in WARM_START and not registry.has(f"{dataset}/encoder"):
+    if defense in FROM_ENCODER and not registry.has(f"{dataset}/encoder"):
         raise RequestError(f"no encoder is shipped for {dataset!r}: use defense=defense-gan", 404)
-    try:
-        return projection_config(defense, f.steps, f.restarts, s)
-    except ParameterError as exc:
-        raise RequestError(str(exc)) from None
+    return projection_config(defense, f.steps, f.restarts, s)
 
 
-def check_images(n: int, s: Settings) -> None:
+def check_count(n: int, s: Settings) -> None:
     """The images-per-request cap (413)."""
     if n > s.max_batch_images:
         raise RequestError(f"{n} images in one request; the limit is {s.max_batch_images}", 413)

@@ -11,8 +11,9 @@
   parameters added (`purified`, `defense`, `steps`, `restarts`, `purify_ms`, ...). Versions are the upstream's.
 - `RawUpstream`, every `protocol: raw` name: TorchServe-style image bytes in, the purified 28×28 PNG forwarded.
 
-Failures are raised as `request.RequestError` or `oip.OIPError` (with their status), `imaging.ImageError`,
-`UpstreamError` or the batcher's errors; the routes map them to responses. Nothing here knows HTTP frameworks.
+Failures are raised as `service.errors.ServiceError`s (`request.RequestError`, `oip.OIPError`,
+`imaging.ImageError`, `proxy.UpstreamError`, the batcher's errors), each with its status; the app's one handler
+answers them. Nothing here knows HTTP frameworks.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from service.engine import DefendResult, PurifyResult
 from service.metrics import observe_stages
 from service.profile import Caller, Gate, Reduced, admit, fix_pipeline, reduce, restricted
 from service.proxy import ProxyClient, purify_and_forward
-from service.request import Request, Target, check_images, oip_fields, resolve
+from service.request import Request, Target, check_count, oip_fields, resolve
 
 VERSION = "1"  # the one version of each of our own models
 OWN_OUTPUTS = ("probabilities", "labels", "mse", "flagged", "purified")
@@ -146,7 +147,7 @@ def own_images(t: oip.Tensor, s: Settings) -> torch.Tensor:
         a = a.transpose(0, 3, 1, 2)
     if a.ndim != 4 or tuple(a.shape[1:]) != (1, 28, 28) or a.shape[0] == 0:
         raise oip.OIPError(f"input {t.name!r} must have shape N×1×28×28, N×28×28×1 or N×28×28, got {t.shape}")
-    check_images(a.shape[0], s)
+    check_count(a.shape[0], s)
     x = a.astype(np.float32) / (255.0 if t.datatype == "UINT8" else 1.0)
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise oip.OIPError(f"input {t.name!r} values must be finite and lie in [0, 1] ([0, 255] for UINT8)")
@@ -248,7 +249,7 @@ class ProxiedModel(Model):
         result: list[PurifyResult] = []
 
         async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
-            check_images(x.shape[0], self.settings)
+            check_count(x.shape[0], self.settings)
             await admit(self.gate(), caller, x)
             if p.cfg is None:  # defense "none": forwarded as it came
                 return x
@@ -256,7 +257,7 @@ class ProxiedModel(Model):
             result.append(r)
             return r.images
 
-        fwd = await purify_and_forward(self.proxy, self.name, req, purify, headers)
+        fwd = await purify_and_forward(self.proxy, self.name, self.upstream, req, purify, headers)
         return fwd.response, (result[0] if result else None), fwd.images
 
     def postprocess(self, out: Proxied, req: oip.InferRequest, p: Request) -> oip.InferResponse:

@@ -160,3 +160,14 @@ def test_one_image_only_and_no_image(client: TestClient) -> None:
     assert r.status_code == 422 and "one image" in r.json()["error"]
     r = client.post("/v1/attack", json={"method": "fgsm"}, headers={"X-API-Key": KEY})
     assert r.status_code in (400, 422)
+
+
+def test_an_attack_past_its_timeout_is_504_and_stops(tiny_models: Path) -> None:
+    """The attack is the batcher's work: its timeout answers 504 and stops it, so the lane serves the next call."""
+    s = settings(tiny_models, max_iterations=10**6, timeout_s=0.5).model_copy(update={"warm_up": False})
+    with TestClient(create_app(s)) as c:
+        r = post(c, method="pgd", params={"steps": 10**6})  # hours of steps
+        assert r.status_code == 504, r.json()
+        r = c.post("/v1/classify", json={"image": body()["image"], "defense": "defense-gan"})  # the same (slow) lane
+        assert r.status_code == 200, r.json()
+        assert "mg_cancelled_batches_total 1.0" in c.get("/metrics").text

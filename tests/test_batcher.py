@@ -1,10 +1,14 @@
-"""service.batcher: merging, batch caps, per-key separation, backpressure, timeouts, error isolation, worker thread."""
+"""service.batcher: merging, batch caps, per-key separation, backpressure, timeouts, error isolation, worker thread.
+
+No test waits on the wall clock: the worker is held on a threading.Event, and a test lets the event loop turn until
+the requests it sent are queued (`queued`)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +45,7 @@ async def started(engine: Engine, **kw: Any) -> Batcher:
 
 
 async def block(b: Batcher) -> tuple[threading.Event, asyncio.Task[Any]]:
-    """Occupy the worker until the returned event is set."""
+    """Occupy the slow lane's worker until the returned event is set."""
     gate, running = threading.Event(), threading.Event()
 
     def wait() -> None:
@@ -49,9 +53,22 @@ async def block(b: Batcher) -> tuple[threading.Event, asyncio.Task[Any]]:
         gate.wait(30)
 
     task = asyncio.create_task(b.call(wait))
-    while not running.is_set():
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(running.wait, 30), "the worker never took the blocking call"
     return gate, task
+
+
+async def until(holds: Callable[[], bool], turns: int = 1_000) -> None:
+    """Let the event loop turn until `holds()` (a created task queues its request within a turn or two)."""
+    for _ in range(turns):
+        if holds():
+            return
+        await asyncio.sleep(0)  # one turn of the loop, not a wait on the clock
+    raise AssertionError("the condition did not hold")
+
+
+def queued(b: Batcher, n: int) -> Any:
+    """Until `n` requests wait in the batcher's queues."""
+    return until(lambda: b.depth == n)
 
 
 def test_concurrent_requests_merge_and_equal_direct_results(engine: Engine) -> None:
@@ -62,7 +79,7 @@ def test_concurrent_requests_merge_and_equal_direct_results(engine: Engine) -> N
         b = await started(engine, metrics=Metrics())
         gate, blocker = await block(b)  # requests pile up behind the busy worker
         pending = [asyncio.create_task(b.submit(job, x)) for x in xs]
-        await asyncio.sleep(0.01)
+        await queued(b, 4)
         gate.set()
         await blocker
         outs = await asyncio.gather(*pending)
@@ -90,7 +107,7 @@ def test_batch_size_cap_and_keys_kept_apart(engine: Engine) -> None:
         gate, blocker = await block(b)
         tasks = [asyncio.create_task(b.submit(a, images(2, i))) for i in range(5)]
         tasks += [asyncio.create_task(b.submit(p, images(1, 10 + i))) for i in range(3)]
-        await asyncio.sleep(0.01)
+        await until(lambda: len(b.lane_of(p).live()) == 3)  # the slow lane's (the fast lane is not held)
         gate.set()
         await blocker
         outs = await asyncio.gather(*tasks)
@@ -120,7 +137,7 @@ def test_queue_full_then_recovers(engine: Engine) -> None:
         b = await started(engine, max_queue=2, metrics=m)
         gate, blocker = await block(b)
         waiting = [asyncio.create_task(b.submit(job, images(1, i))) for i in range(2)]
-        await asyncio.sleep(0)
+        await queued(b, 2)
         with pytest.raises(QueueFull) as e:
             await b.submit(job, images(1, 9))
         assert e.value.retry_after >= 1
@@ -172,7 +189,7 @@ def test_one_bad_request_does_not_fail_its_batch(engine: Engine) -> None:
         gate, blocker = await block(b)
         good = asyncio.create_task(b.submit(Picky(), torch.full((1, 1, 28, 28), 0.5)))
         bad = asyncio.create_task(b.submit(Picky(), torch.zeros(1, 1, 28, 28)))
-        await asyncio.sleep(0.01)
+        await queued(b, 2)
         gate.set()
         await blocker
         assert torch.allclose((await good).value, torch.tensor([0.5]))
@@ -200,7 +217,7 @@ def test_stop_fails_waiting_requests_and_submit_needs_start(engine: Engine) -> N
         b = await started(engine)
         gate, blocker = await block(b)
         waiting = asyncio.create_task(b.submit(SLOW, images(1, 0)))
-        await asyncio.sleep(0)
+        await queued(b, 1)
         await b.stop()
         gate.set()
         with pytest.raises(RuntimeError, match="shutting down"):
@@ -247,13 +264,13 @@ def test_admission_refuses_at_once_what_cannot_finish_in_time(engine: Engine) ->
         assert lane.unit_s is not None and lane.unit_s > 0
         gate, blocker = await block(b)
         heavy = DefendJob("mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=200, restarts=4), seed=1)
-        queued = [asyncio.create_task(b.submit(heavy, images(8, i))) for i in range(3)]
-        await asyncio.sleep(0)
+        ahead = [asyncio.create_task(b.submit(heavy, images(8, i))) for i in range(3)]
+        await until(lambda: b.depth + sum(t.done() for t in ahead) == 3)  # each queued, or refused already
         timeout = lane.estimated_wait() / 2  # less than the queue ahead of it needs
         with pytest.raises(QueueFull, match="past its") as e:
             await b.submit(SLOW, images(1, 9), timeout=timeout)
         assert e.value.retry_after >= 1
-        for t in queued:
+        for t in ahead:
             t.cancel()
         gate.set()
         await blocker
@@ -264,17 +281,14 @@ def test_admission_refuses_at_once_what_cannot_finish_in_time(engine: Engine) ->
 
 def test_a_timed_out_projection_stops_within_a_step(engine: Engine) -> None:
     async def main() -> None:
-        b = await started(engine)
+        b = await started(engine, metrics=Metrics())
         endless = DefendJob("mnist", "classifier_A", "defense-gan", ProjectionConfig(steps=10**7, restarts=1))
         with pytest.raises(RequestTimeout):
             await b.submit(endless, images(1, 0), timeout=0.3)
-        lane = b.lane_of(endless)
-        for _ in range(200):  # ten million steps would take hours: it was cancelled
-            if lane.running is None:
-                break
-            await asyncio.sleep(0.05)
-        assert lane.running is None
+        # one worker per lane: the next projection runs only once the endless one (hours of steps) has stopped
         assert (await asyncio.wait_for(b.submit(SLOW, images(1, 1)), 30)).value.labels.shape == (1,)
+        assert b.lane_of(endless).running is None
+        assert "mg_cancelled_batches_total 1.0" in b.metrics.render().decode()  # type: ignore[union-attr]
         await b.stop()
 
     run(main())
@@ -300,7 +314,7 @@ def test_calibration_gives_admission_a_rate_and_unmeasured_lanes_take_one_batch(
         gate, blocker = await block(b)
         lane = b.lane_of(SLOW)
         waiting = [asyncio.create_task(b.submit(SLOW, images(2, i))) for i in range(2)]  # 4 images: one batch
-        await asyncio.sleep(0)
+        await queued(b, 2)
         with pytest.raises(QueueFull):  # no rate measured yet: no more than one batch of costed work
             await b.submit(SLOW, images(1, 5))
         gate.set()

@@ -19,6 +19,17 @@ pytest.importorskip("kserve", reason="needs the [test] extra: kserve")
 pytest.importorskip("torchattacks", reason="needs torchattacks (scripts/setup.sh --dev)")
 pytest.importorskip("art", reason="needs the [dev] extra: adversarial-robustness-toolbox")
 
+from service.attacks.query import (  # noqa: E402
+    AddressBook,
+    Answer,
+    Client,
+    Identities,
+    Ledger,
+    Oracle,
+    Refused,
+    Stopped,
+    square,
+)
 from training import data  # noqa: E402
 from training.blackbox import (  # noqa: E402
     INSPECT_KEY,
@@ -30,17 +41,6 @@ from training.blackbox import (  # noqa: E402
     start_service,
     start_upstream,
     summarize,
-)
-from training.blackbox_attacks import (  # noqa: E402
-    AddressBook,
-    Answer,
-    Client,
-    Identities,
-    Ledger,
-    Oracle,
-    Refused,
-    Stopped,
-    square,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

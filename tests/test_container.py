@@ -50,7 +50,8 @@ pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent
 DIGIT = ROOT / "docs" / "examples" / "digit.png"  # a 7 from the MNIST test set
 MANIFEST = json.loads((ROOT / "models" / "manifest.json").read_text())
-SERVED = MANIFEST["defaults"]["mnist"]["classifier"]  # the default /v1/classify model: mnist/classifier_S_...
+MEASURED = json.loads((ROOT / "models" / "measured.json").read_text())
+SERVED = MEASURED["defaults"]["mnist"]["classifier"]  # the default /v1/classify model: mnist/classifier_S_...
 # what reaches this machine in place of PyTorch's CPU index, as in tests/test_docker.py: PyPI, with pip's find-links
 # (passed through below) holding the CPU wheel
 TEST_TORCH_INDEX = os.environ.get("MG_TEST_TORCH_INDEX_URL", "https://pypi.org/simple")

@@ -11,110 +11,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import MODELS, ROOT, write_tiny_models
+from conftest import MODELS
 from PIL import Image
+from servers import RESTARTS, STEPS, UPLOAD_CAP, Server, e2e_models
 
 from service.engine import Engine
 from service.purify import ProjectionConfig
 from service.registry import Registry
-
-STEPS, RESTARTS, UPLOAD_CAP = 3, 2, 200_000
-
-
-def shipped(key: str) -> dict | None:
-    path = MODELS / "manifest.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())["artifacts"].get(key)
-
-
-def e2e_models(dst: Path) -> tuple[Path, bool]:
-    """Tiny models, with the shipped MNIST artifacts copied over them where present. Returns (dir, real_classifier)."""
-    write_tiny_models(dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    real = False
-    keys = ["mnist/classifier_A"]
-    if shipped("mnist/generator") and shipped("mnist/encoder"):
-        keys += ["mnist/generator", "mnist/encoder"]
-    for key in keys:
-        entry = shipped(key)
-        if entry is None:
-            continue
-        for f in entry["files"].values():
-            (dst / f["path"]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(MODELS / f["path"], dst / f["path"])
-        manifest["artifacts"][key] = entry
-        real |= key == "mnist/classifier_A"
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return dst, real
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, models: Path, real: bool, **env_overrides: str) -> None:
-        self.models, self.real = models, real
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MG_MODELS_DIR": str(models), "MG_DEVICE": "cpu",
-               "MG_TORCH_THREADS": "1", "MG_DEFAULT_STEPS": str(STEPS), "MG_DEFAULT_RESTARTS": str(RESTARTS),
-               "MG_ENCODER_STEPS": "2", "MG_MAX_STEPS": "50", "MG_MAX_RESTARTS": "4", "MG_MAX_WAIT_MS": "100",
-               "MG_FAST_WAIT_MS": "100",
-               "MG_MAX_UPLOAD_BYTES": str(UPLOAD_CAP), "MG_MAX_BATCH_SIZE": "64", **env_overrides}  # fmt: skip
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--log-level", "warning"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
-
-    def wait_ready(self, limit_s: float = 180) -> None:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the server did not become ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    @classmethod
-    @contextmanager
-    def running(cls, models: Path, real: bool, **env_overrides: str) -> Iterator[Server]:
-        """A started, ready server; stopped on leaving."""
-        srv = cls(models, real, **env_overrides)
-        try:
-            srv.wait_ready()
-            yield srv
-        finally:
-            srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,8 +18,8 @@ from torch import nn
 from service.engine import enhanced_classifier
 from service.purify import project
 from service.registry import Registry
+from service.stats import wilson
 from training import data, evaluate, report, train_enhanced
-from training.eval_generator import wilson
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CELL = re.compile(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]")
@@ -83,7 +84,9 @@ def test_quick_mode_end_to_end_on_tiny_models(own_tiny: Path, tmp_path: Path) ->
     assert len(CELL.findall(text)) >= 20
     fig = out.parent / doc["info"]["figure"]
     assert fig.exists() and fig.stat().st_size > 0
-    saved = json.loads(out.with_name("results-mnist.json").read_text())
+    saved = doc  # the page's view of the results tree: the run's config and the newest row per cell
+    run = next((own_tiny / "results" / "evaluate-quick" / "mnist").iterdir())
+    assert json.loads((run / "config.json").read_text())["quick"] is True and (run / "rows.jsonl").exists()
     assert saved["info"]["quick"] is True and saved["results"]["clean"]["A"]["none"]["cell"]["n"] == 24
 
     # bookkeeping: the clean cell equals an independent count with the same classifier and images
@@ -107,7 +110,7 @@ def test_quick_mode_end_to_end_on_tiny_models(own_tiny: Path, tmp_path: Path) ->
     # the attacks did something: FGSM on the bare classifier cannot leave more right than clean
     assert saved["results"]["whitebox"]["fgsm"]["A"]["none"]["cell"]["k"] <= k
 
-    # headline metrics reach the manifest, which /v1/models serves
+    # headline metrics reach models/measured.json, which /v1/models serves
     metrics = Registry(own_tiny).get("mnist/classifier_A").metrics
     assert metrics["eval_clean_accuracy"]["none"] == round(k / 24, 4)
     assert set(metrics["eval_clean_accuracy"]) == {"none", "defense-gan", "invert-classify"}
@@ -267,14 +270,11 @@ def test_cheaper_attacker_projection_applies_to_defense_gan_only(own_tiny: Path)
 def test_report_prints_the_recorded_robustness(own_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """training.report's robustness table shows what a (non-quick) evaluation recorded, and skips quick runs."""
     quick(own_tiny, tmp_path / "results.md", "--record")
-    capsys.readouterr()
-    arts = json.loads((own_tiny / "manifest.json").read_text())["artifacts"]
-    report.robustness(arts)
-    assert capsys.readouterr().out == ""  # the recorded run was a quick one
+    arts = report.with_measured(own_tiny)
+    assert report.evaluation_table(arts) == []  # the recorded run was a quick one
     ev = arts["mnist/classifier_A"]["metrics"]["evaluation"]
     ev["quick"] = False
-    report.robustness(arts)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mnist | classifier_A |")]
+    lines = [line for line in report.evaluation_table(arts) if line.startswith("| mnist | classifier_A |")]
     rob = arts["mnist/classifier_A"]["metrics"]["eval_fixed_step_min"]["defense-gan"]
     row = next(line for line in lines if "| defense-gan |" in line)
     assert f"{ev['defense-gan']['clean']['acc']:.2f} (24)" in row
@@ -287,7 +287,8 @@ def test_advgan_tables_measure_each_shipped_row(registry: Registry, tmp_path: Pa
     from training import eval_advgan
 
     args = eval_advgan.parse(["--n", "12", "--out", str(tmp_path / "advgan.md"), "--no-record", "--threads", "1",
-                              "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+                              "--cache-dir", str(tmp_path / "cache"),
+                              "--results-dir", str(tmp_path / "results")])  # fmt: skip
     doc = eval_advgan.run(args)
     assert eval_advgan.run(args)["rows"] == doc["rows"]  # the second run reads FGSM/Opt. from the cache
     rows = {r["classifier"]: r for r in doc["rows"]}
@@ -306,7 +307,8 @@ def test_advgan_tables_measure_each_shipped_row(registry: Registry, tmp_path: Pa
         assert r["black_box"]["AdvGAN"] is not None  # the source's generator (advgan_A) is shipped
     page = (tmp_path / "advgan.md").read_text()
     assert "Table 3" in page and "Table 4" in page and "(paper 4.3)" in page
-    assert json.loads((tmp_path / "advgan-mnist.json").read_text())["n"] == 12
+    runs = sorted((tmp_path / "results" / "eval_advgan" / "mnist").iterdir())
+    assert len(runs) == 2 and json.loads((runs[-1] / "config.json").read_text())["n"] == 12, "each run its folder"
     if not rows["classifier_C_pgd0.3"]["shipped"]:
         assert "not trained (`classifier_C_pgd0.3`)" in page
 
@@ -358,19 +360,48 @@ def test_the_papers_rec_column_is_ours_trained_on_reconstructions_else_orig_mark
     assert rows[(evaluate.ATTACK_NAMES["fgsm"], "A", "MagNet")][4] == "not measured"
 
 
-def test_a_columns_run_records_its_defenses_beside_the_recorded_ones() -> None:
-    run = {"command": "python -m training.evaluate --columns magnet", "commit": "b", "date": "2026-12-01",
-           "page": "docs/results.md", "n": 100, "quick": False}  # fmt: skip
-    old = {
-        "eval_clean_accuracy": {"none": 0.99},
-        "eval_fixed_step_min": {"none": {"accuracy": 0.0}},
-        "evaluation": {"none": {"clean": {"k": 99}}, "command": "python -m training.evaluate", "commit": "a"},
-    }
-    new = {"eval_clean_accuracy": {"magnet": 1.0}, "eval_fixed_step_min": {"magnet": {"accuracy": 0.01}},
-           "evaluation": {"magnet": {"clean": {"k": 100}}, **run}}  # fmt: skip
-    out = evaluate.merged_headline(old, new)
-    assert out["eval_clean_accuracy"] == {"none": 0.99, "magnet": 1.0}
-    assert set(out["eval_fixed_step_min"]) == {"none", "magnet"}
-    ev = out["evaluation"]
-    assert ev["command"] == "python -m training.evaluate" and ev["none"] == {"clean": {"k": 99}}
-    assert ev["magnet"]["run"]["command"] == run["command"], "the added defense names the run that measured it"
+def test_a_columns_run_writes_its_cells_and_the_page_takes_the_newest(tmp_path: Path) -> None:
+    """A run's rows are the cells of its columns; the page's view takes per cell the newest run's row, on the same n
+    images, and names the runs it draws on."""
+    from training import eval_store, results
+
+    def cells(acc: float) -> dict:
+        return {
+            "clean": {"A": {"none": {"cell": {"k": int(acc * 10), "n": 10}}, "magnet": {"cell": {"k": 9, "n": 10}}}}
+        }
+
+    first = results.start_run("evaluate", "mnist", {"command": "all", "n": 10, "commit": "a"}, tmp_path)
+    results.write_rows(first, eval_store.rows_of(cells(0.5), {"none", "magnet"}, {"clean"}))
+    second = results.start_run("evaluate", "mnist", {"command": "--columns none", "n": 10, "commit": "b"}, tmp_path)
+    results.write_rows(second, eval_store.rows_of(cells(0.7), {"none"}, {"clean"}))
+    assert [r["path"] for r in results.rows(second)] == [["A", "none"]], "only the columns it measured"
+    view = eval_store.view("mnist", tmp_path)
+    assert view is not None and view["results"]["clean"]["A"] == {"none": {"cell": {"k": 7, "n": 10}},
+                                                                   "magnet": {"cell": {"k": 9, "n": 10}}}  # fmt: skip
+    assert view["info"]["command"] == "--columns none" and view["info"]["reused"][0]["command"] == "all"
+    assert eval_store.view("mnist", tmp_path, n=24) is None, "runs on other images are not mixed in"
+
+
+def test_report_rebuilds_the_pages_from_the_results_tree_byte_identically(tmp_path: Path) -> None:
+    """`python -m training.report` on the shipped results tree: docs/results.md, docs/robustness.md, the README's
+    tables and models/measured.json as committed, and the same bytes when run twice."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "results").exists():
+        pytest.skip("no results tree")
+    models = tmp_path / "models"  # the shipped models, with a measured.json of its own
+    models.mkdir()
+    (models / "manifest.json").write_text((MODELS / "manifest.json").read_text())
+    for ds in ("mnist", "fmnist"):
+        (models / ds).symlink_to(MODELS / ds)
+    shutil.copy(root / "README.md", tmp_path / "README.md")
+    built = []
+    for k in range(2):
+        docs = tmp_path / f"docs{k}"
+        report.build(models, root / "results", docs, tmp_path / "README.md")
+        built.append({p.name: p.read_bytes() for p in [*docs.iterdir(), tmp_path / "README.md",
+                                                       models / "measured.json"] if p.is_file()})  # fmt: skip
+    assert built[0] == built[1], "byte-identical when run twice"
+    for name in ("results.md", "robustness.md"):
+        assert built[0][name] == (root / "docs" / name).read_bytes(), f"docs/{name} is the report's output"
+    assert built[0]["README.md"] == (root / "README.md").read_bytes()
+    assert built[0]["measured.json"] == (MODELS / "measured.json").read_bytes()

@@ -19,9 +19,9 @@ import pytest
 
 from service.config import ClientSettings, Settings
 from service.guard import BlacklightConfig, Fingerprinter, Guard, GuardCore, Throttled, client_id
-from service.guard.similarity import SimilarityDetector, pixels
 from service.guard.streams import benign_stream, square_queries
 from service.metrics import Metrics
+from training.similarity import SimilarityDetector, pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 OPEN = {"rate_per_s": 1e9, "burst": 10**9, "budget": 0}  # limits out of the way of detector tests

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from PIL import Image
-from test_e2e_http import Server, e2e_models
+from servers import Server, e2e_models
 
 TIMEOUT_S = 3  # the server's request timeout
 ENV = {"MG_REQUEST_TIMEOUT_S": str(TIMEOUT_S), "MG_MAX_STEPS": "1000000", "MG_MAX_REQUEST_COST": "2000000",

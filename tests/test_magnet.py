@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_e2e_http import Server, e2e_models
+from servers import Server, e2e_models
 
 from service import nets
 from service.attacks import Reformed, detector_aware

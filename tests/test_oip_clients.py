@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_e2e_http import Server
+from servers import Server
 
 tritonclient_http = pytest.importorskip("tritonclient.http", reason="needs the [test] extra: tritonclient[http]")
 kserve = pytest.importorskip("kserve", reason="needs the [test] extra: kserve")

@@ -14,24 +14,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser import skip_without_chromium
 from conftest import MODELS, ROOT
-from test_e2e_http import Server
+from servers import Server
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip("no /usr/bin/chromium and /usr/bin/chromedriver (scripts/setup.sh --dev installs them as root: "
-                "apt-get install chromium chromium-driver)", allow_module_level=True)  # fmt: skip
+skip_without_chromium()
 
 from selenium import webdriver  # noqa: E402 - after the skip: only needed with a browser
-from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1200,2000", "--force-device-scale-factor=1")  # fmt: skip
 ARTIFACTS = ROOT / "runs" / "page"
 DIGIT = ROOT / "docs" / "examples" / "digit.png"
 KEY = "page-test-key"
@@ -47,20 +41,6 @@ def server() -> Iterator[Server]:
                         MG_WARM_UP="false", MG_DRAIN_S="1", MG_MAX_STEPS="2500",
                         MG_REQUEST_TIMEOUT_S="3600") as srv:  # fmt: skip
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP violations, script errors
-    for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=ChromeService(executable_path=str(CHROMEDRIVER)))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_models
 
-from service.api.errors import answer
 from service.config import Settings
+from service.errors import ServiceError
 from service.purify import ProjectionConfig
 from service.registry import Registry
 from service.request import (
@@ -19,9 +19,8 @@ from service.request import (
     OIPFields,
     PurifyFields,
     Request,
-    RequestError,
     Target,
-    check_images,
+    check_count,
     oip_fields,
     resolve,
 )
@@ -40,8 +39,8 @@ def with_defaults(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return Registry(root)
 
 
-def refused(fn: object, *args: object, **kw: object) -> RequestError:
-    with pytest.raises(RequestError) as e:
+def refused(fn: object, *args: object, **kw: object) -> ServiceError:
+    with pytest.raises(ServiceError) as e:
         fn(*args, **kw)  # type: ignore[operator]
     return e.value
 
@@ -72,13 +71,13 @@ def test_the_manifests_per_dataset_defaults_apply(with_defaults: Registry) -> No
 def test_caps_are_422(tiny_registry: Registry, raw: dict, words: str) -> None:
     e = refused(resolve, ClassifyFields.parse(raw), S, tiny_registry)
     assert e.status == 422 and words in str(e)
-    assert answer(e).status == 422 and answer(e, oip=True).status == 400  # type: ignore[union-attr]
+    assert e.status_for(oip=False) == 422 and e.status_for(oip=True) == 400
 
 
 def test_images_cap_is_413() -> None:
-    check_images(8, S)
-    e = refused(check_images, 9, S)
-    assert e.status == 413 and answer(e, oip=True).status == 413  # type: ignore[union-attr]
+    check_count(8, S)
+    e = refused(check_count, 9, S)
+    assert e.status == 413 and e.status_for(oip=True) == 413
 
 
 @pytest.mark.parametrize("value", [True, False, 2.0, 2.5, "two", [2], None])

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.engine import default_classifier, default_defense
 from service.purify import ProjectionConfig, freeze
 from service.registry import ManifestError, Registry
-from training import data, report, robustness, train_robust
+from training import data, report, results, robustness, robustness_attacks, train_robust
 
 EPS = 0.3
 
@@ -161,7 +161,7 @@ class Scripted(Bare):
 
 
 def test_worst_case_is_per_image_over_all_attacks_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(robustness, "CACHE", tmp_path)
+    monkeypatch.setattr(robustness_attacks, "CACHE", tmp_path)
     x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(8, dtype=torch.long)
 
@@ -268,14 +268,14 @@ def test_v1_v2_and_models_serve_the_default_pipeline(tmp_path: Path) -> None:
 
 
 def test_shipped_defaults_meet_their_clean_bars(registry: Registry) -> None:
-    """Every shipped default names a shipped classifier whose recorded clean accuracy meets the dataset's bar."""
-    man = json.loads((Path(registry.root) / "manifest.json").read_text())
-    assert man["defaults"], "training.robustness records a default per evaluated dataset"
-    for ds, d in man["defaults"].items():
-        entry = man["artifacts"][d["classifier"]]
-        cell = entry["metrics"]["robustness"][d["defense"]]
+    """Every measured default (models/measured.json, from the results tree) names a shipped classifier whose
+    recorded clean accuracy meets the dataset's bar."""
+    assert registry.raw_defaults, "training.robustness records a default per evaluated dataset"
+    for ds, d in registry.raw_defaults.items():
+        entry = registry.get(d["classifier"])
+        cell = entry.metrics["robustness"][d["defense"]]
         assert cell["clean"]["accuracy"] >= robustness.CLEAN_BAR[ds]
-        assert entry["training"]["method"] in ("pgd", "trades", "enhanced-inc", "standard", "fgsm")
+        assert entry.raw["training"]["method"] in ("pgd", "trades", "enhanced-inc", "standard", "fgsm")
         assert cell[d["threat"]]["n"] >= 100 and "apgd-ce" in " ".join(cell[d["threat"]]["attacks"])
 
 
@@ -296,16 +296,14 @@ def test_default_pipeline_through_a_real_server(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_report_prints_the_readme_rows_from_the_recorded_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_report_prints_the_readme_rows_from_the_recorded_json() -> None:
     cell = {"accuracy": 0.9, "ci": [0.88, 0.92], "n": 1000}
     doc = {"dataset": "mnist", "results": [
         {"classifier": "classifier_S_x", "defense": "none", "method": "trades",
          "clean": {"accuracy": 0.98, "n": 10000}, "threats": {"linf:0.3": cell}},
         {"classifier": "classifier_B", "defense": "none", "method": "standard",
          "clean": {"accuracy": 0.99, "n": 10000}, "threats": {"linf:0.3": cell}}]}  # fmt: skip
-    (tmp_path / "robustness-mnist.json").write_text(json.dumps(doc))
-    report.measured_robustness(tmp_path)
-    out = capsys.readouterr().out
+    out = "\n".join(report.robustness_table([doc]))
     assert (
         "| mnist | classifier_S_x | none | trades | 0.9800 (n=10000) | linf:0.3: 0.900 [0.880, 0.920] (n=1000) |" in out
     )
@@ -331,18 +329,18 @@ def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path: Path, mo
 
     first = [row("classifier_A", [True, False, True, False], old_run), row("classifier_S", [False] * 4, old_run)]
     args = robustness.parse(["--dataset", "mnist", "--models-dir", str(root)])
-    robustness.publish(args, reg, first, False, old_run, {})
-    doc = json.loads((tmp_path / "docs" / "robustness-mnist.json").read_text())
+    doc = robustness.publish(args, reg, first, False, old_run, {})
     assert doc["default"]["classifier"] == "mnist/classifier_A" and doc["results"][0]["threats"]["linf:0.3"][
         "robust_bits"] == "1010"  # fmt: skip
 
-    robustness.publish(args, reg, [row("classifier_S", [True, True, True, False], new_run)], True, new_run, {})
-    doc = json.loads((tmp_path / "docs" / "robustness-mnist.json").read_text())
+    doc = robustness.publish(args, reg, [row("classifier_S", [True, True, True, False], new_run)], True, new_run, {})
+    runs = sorted((root / "results" / "robustness" / "mnist").iterdir())
+    assert len(runs) == 2 and len(results.rows(runs[1])) == 1, "each run its own folder, with the rows it measured"
     assert [r["classifier"] for r in doc["results"]] == ["classifier_A", "classifier_S"]
     assert doc["results"][0]["evaluation"] == old_run and doc["results"][1]["evaluation"] == new_run
     assert doc["default"]["classifier"] == "mnist/classifier_S", "chosen again over the kept and the new rows"
     page = (tmp_path / "docs" / "robustness.md").read_text()
     assert "Rows recorded by these runs" in page and "--only classifier_S" in page and "| 2 |" in page
-    man = json.loads((root / "manifest.json").read_text())
-    assert man["defaults"]["mnist"]["classifier"] == "mnist/classifier_S"
-    assert man["artifacts"]["mnist/classifier_S"]["metrics"]["robustness"]["none"]["linf:0.3"]["accuracy"] == 0.75
+    measured = json.loads((root / "measured.json").read_text())  # what /v1/models shows
+    assert measured["defaults"]["mnist"]["classifier"] == "mnist/classifier_S"
+    assert measured["artifacts"]["mnist/classifier_S"]["robustness"]["none"]["linf:0.3"]["accuracy"] == 0.75

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_e2e_http import Server
+from servers import Server
 
 schemathesis = pytest.importorskip("schemathesis", reason="needs the [test] extra: schemathesis")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402 - schemathesis brings hypothesis

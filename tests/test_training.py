@@ -184,7 +184,8 @@ def test_reexport_keeps_the_measured_figures(tmp_path: Path) -> None:
     (root / "mnist" / "classifier_A.onnx").write_bytes(b"stale")
     assert onnx_export.reexport(root) == ["mnist/classifier_A"]
     after = json.loads((root / "manifest.json").read_text())["artifacts"]["mnist/classifier_A"]
-    assert after["metrics"]["clean_test_accuracy"] == 0.5 and after["metrics"]["onnx_vs_torch_max_abs_diff"] < 1e-4
+    measured = Registry(root).get("mnist/classifier_A").metrics  # the results tree's rows, on the same weights
+    assert measured["clean_test_accuracy"] == 0.5 and measured["onnx_vs_torch_max_abs_diff"] < 1e-4
     assert after["files"]["weights"] == before["files"]["weights"]
     assert after["files"]["onnx"]["sha256"] == sha256_file(root / "mnist" / "classifier_A.onnx")
     Registry(root).verify()
@@ -212,6 +213,15 @@ def test_gan_training_smoke_critic_learns_and_resumes(tmp_path: Path) -> None:
     train_gan.train(args2, xs[:256])
     assert len(args2.history) == 2  # resumed at iteration 6 and ran 7, 8
     assert any((tmp_path / "mnist" / "smoke").glob("samples_000008.png"))
+    ckpt = tmp_path / "mnist" / "smoke" / "ckpt.pt"
+    assert torch.load(ckpt, weights_only=True)["args"]["batch"] == 16, "the checkpoint carries its arguments"
+    with pytest.raises(SystemExit, match="--batch 16 \\(this run: 32\\)"):  # another batch would mix two runs
+        train_gan.train(train_gan.parse([*argv[:3], "10", *argv[4:7], "32", *argv[8:]]), xs[:256])
+    old = {k: v for k, v in torch.load(ckpt, weights_only=True).items() if k != "args"}
+    torch.save(old, ckpt)  # a checkpoint from before they were saved still resumes
+    args3 = train_gan.parse([*argv[:3], "9", *argv[4:]])
+    train_gan.train(args3, xs[:256])
+    assert len(args3.history) == 1
 
 
 def test_ship_keeps_dotted_names_apart(tmp_path: Path) -> None:
@@ -239,12 +249,14 @@ def test_retraining_drops_figures_measured_on_the_old_weights(tmp_path: Path) ->
     record_metrics("mnist/m", {"eval_robust_accuracy": {"none": 0.1}}, tmp_path, detector={"random": {}})
     update_manifest("mnist/m", {**entry, "metrics": {"onnx_vs_torch_max_abs_diff": 0.0}}, tmp_path)  # same bytes
     e = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]["mnist/m"]
-    assert set(e["metrics"]) == {"clean_test_accuracy", "eval_robust_accuracy", "onnx_vs_torch_max_abs_diff"}
-    assert "detector" in e
+    measured = Registry(tmp_path, verify=False).get("mnist/m").metrics
+    assert set(measured) == {"clean_test_accuracy", "eval_robust_accuracy", "onnx_vs_torch_max_abs_diff"}
+    assert "detector" in e and "metrics" not in e, "the manifest holds calibrations, the results tree the figures"
     w.write_bytes(b"two")  # retrained
     update_manifest("mnist/m", {**entry, "metrics": {"clean_test_accuracy": 0.95}}, tmp_path)
     e = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]["mnist/m"]
-    assert e["metrics"] == {"clean_test_accuracy": 0.95} and "detector" not in e
+    assert Registry(tmp_path, verify=False).get("mnist/m").metrics == {"clean_test_accuracy": 0.95}
+    assert "detector" not in e
 
 
 def test_training_set_bound_projects_onto_the_nearest_image() -> None:

@@ -13,7 +13,7 @@ detector on, each attack run (and the benign stream) gets a fresh server, so no 
 Pipelines (`PIPELINES`): A bare (scores; and label-only), A behind Defense-GAN at two costs, A behind
 invert-and-classify, and the default robust model S with its default pipeline.
 
-Attacks (`attacks_for`), independent reference implementations driven through `training.blackbox_attacks`:
+Attacks (`attacks_for`), independent reference implementations driven through `service.attacks.query`:
 - Square (torchattacks 3.5.1; L∞ 0.3 and L2 2.0) on the log-scores the output policy gives (`top1`: p on the label
   and (1 − p)/9 elsewhere);
 - HopSkipJump (ART; decision-based, on the labels alone; L∞ and L2), the attack of the label-only pipeline;
@@ -47,10 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -60,8 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import data
-from training.blackbox_attacks import (
+from service.attacks.query import (
     AddressBook,
     Client,
     Identities,
@@ -77,8 +72,10 @@ from training.blackbox_attacks import (
     square,
     transfer,
 )
+from service.stats import wilson
+from training import data
 from training.common import MODELS_DIR, ROOT, command_line, git_commit
-from training.eval_generator import wilson
+from training.processes import Server, free_port
 
 DOCS = ROOT / "docs"
 LOGS = ROOT / "runs" / "blackbox"
@@ -209,61 +206,17 @@ def images_for(a: Attack, b: Budget, detector: bool) -> int:
 
 
 # -- servers on loopback -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A child process on a free loopback port with its log; `stop()` ends it (and only it)."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str], ready: str, port: int) -> None:
-        self.url, self.log = f"http://127.0.0.1:{port}", log
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._f = log.open("wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-        self.p = subprocess.Popen(args, cwd=ROOT, stdout=self._f, stderr=subprocess.STDOUT, env=env)
-        self._wait(self.url + ready)
-
-    def _wait(self, url: str, timeout_s: float = 300.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"{url}: the process exited\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"{url} not ready after {timeout_s:g} s\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self._f.close()
-
-
 def start_upstream(onnx: Path, log: Path) -> Server:
     port = free_port()
     args = [sys.executable, "tests/upstreams.py", "kserve", "--port", str(port), "--onnx", str(onnx)]
-    return Server(args, log, {}, "/v2/health/ready", port)
+    return Server(args, log, {"OMP_NUM_THREADS": "1"}, "/v2/health/ready", port)
 
 
 def service_env(pipelines: list[Pipeline], detector: bool, upstream: str, models_dir: Path) -> dict[str, str]:
     """The environment of one `python -m service` under the public profile serving `pipelines` (each under its own
     name; the job serves one per process), the clients' limits out of reach."""
     env = {
-        "MG_MODELS_DIR": str(models_dir), "MG_TORCH_THREADS": "1", "MG_PUBLIC": "true",
+        "MG_MODELS_DIR": str(models_dir), "MG_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MG_PUBLIC": "true",
         "MG_PROFILE__PIPELINES": json.dumps({p.served: p.profile for p in pipelines}),
         "MG_PROFILE__INSPECT_KEYS": json.dumps([INSPECT_KEY]),
         "MG_CLIENTS__TRUSTED_PROXIES": json.dumps(["127.0.0.1"]), "MG_CLIENTS__DETECTOR": str(detector).lower(),

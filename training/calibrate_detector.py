@@ -24,9 +24,9 @@ import torch
 from service.nets import Encoder, Generator
 from service.purify import Detector, ProjectionConfig, project
 from service.registry import Registry, grid_key
+from service.stats import wilson
 from training import data
 from training.common import MODELS_DIR, command_line, record_metrics, setup
-from training.eval_generator import wilson
 
 SLICE = 1000  # the committed slice is test[:1000]: the false-positive rate is measured there
 
@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.dataset} {grid_key(init, steps, restarts)}: threshold {cal['threshold']:.5f}, clean FPR on "
               f"{args.n_test} other images {cal['test_fpr']:.3f} [{cal['test_fpr_ci95'][0]:.3f}, "
               f"{cal['test_fpr_ci95'][1]:.3f}] (target {args.fpr}), {cal['seconds']} s", flush=True)  # fmt: skip
-        if args.record:
-            record_metrics(f"{args.dataset}/generator", {}, args.models_dir,
-                           detector_grid={grid_key(init, steps, restarts): cal})  # fmt: skip
+        if args.record:  # the calibration in the manifest, what it cost and its interval in the results tree
+            key = grid_key(init, steps, restarts)
+            measured = {f"detector_grid/{key}/{k}": cal.pop(k) for k in ("test_fpr_ci95", "seconds")}
+            record_metrics(f"{args.dataset}/generator", measured, args.models_dir, job="calibrate_detector",
+                           detector_grid={key: cal})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Semi-white-box (Table 3): each attack uses the row's own model. Black-box (Table
 crafted on a held-out source — the standard classifier_A and its AdvGAN, never an ensemble static of any row —
 and transferred. Success rate = misclassified / all images (the paper's definition), on the first n images of the
 committed test slice, with a Wilson 95% interval; the row's clean error floors every success rate and is shown.
-Writes docs/advgan.md and docs/advgan-mnist.json and records the cells in each row's manifest entry.
+Writes its run under results/eval_advgan/mnist/ (config and one row per table row), docs/advgan.md from the newest
+rows, and rebuilds models/measured.json (`advgan_tables` on each row's classifier).
 """
 
 from __future__ import annotations
@@ -32,28 +33,20 @@ from torch import nn
 
 from service.attacks import advgan, cw_defense_gan, fgsm, generator_key
 from service.registry import Registry
-from training import data
-from training.common import MODELS_DIR, ROOT, RUNS_DIR, command_line, git_commit, record_metrics, setup
-from training.eval_generator import wilson
+from service.stats import wilson
+from training import data, results
+from training.common import MODELS_DIR, ROOT, RUNS_DIR, command_line, git_commit, results_dir, setup
 
 EPS = 0.3
 ARCHS = ("A", "B", "C")
 DEFENSES = {"fgsm": ("Adv.", "adv"), "ensemble": ("Ens.", "ens"), "pgd": ("Iter.Adv.", "pgd")}
 ATTACKS = ("FGSM", "Opt.", "AdvGAN")
 SOURCE = "classifier_A"  # the black-box source: held out of every row's ensemble statics
-# Xiao et al. 2018, Table 3 (semi-white-box, %) and Table 4 (black-box, %; cells lost in transcription are None)
-PAPER3 = {
-    ("A", "fgsm"): (4.3, 4.6, 8.0),
-    ("A", "ensemble"): (1.6, 4.2, 6.3),
-    ("A", "pgd"): (4.4, 2.96, 5.6),
-    ("B", "fgsm"): (6.0, 4.5, 7.2),
-    ("B", "ensemble"): (2.7, 3.18, 5.8),
-    ("B", "pgd"): (9.0, 3.0, 6.6),
-    ("C", "fgsm"): (2.7, 2.95, 18.7),
-    ("C", "ensemble"): (1.6, 2.2, 13.5),
-    ("C", "pgd"): (1.6, 1.9, 12.6),
-}
-PAPER4 = {"fgsm": (None, 11.5, 13.58), "ensemble": (2.5, 3.4, None), "pgd": (2.4, 2.5, 12.2)}  # fmt: skip
+# Xiao et al. 2018, Table 3 (semi-white-box, %) and Table 4 (black-box, %; cells lost in transcription are null), as
+# data: success rate in % of FGSM, Opt. and AdvGAN per row
+_TABLES = json.loads((Path(__file__).with_name("advgan_tables.json")).read_text())
+PAPER3 = {(r["arch"], r["defense"]): tuple(r["rates"]) for r in _TABLES["table3_semi_white_box"]}
+PAPER4 = {r["defense"]: tuple(r["rates"]) for r in _TABLES["table4_black_box"]}
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -215,21 +208,47 @@ def render(doc: dict) -> str:
     return "\n".join(out)
 
 
+JOB = "eval_advgan"
+
+
 def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     doc = evaluate(args)
-    doc["info"] = {"command": command_line(), "commit": git_commit(), "minutes": round((time.time() - t0) / 60, 1),
-                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
-    args.out.write_text(render(doc) + "\n")
-    args.out.with_name(f"advgan-{args.dataset}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    info = {"command": command_line(), "commit": git_commit(), "minutes": round((time.time() - t0) / 60, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    root = args.results_dir or results_dir(args.models_dir)
+    run_dir = results.start_run(JOB, args.dataset, {**info, "n": doc["n"], "source": doc["source"]}, root)
+    results.write_rows(run_dir, doc["rows"])
+    page = page_from_tree(args.dataset, root)
+    assert page is not None
+    args.out.write_text(render(page) + "\n")
     if args.record:
-        for row in doc["rows"]:
-            if row["shipped"]:
-                cells = {k: row[k] for k in ("clean_error", "semi_white_box", "black_box")}
-                record_metrics(f"{args.dataset}/{row['classifier']}", {"advgan_tables": cells | {"info": doc["info"]}},
-                               args.models_dir)  # fmt: skip
-    print(f"wrote {args.out}", flush=True)
-    return doc
+        from training import report
+
+        report.write_measured(args.models_dir, root)
+    print(f"wrote {run_dir} and {args.out}", flush=True)
+    return page
+
+
+def page_from_tree(dataset: str, root: Path) -> dict | None:
+    """The page's doc from the results tree: per classifier the newest run's row, over the runs on the newest run's
+    n images; `info` is the newest of the runs it draws on."""
+    runs = results.runs(JOB, dataset, root)
+    if not runs:
+        return None
+    newest_run = results.config(runs[-1])
+    rows = results.newest(JOB, dataset, ("classifier",), root, where=lambda cfg: cfg.get("n") == newest_run["n"])
+    used = results.used_runs(JOB, dataset, rows, root)
+    info = {k: used[0][k] for k in ("command", "commit", "minutes", "date")}
+    return {"rows": [{k: v for k, v in r.items() if k != "run"} for r in rows], "n": used[0]["n"],
+            "source": used[0]["source"], "info": info}  # fmt: skip
+
+
+def measured(doc: dict, dataset: str) -> dict[str, dict]:
+    """The page's cells as /v1/models' measured figures: `advgan_tables` on each shipped row's classifier."""
+    return {f"{dataset}/{r['classifier']}": {"advgan_tables": {k: r[k] for k in ("clean_error", "semi_white_box",
+                                                                                  "black_box")} | {"info": doc["info"]}}
+            for r in doc["rows"] if r["shipped"]}  # fmt: skip
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,7 +261,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "advgan.md")
     p.add_argument("--cache-dir", type=Path, default=RUNS_DIR / "advgan_eval", help="FGSM/Opt. images per model")
-    p.add_argument("--no-record", dest="record", action="store_false", help="leave the manifest alone")
+    p.add_argument("--no-record", dest="record", action="store_false", help="leave models/measured.json alone")
+    p.add_argument("--results-dir", type=Path, default=None, help="the results tree (default results/)")
     return p.parse_args(argv)
 
 

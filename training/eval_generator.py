@@ -2,7 +2,7 @@
 
     python -m training.eval_generator --dataset mnist --n 300                     # the shipped generator
     python -m training.eval_generator --dataset mnist --ckpt runs/mnist/wgan/ckpt.pt --n 64 --tag it2000
-    python -m training.eval_generator --dataset mnist --n 300 --record            # write metrics to the manifest
+    python -m training.eval_generator --dataset mnist --n 300 --record            # write metrics to the results tree
 
 For the first n slice images: classifier A's accuracy on x, on G(z*) of x (clean), and on G(z*) of FGSM(x)
 computed on classifier A alone (ε = 0.3, the Defense-GAN white-box setting), with Wilson 95% intervals; the mean
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -31,22 +30,12 @@ from service.attacks import fgsm
 from service.nets import Generator
 from service.purify import Detector, ProjectionConfig, freeze, project, roc_auc
 from service.registry import Registry
+from service.stats import wilson
 from training import data
 from training.common import MODELS_DIR, ROOT, command_line, record_metrics, setup
 
 EXPERIMENTS = ROOT / "docs" / "experiments"
 RANGE_NAMES = {"train-set": "training set (nearest image)", "train-set+x": "training set ∪ {x} (oracle)"}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def load_generator(args: argparse.Namespace, reg: Registry) -> Generator:
@@ -155,8 +144,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def record(args: argparse.Namespace, out: dict, G: Generator, enc: torch.nn.Module | None,
            cfg: ProjectionConfig, mse_clean_slice: torch.Tensor) -> None:  # fmt: skip
-    """Write the figures to the generator's manifest entry, with a detector threshold calibrated on held-out
-    clean test images (indices 5000…, outside the slice) at --fpr, and its false-positive rate on the slice."""
+    """Record the figures (results/eval_generator/) and, on the generator's manifest entry, a detector threshold
+    calibrated on held-out clean test images (indices 5000…, outside the slice) at --fpr with its false-positive
+    rate on the slice."""
     prefix = "rec" if args.init == "random" else "warm"
     metrics = {f"{prefix}_{k}": v for k, v in out.items()
                if k.startswith(("acc_", "mse_", "detector_")) or k in ("n", "steps", "restarts")}  # fmt: skip
@@ -166,8 +156,10 @@ def record(args: argparse.Namespace, out: dict, G: Generator, enc: torch.nn.Modu
     det = Detector.calibrate(mse_cal, args.fpr)
     metrics[f"{prefix}_detector_fpr_on_slice"] = float(det.flag(mse_clean_slice).float().mean())
     calibration = {"threshold": det.threshold, "fpr": det.fpr, "n": len(held_out), "steps": cfg.steps,
-                   "restarts": cfg.restarts, "images": "test[5000:5000+n]"}  # fmt: skip
-    record_metrics(f"{args.dataset}/generator", metrics, detector={args.init: calibration})
+                   "restarts": cfg.restarts, "images": "test[5000:5000+n]",
+                   "test_fpr": metrics[f"{prefix}_detector_fpr_on_slice"], "test_n": len(mse_clean_slice),
+                   "test_images": "test[:test_n] (the committed slice)"}  # fmt: skip
+    record_metrics(f"{args.dataset}/generator", metrics, job="eval_generator", detector={args.init: calibration})
     print("recorded", metrics, calibration)
 
 

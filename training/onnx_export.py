@@ -96,8 +96,7 @@ def reexport(models_dir: Path = MODELS_DIR) -> list[str]:
         xs, _ = data.load_slice(entry["dataset"], models_dir)
         diff = onnx_max_diff(model, onnx_path, data.to_float(xs))
         # the weights file is unchanged, so the measured figures stay; the training command stays the entry's
-        update_manifest(key, {**entry, "onnx_command": command_line(),
-                              "metrics": {**entry.get("metrics", {}), "onnx_vs_torch_max_abs_diff": diff}},
+        update_manifest(key, {**entry, "onnx_command": command_line(), "metrics": {"onnx_vs_torch_max_abs_diff": diff}},
                         models_dir, keep_measured=True)  # fmt: skip
         print(f"{key}: {onnx_path.stat().st_size} bytes of graph, ONNX vs torch max |diff| {diff:.2e}", flush=True)
         done.append(key)

@@ -149,8 +149,8 @@ def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metr
     except data.DataError:
         pass
     files = {role: {"path": path} for role, path in rel.items()}
-    full = {"kind": "classifier", "dataset": dataset, "classes": data.CLASS_NAMES[dataset], "command": command_line(),
-            **entry, "files": files, "metrics": metrics}  # fmt: skip
+    full = {"kind": "classifier", "dataset": dataset, "command": command_line(), **entry, "files": files,
+            "metrics": metrics}  # fmt: skip
     update_manifest(f"{dataset}/{name}", full, models_dir)
     print(f"shipped {dataset}/{name}: {metrics}", flush=True)
     return metrics

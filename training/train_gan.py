@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,20 @@ import torch.nn.functional as F
 
 from service.nets import LATENT_DIM, Critic, Generator
 from training import data
-from training.common import RUNS_DIR, Progress, command_line, save_grid, save_weights, setup, update_manifest
+from training.common import (
+    RUNS_DIR,
+    Progress,
+    check_resume,
+    command_line,
+    run_arguments,
+    save_grid,
+    save_weights,
+    setup,
+    update_manifest,
+)
+
+# the arguments that define a run: saved in its checkpoint, and a resume must repeat them (--iters may grow)
+RUN_ARGS = ("dataset", "objective", "batch", "critic_iters", "gp", "lr", "z_std", "seed")
 
 
 def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -30,6 +45,66 @@ def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor) -> 
     x_hat = (real + alpha * (fake - real)).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+
+
+def critic_loss(D: Critic, real: torch.Tensor, fake: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """WGAN-GP's critic loss (Gulrajani et al. 2017), or DCGAN's discriminator cross-entropy."""
+    if args.objective == "wgan-gp":
+        d_real, d_fake = D(real).mean(), D(fake).mean()
+        return d_fake - d_real + args.gp * gradient_penalty(D, real, fake)
+    lr_, lf_ = D(real), D(fake)
+    return 0.5 * (F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_))
+                  + F.binary_cross_entropy_with_logits(lf_, torch.zeros_like(lf_)))  # fmt: skip
+
+
+Optimizers = tuple[torch.optim.Optimizer, torch.optim.Optimizer]
+
+
+def step(G: Generator, D: Critic, opts: Optimizers, args: argparse.Namespace, real_batch: Callable[[], torch.Tensor],
+         sample_z: Callable[[int], torch.Tensor]) -> tuple[float, float]:  # fmt: skip
+    """One generator iteration: the critic's steps (--critic-iters for WGAN-GP, one for DCGAN), then the generator's."""
+    opt_g, opt_d = opts
+    wgan = args.objective == "wgan-gp"
+    for _ in range(args.critic_iters if wgan else 1):
+        real = real_batch()
+        with torch.no_grad():
+            fake = G(sample_z(args.batch))
+        loss_d = critic_loss(D, real, fake, args)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+    for p in D.parameters():
+        p.requires_grad_(False)
+    out = D(G(sample_z(args.batch)))
+    loss_g = -out.mean() if wgan else F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    for p in D.parameters():
+        p.requires_grad_(True)
+    return loss_d.item(), loss_g.item()
+
+
+def resume(path: Path, args: argparse.Namespace, state: dict[str, Any], device: torch.device) -> int:
+    """Load the run's checkpoint into `state` (modules and optimizers by name) and the RNG; return its iteration
+    (0 where there is none). A checkpoint made with other arguments is refused."""
+    if not path.exists():
+        return 0
+    ck = torch.load(path, map_location=device, weights_only=True)
+    check_resume(ck.get("args"), run_arguments(args, RUN_ARGS), path)
+    for name, obj in state.items():
+        obj.load_state_dict(ck[name])
+    torch.set_rng_state(ck["rng"])
+    print(f"resumed {path} at iteration {int(ck['iter'])}")
+    return int(ck["iter"])
+
+
+def save_checkpoint(path: Path, args: argparse.Namespace, state: dict[str, Any], it: int) -> None:
+    """The run's state, its iteration, the RNG and the arguments that define it, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({**{name: obj.state_dict() for name, obj in state.items()}, "iter": it, "rng": torch.get_rng_state(),
+                "args": run_arguments(args, RUN_ARGS)}, tmp)  # fmt: skip
+    tmp.replace(path)
 
 
 def train(args: argparse.Namespace, x_train_u8: np.ndarray | None = None) -> Path:
@@ -42,7 +117,6 @@ def train(args: argparse.Namespace, x_train_u8: np.ndarray | None = None) -> Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     x_u8 = x_train_u8 if x_train_u8 is not None else data.load(args.dataset)["x_train"]
     x_train = torch.from_numpy(data.to_float(x_u8)).to(device)
-    n = len(x_train)
 
     G, D = Generator().to(device), Critic().to(device)
     wgan = args.objective == "wgan-gp"
@@ -50,70 +124,30 @@ def train(args: argparse.Namespace, x_train_u8: np.ndarray | None = None) -> Pat
     betas = (0.5, 0.9) if wgan else (0.5, 0.999)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
-    d_steps = args.critic_iters if wgan else 1
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     fixed_z = torch.randn(100, LATENT_DIM, generator=gen).mul_(args.z_std).to(device)
-
+    state = {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d}
     ckpt_path = run_dir / "ckpt.pt"
-    start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        G.load_state_dict(ck["G"])
-        D.load_state_dict(ck["D"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_d.load_state_dict(ck["opt_d"])
-        start = int(ck["iter"])
-        torch.set_rng_state(ck["rng"])
-        print(f"resumed {ckpt_path} at iteration {start}")
+    start = resume(ckpt_path, args, state, device)
 
     def sample_z(k: int) -> torch.Tensor:
         return torch.randn(k, LATENT_DIM, device=device) * args.z_std
 
     def real_batch() -> torch.Tensor:
-        return x_train[torch.randint(0, n, (args.batch,), device=device)]
-
-    def save_ckpt(it: int) -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(), "iter": it, "rng": torch.get_rng_state()}, tmp)  # fmt: skip
-        tmp.replace(ckpt_path)
-        with torch.no_grad():
-            save_grid(G(fixed_z), run_dir / f"samples_{it:06d}.png")
+        return x_train[torch.randint(0, len(x_train), (args.batch,), device=device)]
 
     progress = Progress(args.iters, every=args.log_every, start=start)
     args.history = []
     t0 = time.time()
     for it in range(start + 1, args.iters + 1):
-        for _ in range(d_steps):
-            real = real_batch()
-            with torch.no_grad():
-                fake = G(sample_z(args.batch))
-            if wgan:
-                d_real, d_fake = D(real).mean(), D(fake).mean()
-                gp = gradient_penalty(D, real, fake)
-                loss_d = d_fake - d_real + args.gp * gp
-            else:
-                lr_, lf_ = D(real), D(fake)
-                loss_d = 0.5 * (F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_))
-                                + F.binary_cross_entropy_with_logits(lf_, torch.zeros_like(lf_)))  # fmt: skip
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-        for p in D.parameters():
-            p.requires_grad_(False)
-        out = D(G(sample_z(args.batch)))
-        loss_g = -out.mean() if wgan else F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        for p in D.parameters():
-            p.requires_grad_(True)
-        args.history.append((loss_d.item(), loss_g.item()))
-        progress(it, loss_d=loss_d.item(), loss_g=loss_g.item())
+        loss_d, loss_g = step(G, D, (opt_g, opt_d), args, real_batch, sample_z)
+        args.history.append((loss_d, loss_g))
+        progress(it, loss_d=loss_d, loss_g=loss_g)
         if it % args.ckpt_every == 0 or it == args.iters:
-            save_ckpt(it)
-    elapsed = time.time() - t0
-    print(f"trained {args.iters - start} iterations in {elapsed / 60:.1f} min")
+            save_checkpoint(ckpt_path, args, state, it)
+            with torch.no_grad():
+                save_grid(G(fixed_z), run_dir / f"samples_{it:06d}.png")
+    print(f"trained {args.iters - start} iterations in {(time.time() - t0) / 60:.1f} min")
 
     out = run_dir / "generator.safetensors"
     save_weights(G, out)

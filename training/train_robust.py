@@ -3,12 +3,16 @@
     python -m training.train_robust --dataset mnist --method trades --eps 0.3 --epochs 8 --threads 1
     python -m training.train_robust --dataset fmnist --method trades --eps 0.1 --epochs 8 --threads 1
     python -m training.train_robust --dataset mnist --method pgd --eps 0.3 --epochs 8 --threads 1
+    python -m training.train_robust --dataset mnist --method max --eps 0.3 --eps2 2.0 --epochs 3 --lr 3e-4 \
+        --init classifier_S_trades0.3_ema --eps-ramp 0 --ema 0.999 --name classifier_S_union --threads 1
 
 Ships models/<dataset>/classifier_<arch>_<method><eps> (safetensors + ONNX + manifest entry with `training.method`
 and `training.threat`). Defaults follow the official code where the CPU allows:
 - TRADES: loss CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' found by `--steps` sign-gradient steps of size `--alpha` on the
   KL from x + 0.001·N(0, I) with the model in eval mode (official `trades.py`); β = 6 (their robust setting).
 - PGD: CE(f(x'), y), x' by `--steps` of L∞ PGD from a uniform random start (Madry et al.).
+- Max (both threats at once; Tramèr & Boneh 2019, the "worst-case" baseline of Maini et al. 2020): per image the
+  one of an L∞ PGD adversary (ε = `--eps`) and an L2 PGD adversary (ε = `--eps2`) with the higher loss, CE on it.
 - Network S (TRADES' SmallCNN) by default: a third of classifier A's cost per attack step on this CPU.
 The official schedules (40 steps of 0.01, 100 epochs) cost ~60 h here; we take 10 steps of ε/4 (the same
 2.5·ε/steps reach rule as Madry's), ε ramped linearly over the first `--eps-ramp` epochs, and Adam with a
@@ -39,14 +43,27 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from service.attacks import fgsm, pgd
+from service.attacks import fgsm, pgd, pgd_l2
 from service.nets import build_classifier
 from service.registry import Registry
 from training import data
-from training.common import MODELS_DIR, RUNS_DIR, Progress, add_device_option, batches, command_line, setup
+from training.common import (
+    MODELS_DIR,
+    RUNS_DIR,
+    Progress,
+    add_device_option,
+    batches,
+    check_resume,
+    command_line,
+    run_arguments,
+    setup,
+)
 from training.train_classifier import accuracy, ship_classifier
 
 MONITOR = 500  # held-out test images for the per-epoch check (the last ones; the slice is the first 1,000)
+# what defines a run: a checkpoint saves them and a resume must repeat them (training.common.check_resume)
+RUN_ARGS = ("dataset", "method", "arch", "eps", "eps2", "steps", "alpha_frac", "beta", "epochs", "eps_ramp", "batch",
+            "lr", "seed", "ema", "init")  # fmt: skip
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
@@ -73,9 +90,22 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argpar
         logits = model(x)
         kl = F.kl_div(F.log_softmax(model(adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         return F.cross_entropy(logits, y) + args.beta * kl
-    adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=args.steps) if eps > 0 else x
+    if args.method == "max":
+        adv = worst_of_norms(model, x, y, eps, eps * args.eps2 / args.eps, args) if eps > 0 else x
+    else:
+        adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=args.steps) if eps > 0 else x
     model.train()
     return F.cross_entropy(model(adv), y)
+
+
+def worst_of_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, eps2: float,
+                   args: argparse.Namespace) -> torch.Tensor:  # fmt: skip
+    """Per image, the L∞ or L2 PGD adversary with the higher cross-entropy (the model in eval mode)."""
+    a_inf = pgd(model, x, y, eps=eps, alpha=eps * args.alpha_frac, steps=args.steps)
+    a_l2 = pgd_l2(model, x, y, eps=eps2, alpha=eps2 * args.alpha_frac, steps=args.steps)
+    with torch.no_grad():
+        worse = F.cross_entropy(model(a_l2), y, reduction="none") > F.cross_entropy(model(a_inf), y, reduction="none")
+    return torch.where(worse.view(-1, 1, 1, 1), a_l2, a_inf)
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -86,13 +116,36 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
-    """Clean, FGSM and PGD-20 (α = ε/8, random start) accuracy on the held-out monitor images."""
+def monitor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, eps2: float = 0.0) -> dict[str, float]:
+    """Clean, FGSM and PGD-20 (α = ε/8, random start) accuracy on the held-out monitor images. With `eps2`, on the
+    first 200 of them: L2 PGD-20 (α = ε₂/8), torchattacks' L2 Square (1,000 queries: an L∞-trained MNIST model masks
+    L2 gradients, which a score-based attack does not need) and the union (correct under all three)."""
     model.eval()
-    adv_f = torch.cat([fgsm(model, x[i : i + 250], y[i : i + 250], eps=eps) for i in range(0, len(x), 250)])
-    adv_p = torch.cat([pgd(model, x[i : i + 250], y[i : i + 250], eps=eps, alpha=eps / 8, steps=20)
-                       for i in range(0, len(x), 250)])  # fmt: skip
-    return {"clean": accuracy(model, x, y), "fgsm": accuracy(model, adv_f, y), "pgd20": accuracy(model, adv_p, y)}
+    chunks = [(x[i : i + 250], y[i : i + 250]) for i in range(0, len(x), 250)]
+    adv_f = torch.cat([fgsm(model, xc, yc, eps=eps) for xc, yc in chunks])
+    adv_p = torch.cat([pgd(model, xc, yc, eps=eps, alpha=eps / 8, steps=20) for xc, yc in chunks])
+    out = {"clean": accuracy(model, x, y), "fgsm": accuracy(model, adv_f, y), "pgd20": accuracy(model, adv_p, y)}
+    if eps2:
+        import torchattacks  # test/train tool, installed beside the service's dependencies
+
+        x2, y2 = x[:200], y[:200]
+        adv_2 = pgd_l2(model, x2, y2, eps=eps2, alpha=eps2 / 8, steps=20)
+        adv_s = torchattacks.Square(model, norm="L2", eps=eps2, n_queries=1000, n_restarts=1, seed=0)(x2, y2)
+        with torch.no_grad():
+            ok_inf, ok_2, ok_s = (model(a).argmax(1) == y2 for a in (adv_p[:200], adv_2, adv_s))
+        out |= {"pgd20_l2": float(ok_2.float().mean()), "square_l2": float(ok_s.float().mean()),
+                "union": float((ok_inf & ok_2 & ok_s).float().mean())}  # fmt: skip
+    return out
+
+
+def epoch_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: float, args: argparse.Namespace) -> dict:
+    """The per-epoch held-out check, printed; its record for the history."""
+    m = monitor(model, x, y, args.eps, args.eps2 if args.method == "max" else 0)
+    l2 = (f" | first 200: L2 PGD-20 {m['pgd20_l2']:.3f} L2 Square-1000 {m['square_l2']:.3f} union"
+          f" {m['union']:.3f} (ε₂={args.eps2:g})" if "union" in m else "")  # fmt: skip
+    print(f"epoch {epoch:.2f}: held-out {len(x)} clean {m['clean']:.3f} FGSM {m['fgsm']:.3f} "
+          f"PGD-20 {m['pgd20']:.3f} (ε={args.eps:g}){l2}", flush=True)  # fmt: skip
+    return {"epoch": round(epoch, 2), **m}
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -129,32 +182,44 @@ class WeightAverage:
 
 
 def save_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list,
-               segments: list, ema: WeightAverage | None = None) -> None:  # fmt: skip
+               segments: list, ema: WeightAverage | None = None, run_args: dict | None = None) -> None:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     if ema is not None:
         save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, str(folder / "ema.tmp"))
         (folder / "ema.tmp").replace(folder / "ema.safetensors")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.tmp"))
-    torch.save({"opt": opt.state_dict(), "step": step, "history": history, "segments": segments},
-               folder / "state.tmp")  # fmt: skip
+    torch.save({"opt": opt.state_dict(), "step": step, "history": history, "segments": segments,
+                "args": run_args}, folder / "state.tmp")  # fmt: skip
     (folder / "model.tmp").replace(folder / "model.safetensors")
     (folder / "state.tmp").replace(folder / "state.pt")
 
 
-def load_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
-              ema: WeightAverage | None = None) -> tuple[int, list, list]:  # fmt: skip
-    """(step, per-epoch history, the commands that ran so far with the step each started at)."""
+def load_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, ema: WeightAverage | None = None,
+              run_args: dict | None = None) -> tuple[int, list, list]:  # fmt: skip
+    """(step, per-epoch history, the commands that ran so far with the step each started at); a checkpoint made
+    with other run arguments is refused."""
     if not (folder / "state.pt").exists():
         return 0, [], []
+    # our own checkpoint, written by this job: optimiser tensors, ints, strings only
+    state = torch.load(folder / "state.pt", weights_only=True)
+    if run_args is not None:
+        check_resume(state.get("args"), run_args, folder)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     if ema is not None and (folder / "ema.safetensors").exists():
         ema.model.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    # our own checkpoint, written by this job: optimiser tensors and ints only
-    state = torch.load(folder / "state.pt", weights_only=True)
     opt.load_state_dict(state["opt"])
     print(f"resumed from {folder} at step {state['step']}", flush=True)
     segments = list(state.get("segments", [{"from_step": 0, "command": "not recorded (an earlier version)"}]))
     return int(state["step"]), list(state["history"]), segments
+
+
+def tensors(arrays: dict[str, np.ndarray], monitor_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(training images, labels, monitor images, labels) on `device`: the monitor is the last test images."""
+    x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
+    y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64)).to(device)
+    x_mon = torch.from_numpy(data.to_float(arrays["x_test"][-monitor_n:])).to(device)
+    y_mon = torch.from_numpy(arrays["y_test"][-monitor_n:].astype(np.int64)).to(device)
+    return x_tr, y_tr, x_mon, y_mon
 
 
 def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
@@ -162,17 +227,14 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
     """Train (or resume) and return the model (CPU, eval mode) and the per-epoch history. `hook(model, opt, step)`
     runs after each batch's step (an extra objective's own step); what it returns is shown in the progress line."""
     device = setup(args.seed, args.threads, args.device)
-    arrays = arrays if arrays is not None else data.load(args.dataset)
-    x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
-    y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64)).to(device)
-    x_mon = torch.from_numpy(data.to_float(arrays["x_test"][-args.monitor :])).to(device)
-    y_mon = torch.from_numpy(arrays["y_test"][-args.monitor :].astype(np.int64)).to(device)
+    x_tr, y_tr, x_mon, y_mon = tensors(arrays if arrays is not None else data.load(args.dataset), args.monitor, device)
     model = build_classifier(args.arch).to(device)
     init_weights(model, args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = WeightAverage(model, args.ema) if args.ema else None
     folder = Path(args.run_dir) / model_name(args)
-    start, history, segments = load_ckpt(folder, model, opt, ema)
+    run_args = run_arguments(args, RUN_ARGS)
+    start, history, segments = load_ckpt(folder, model, opt, ema, run_args)
     if not segments or segments[-1]["command"] != command_line():
         segments.append({"from_step": start, "command": command_line()})  # a resume with other settings is recorded
     args.segments = segments
@@ -202,16 +264,13 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
             if progress.due(step):
                 progress(step, loss=float(losses[-1]), eps=eps, epoch=epoch + 1, **extra)
             if time.time() - last_ckpt > args.ckpt_minutes * 60:
-                save_ckpt(folder, model, opt, step, history, segments, ema)
+                save_ckpt(folder, model, opt, step, history, segments, ema, run_args)
                 last_ckpt = time.time()
             if step >= total:
                 break
         if step % per_epoch == 0 or step >= total:
-            m = monitor(ema.model if ema else model, x_mon, y_mon, args.eps)
-            history.append({"epoch": round(step / per_epoch, 2), **m})
-            print(f"epoch {step / per_epoch:.2f}: held-out {len(x_mon)} clean {m['clean']:.3f} "
-                  f"FGSM {m['fgsm']:.3f} PGD-20 {m['pgd20']:.3f} (ε={args.eps:g})", flush=True)  # fmt: skip
-            save_ckpt(folder, model, opt, step, history, segments, ema)
+            history.append(epoch_check(ema.model if ema else model, x_mon, y_mon, step / per_epoch, args))
+            save_ckpt(folder, model, opt, step, history, segments, ema, run_args)
             last_ckpt = time.time()
     args.losses = torch.stack(losses).tolist() if losses else []
     shipped = ema.model if ema is not None else model
@@ -221,7 +280,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
 def ship(args: argparse.Namespace, model: nn.Module, history: list, extra: dict | None = None) -> dict:
     """Ship the model with its manifest entry; `extra` adds to its `training` record."""
     training = {
-        "method": args.method, "threat": {"norm": "linf", "eps": args.eps}, "epochs": args.epochs,
+        "method": args.method, "threat": threat(args), "epochs": args.epochs,
         "batch": args.batch, "lr": args.lr, "optimizer": "adam, one-cycle", "steps": args.steps,
         "alpha": round(args.eps * args.alpha_frac, 6), "eps_ramp_epochs": args.eps_ramp, "seed": args.seed,
         **({"beta": args.beta} if args.method == "trades" else {}), "history": history,
@@ -233,14 +292,22 @@ def ship(args: argparse.Namespace, model: nn.Module, history: list, extra: dict 
                            models_dir=args.models_dir)  # fmt: skip
 
 
+def threat(args: argparse.Namespace) -> dict:
+    """The threat a model is trained for, as the manifest records it."""
+    if args.method == "max":
+        return {"norm": "linf+l2", "eps": args.eps, "eps_l2": args.eps2}
+    return {"norm": "linf", "eps": args.eps}
+
+
 def parser(doc: str | None = None, eps: float | None = None) -> argparse.ArgumentParser:
     """The training options (train_enhanced adds its own to these); `eps` None makes --eps required."""
     p = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=data.DATASETS, required=True)
-    p.add_argument("--method", choices=("trades", "pgd"), default="trades")
+    p.add_argument("--method", choices=("trades", "pgd", "max"), default="trades")
     p.add_argument("--arch", default="S", help="classifier network (A–E, S)")
     p.add_argument("--eps", type=float, required=eps is None, default=eps,
                    help="L∞ training budget (MNIST 0.3, Fashion-MNIST 0.1)")  # fmt: skip
+    p.add_argument("--eps2", type=float, default=2.0, help="L2 training budget of --method max")
     p.add_argument("--steps", type=int, default=10, help="attack steps per batch")
     p.add_argument("--alpha-frac", type=float, default=0.25, help="attack step size as a fraction of ε")
     p.add_argument("--beta", type=float, default=6.0, help="TRADES' robustness weight")

@@ -1,15 +1,17 @@
-"""The FastAPI application: lifespan (verified registry → engine → batcher → warm-up), edge limits, JSON errors.
+"""The FastAPI application: one lifespan that builds the app's state, edge limits, one error handler.
 
     create_app(settings=None) -> FastAPI        # uvicorn "service.api.app:create_app" --factory
 
-Start-up refuses to run on a manifest whose files do not match their sha256 (ManifestError, logged in full).
-Every error is JSON `{"error": "..."}` with a 4xx/5xx status; 503 answers carry Retry-After.
+The lifespan builds, in order, everything the routes use (`app.state`): the verified registry, the engine, the
+batcher, the per-client guard, the upstream client and /v2's model repository, the attacks' substitute cache; then
+warms up in the background (/readyz answers 200 after). Start-up refuses to run on a manifest whose files do not
+match their sha256 (ManifestError, logged in full). Every error is JSON `{"error": "..."}` with a 4xx/5xx status
+(`service.api.errors`); 503 answers carry Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,25 +21,27 @@ from typing import Any
 
 import swagger_ui_bundle
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import errors
+from service.api import attack, audits, errors, v1, v2
 from service.api.schema import with_caps
+from service.attacks.runner import SubstituteCache
 from service.batcher import Batcher
 from service.config import Settings, get_settings
 from service.engine import Engine
+from service.errors import ServiceError
 from service.guard import Guard
 from service.imaging import set_pixel_limit
 from service.metrics import Metrics
+from service.proxy import ProxyClient
 from service.registry import ManifestError, Registry
+from service.served import ModelRepository
 
 log = logging.getLogger("service.api")
 
@@ -49,21 +53,20 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-OPTIONAL_ROUTERS = ("service.api.v2", "service.api.attack")  # written by other modules; included when present
+STATE = ("registry", "engine", "batcher", "guard", "proxy", "models", "substitutes")  # what the lifespan builds
+CLOSE = {"Connection": "close"}  # a body cut short leaves the connection unusable
 
 
-class PayloadTooLarge(Exception):
+class PayloadTooLarge(ServiceError):
+    """The body is over `max_upload_bytes` (checked here only, as it streams in)."""
+
     def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body exceeds the limit of {limit} bytes")
+        super().__init__(f"the request body exceeds the limit of {limit} bytes", 413, CLOSE)
 
 
-def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
-
-
-class BodyTimeout(Exception):
+class BodyTimeout(ServiceError):
     def __init__(self, limit: float) -> None:
-        super().__init__(f"the request body did not arrive within {limit:g} s")
+        super().__init__(f"the request body did not arrive within {limit:g} s", 408, CLOSE)
 
 
 class EdgeMiddleware:
@@ -104,20 +107,15 @@ class EdgeMiddleware:
                 body_done[0] = not message.get("more_body", False)
             return message
 
+        oip = errors.is_oip(scope.get("path", ""))
         try:
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                await error(413, str(PayloadTooLarge(self.max_bytes)), {"Connection": "close"})(
-                    scope, receive, send_wrapper
-                )
-            else:
-                await self.app(scope, limited_receive, send_wrapper)
-        except PayloadTooLarge as exc:
+                raise PayloadTooLarge(self.max_bytes)
+            await self.app(scope, limited_receive, send_wrapper)
+        except (PayloadTooLarge, BodyTimeout) as exc:  # raised outside a route (else its handler answered)
             if not response_started[0]:
-                await error(413, str(exc), {"Connection": "close"})(scope, receive, send_wrapper)
-        except BodyTimeout as exc:
-            if not response_started[0]:
-                await error(408, str(exc), {"Connection": "close"})(scope, receive, send_wrapper)
+                await errors.response(exc, oip)(scope, receive, send_wrapper)
         finally:
             self.metrics.observe_request(self._route(scope), scope.get("method", ""), status[0],
                                          time.perf_counter() - started)  # fmt: skip
@@ -131,43 +129,6 @@ class EdgeMiddleware:
             router = getattr(scope["app"], "router", None)
             route = next((r for r in getattr(router, "routes", []) if r.matches(scope)[0] == Match.FULL), None)
         return getattr(route, "path", None) or "unmatched"
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """The table of `service.api.errors` for the request's own failures; FastAPI's and the edge's errors; 500."""
-
-    async def known(_: Request, exc: Exception) -> JSONResponse:
-        a = errors.answer(exc)
-        if a is None:
-            return await internal(_, exc)
-        return error(a.status, a.message, a.headers, **a.extra)
-
-    for kind in errors.HANDLED:
-        app.add_exception_handler(kind, known)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-        first = details[0] if details else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"])
-        return error(422, f"invalid request: {where}: {first['msg']}" if where else first["msg"], detail=details)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), dict(exc.headers) if exc.headers else None)
-
-    @app.exception_handler(PayloadTooLarge)
-    async def too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
-        return error(413, str(exc), {"Connection": "close"})
-
-    @app.exception_handler(BodyTimeout)
-    async def body_late(_: Request, exc: BodyTimeout) -> JSONResponse:
-        return error(408, str(exc), {"Connection": "close"})
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error(500, f"internal error: {type(exc).__name__}")
 
 
 def _warm(app: FastAPI) -> None:
@@ -194,8 +155,8 @@ async def _warm_up(app: FastAPI) -> None:
         log.exception("warm-up failed")
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def _build(app: FastAPI) -> None:
+    """Every piece of the app's state, on `app.state` (what `service.api.deps` hands the routes)."""
     s: Settings = app.state.settings
     set_pixel_limit(s.max_image_pixels)
     if s.torch_threads:
@@ -208,18 +169,42 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = Engine.from_settings(registry, s)
     batcher = app.state.batcher_factory(engine, s, app.state.metrics)
     await batcher.start()
-    app.state.guard = Guard.from_settings(s, app.state.metrics) if s.guarded else None
     app.state.registry, app.state.engine, app.state.batcher = registry, engine, batcher
+    app.state.guard = Guard.from_settings(s, app.state.metrics) if s.guarded else None
+    app.state.proxy = ProxyClient(s.proxy)
+    app.state.models = ModelRepository(batcher, app.state.proxy, s, lambda: batcher.running and app.state.ready,
+                                       lambda: app.state.guard)  # fmt: skip
+    await app.state.models.load()
+    app.state.substitutes = SubstituteCache()  # the black-box attack's trained substitutes, per classifier
     log.info("models from %s verified; engine on %s", s.models_dir, engine.device)
+
+
+async def _close(app: FastAPI) -> None:
+    state = app.state
+    state.ready = False
+    if getattr(state, "audits", None) is not None:  # running audits stop and keep what they measured (docs/audit.md)
+        await asyncio.to_thread(state.audits.close)
+    if state.batcher is not None:
+        await state.batcher.stop()
+    if state.proxy is not None:
+        await state.proxy.aclose()
+    if state.guard is not None:
+        await state.guard.aclose()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        await _build(app)
+    except BaseException:
+        await _close(app)
+        raise
     warm = asyncio.create_task(_warm_up(app))
     try:
         yield
     finally:
         warm.cancel()
-        await batcher.stop()
-        if app.state.guard is not None:
-            await app.state.guard.aclose()
-        app.state.ready = False
+        await _close(app)
 
 
 def _offline_docs(app: FastAPI) -> None:
@@ -265,26 +250,19 @@ def create_app(settings: Settings | None = None, batcher_factory: BatcherFactory
     app.state.metrics = Metrics()
     app.state.ready = False
     app.state.not_ready_reason = "warming up"
-    app.state.registry = app.state.engine = app.state.batcher = app.state.guard = None
+    for name in STATE:  # built by the lifespan; None until then (`service.api.deps` answers 503)
+        setattr(app.state, name, None)
     _offline_docs(app)
     _page(app)
     app.add_middleware(EdgeMiddleware, max_bytes=settings.max_upload_bytes, metrics=app.state.metrics,
                        body_timeout_s=settings.body_timeout_s)  # fmt: skip
-    _install_error_handlers(app)
-
-    from service.api import v1
-
+    errors.install(app)
     app.include_router(v1.router)
     app.include_router(v1.ops_router)
-    for name in OPTIONAL_ROUTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        hidden = name == "service.api.attack" and not settings.attack.enabled  # it answers 404: not in the schema
-        app.include_router(module.router, include_in_schema=not hidden)
+    app.include_router(v2.router)
+    # a disabled attack endpoint answers 404, so the schema leaves it out
+    app.include_router(attack.router, include_in_schema=settings.attack.enabled)
+    app.include_router(audits.router, include_in_schema=bool(settings.audit.api_keys))  # docs/audit.md; keyed
     _schema_with_caps(app, settings)
     return app
 

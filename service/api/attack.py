@@ -9,31 +9,33 @@ The image comes as for /v1/classify (multipart file, raw image body, or JSON `im
 `method`, `params` (the attack's own, a JSON object; a JSON string in multipart or the query), `label` (default:
 the classifier's prediction), `target_label` (makes the attack targeted), `target` (classifier | defended),
 `model`, `defense`, and the defense's projection `steps`, `restarts`, `seed`. Parameters past a server cap are
-refused with 422, never trimmed. The attack runs in a worker thread, at most `max_concurrent` at a time.
+refused with 422, never trimmed. The attack is engine work (`runner.AttackJob`): admitted by the batcher like a
+projection (503 with Retry-After when it cannot finish within `attack.timeout_s`), run on the slow lane's worker in
+turn with the projections, and stopped when it runs past its timeout (504).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import time
 from typing import Any, Literal
 
 import torch
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from service import imaging
-from service.api.deps import get_batcher, get_engine, get_registry, get_settings
+from service.api.deps import get_batcher, get_registry, get_settings, get_substitutes
 from service.api.v1 import read_input
 from service.attacks import runner
 from service.batcher import Batcher
 from service.config import Settings
-from service.engine import DefendResult, Engine
+from service.engine import DefendResult
+from service.errors import ServiceError
 from service.registry import Registry
-from service.request import ClassifierFields, RequestError, Start, classifier, resolve
+from service.request import ClassifierFields, RequestError, Start, resolve
 
 router = APIRouter(prefix="/v1", tags=["attack"])
 
@@ -61,20 +63,12 @@ class AttackFields(ClassifierFields):
 def require_attack_key(request: Request, settings: Settings = Depends(get_settings)) -> None:
     """404 while disabled, 401 without an X-API-Key header, 403 for a key not on the list."""
     if not settings.attack.enabled:
-        raise HTTPException(404, "Not Found")
+        raise ServiceError("Not Found", 404)
     key = request.headers.get("x-api-key")
     if not key:
-        raise HTTPException(401, "the attack endpoint needs an X-API-Key header", {"WWW-Authenticate": "ApiKey"})
+        raise ServiceError("the attack endpoint needs an X-API-Key header", 401, {"WWW-Authenticate": "ApiKey"})
     if not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.attack.api_keys):
-        raise HTTPException(403, "this API key may not use the attack endpoint")
-
-
-def _slots(request: Request, settings: Settings) -> asyncio.Semaphore:
-    state = request.app.state
-    if getattr(state, "attack_slots", None) is None:
-        state.attack_slots = asyncio.Semaphore(max(1, settings.attack.max_concurrent))
-        state.attack_substitutes = runner.SubstituteCache()
-    return state.attack_slots  # type: ignore[no-any-return]
+        raise ServiceError("this API key may not use the attack endpoint", 403)
 
 
 def _prediction(r: DefendResult | None, i: int) -> dict[str, Any] | None:
@@ -88,30 +82,22 @@ def _prediction(r: DefendResult | None, i: int) -> dict[str, Any] | None:
     }
 
 
+def _adversarial(x: torch.Tensor, adv: torch.Tensor, png: str) -> dict[str, Any]:
+    """The adversarial image: as PNG, as the exact float array, and its L∞ and L2 distance to the input."""
+    delta = (adv - x).flatten()
+    return {
+        "png_base64": png,
+        "array": [[round(float(v), 6) for v in row] for row in adv[0, 0]],
+        "linf": float(delta.abs().max()),
+        "l2": float(delta.norm()),
+    }
+
+
 def _fooled(label: int, target_label: int | None, r: DefendResult | None, i: int) -> bool | None:
     if r is None:
         return None
     got = int(r.labels[i])
     return got == target_label if target_label is not None else got != label
-
-
-async def _execute(request: Request, settings: Settings, plan: runner.AttackPlan, *args: Any) -> torch.Tensor:
-    """`runner.execute(plan, *args, substitutes)` in a worker thread, once one of the `max_concurrent` attack slots
-    is free (503 after `timeout_s`); 504 when it runs past `timeout_s` (it finishes in the background, then frees its
-    slot)."""
-    slots = _slots(request, settings)
-    timeout = settings.attack.timeout_s
-    try:
-        await asyncio.wait_for(slots.acquire(), timeout)
-    except TimeoutError as exc:
-        raise HTTPException(503, "the attack workers are busy; retry later", {"Retry-After": "30"}) from exc
-    substitutes = request.app.state.attack_substitutes
-    fut = asyncio.get_running_loop().run_in_executor(None, runner.execute, plan, *args, substitutes)
-    fut.add_done_callback(lambda _: slots.release())
-    try:
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
-    except TimeoutError as exc:
-        raise HTTPException(504, f"the attack took longer than {timeout:g} s (it finishes in the background)") from exc
 
 
 @router.post("/attack", summary="Attack an image (dual-use: disabled unless enabled, then API key)",
@@ -120,8 +106,8 @@ async def attack(
     request: Request,
     settings: Settings = Depends(get_settings),
     registry: Registry = Depends(get_registry),
-    engine: Engine = Depends(get_engine),
     batcher: Batcher = Depends(get_batcher),
+    substitutes: runner.SubstituteCache = Depends(get_substitutes),
 ) -> Any:
     """The adversarial image (PNG base64 and the exact float array), its L∞ and L2 distance to the input, and the
     predictions before and after the attack, with and without the defense."""
@@ -130,9 +116,8 @@ async def attack(
     p = AttackFields.parse(raw)
     if len(x) != 1:
         raise RequestError(f"the attack endpoint takes one image, got {len(x)}")
-    ds, _ = classifier(p.model, registry, settings)
-    project = registry.has(f"{ds}/generator") or p.target == "defended"  # else the bare classifier only
-    req = resolve(p, settings, registry, project=project)
+    # the defense is projected where a generator is shipped (target=defended needs one: 404 without)
+    req = resolve(p, settings, registry, project=True if p.target == "defended" else None)
     ds, clf, cfg = req.dataset, req.classifier, req.cfg
     assert clf is not None
     plan = runner.plan(p.method, p.params, p.target, p.target_label is not None, cfg, settings.attack, len(x))
@@ -142,12 +127,13 @@ async def attack(
     labels = torch.tensor([p.target_label if p.target_label is not None else label])
 
     t_attack = time.perf_counter()
-    adv = await _execute(request, settings, plan, x, labels, registry, ds, clf, cfg, p.seed, engine.device)
+    job = runner.AttackJob(plan, labels, ds, clf, cfg, p.seed, substitutes)
+    # the plan capped its cost by the attack's own budget (attack.max_generator_evals), not MG_MAX_REQUEST_COST
+    adv = (await batcher.submit(job, x, timeout=settings.attack.timeout_s, budget=False)).value
     attack_ms = (time.perf_counter() - t_attack) * 1e3
 
     after = await batcher.defend(adv, ds, clf, "none")
     defended = await batcher.defend(torch.cat([x, adv]), ds, clf, p.defense, cfg, p.seed) if cfg else None
-    delta = (adv - x).flatten()
     png = await run_in_threadpool(imaging.png_base64, adv[0])
     return {
         "method": p.method,
@@ -162,12 +148,7 @@ async def attack(
         "label": label,
         "label_source": "given" if p.label is not None else "predicted",
         "target_label": p.target_label,
-        "adversarial": {
-            "png_base64": png,
-            "array": [[round(float(v), 6) for v in row] for row in adv[0, 0]],
-            "linf": float(delta.abs().max()),
-            "l2": float(delta.norm()),
-        },
+        "adversarial": _adversarial(x, adv, png),
         "before": {"classifier": _prediction(before, 0), "defended": _prediction(defended, 0)},
         "after": {"classifier": _prediction(after, 0), "defended": _prediction(defended, 1)},
         "fooled": {

@@ -1,6 +1,6 @@
 """Injected dependencies: everything a route needs lives on `app.state`, built once by the app's lifespan.
 
-Routers of other modules (v2, attack) use the same functions: `batcher: Batcher = Depends(get_batcher)`.
+Every router (v1, v2, attack) uses the same functions: `batcher: Batcher = Depends(get_batcher)`.
 They are `async` so FastAPI calls them in the event loop (a plain `def` dependency costs a thread hop each).
 """
 
@@ -8,21 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 
+from service.attacks.runner import SubstituteCache
 from service.batcher import Batcher
 from service.config import Settings
 from service.engine import Engine
+from service.errors import ServiceError
 from service.guard import client_id
 from service.metrics import Metrics
 from service.profile import Caller
 from service.registry import Registry
+from service.served import ModelRepository
 
 
 def _state(request: Request, name: str) -> object:
     value = getattr(request.app.state, name, None)
     if value is None:
-        raise HTTPException(503, f"the service is starting: {name} is not ready")
+        raise ServiceError(f"the service is starting: {name} is not ready", 503)
     return value
 
 
@@ -40,6 +43,15 @@ async def get_engine(request: Request) -> Engine:
 
 async def get_batcher(request: Request) -> Batcher:
     return _state(request, "batcher")  # type: ignore[return-value]
+
+
+async def get_models(request: Request) -> ModelRepository:
+    """/v2's models: ours and the proxied ones."""
+    return _state(request, "models")  # type: ignore[return-value]
+
+
+async def get_substitutes(request: Request) -> SubstituteCache:
+    return _state(request, "substitutes")  # type: ignore[return-value]
 
 
 async def get_metrics(request: Request) -> Metrics:

@@ -14,11 +14,12 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import imaging
 from service.api.deps import Serving, get_caller, get_metrics, get_registry, get_serving, get_settings
@@ -26,7 +27,8 @@ from service.api.schema import errors
 from service.attacks import runner
 from service.batcher import DefendJob, PurifyJob
 from service.config import Settings
-from service.engine import ENHANCED, DefendResult, PurifyResult, default_classifier, default_defense
+from service.engine import DefendResult, PurifyResult, default_classifier, default_defense, offered_defenses
+from service.errors import ServiceError
 from service.metrics import Metrics, observe_stages
 from service.profile import Caller, admit, fix_pipeline, reduce, restricted, served_model
 from service.registry import Registry, grid_key
@@ -204,8 +206,8 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
     if ctype == "multipart/form-data":
         try:
             form = await Request(request.scope, _replay(body)).form(max_files=s.max_batch_images, max_fields=32)
-        except (ValueError, HTTPException) as exc:
-            raise HTTPException(400, f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+        except (ValueError, StarletteHTTPException) as exc:
+            raise ServiceError(f"malformed multipart body: {getattr(exc, 'detail', exc)}", 400) from exc
         files: list[bytes] = []
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
@@ -213,7 +215,7 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
             else:
                 params[key] = value
         if not files:
-            raise HTTPException(422, "the multipart body has no file part")
+            raise RequestError("the multipart body has no file part")
         vr = _value_range(params)
         cheap = small and all(imaging.small_png(f) for f in files)
         x = await _off_loop(cheap, imaging.decode_files, files, s.max_image_pixels, s.max_batch_images, vr)
@@ -221,17 +223,17 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
         try:
             doc = await _off_loop(small, json.loads, body)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise HTTPException(400, f"the body is not valid JSON: {str(exc)[:200]}") from exc
+            raise ServiceError(f"the body is not valid JSON: {str(exc)[:200]}", 400) from exc
         if not isinstance(doc, dict):
-            raise HTTPException(422, "the JSON body must be an object with `image`, `images` or `array`")
+            raise RequestError("the JSON body must be an object with `image`, `images` or `array`")
         inputs = {k: doc.pop(k) for k in IMAGE_KEYS if k in doc}
         params.update(doc)
         vr = _value_range(params)
         image, images = inputs.get("image"), inputs.get("images")
         if image is not None and not isinstance(image, str):
-            raise HTTPException(422, "`image` must be a base64 string")
+            raise RequestError("`image` must be a base64 string")
         if images is not None and not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
-            raise HTTPException(422, "`images` must be a list of base64 strings")
+            raise RequestError("`images` must be a list of base64 strings")
         cheap = small and image is None and images is None  # base64 files may decode to many pixels
         x = await _off_loop(
             cheap, imaging.decode_json, image, images, inputs.get("array"), s.max_image_pixels, s.max_batch_images, vr
@@ -240,9 +242,9 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
         cheap = small and imaging.small_png(body)
         x = await _off_loop(cheap, imaging.decode_files, [body], s.max_image_pixels, s.max_batch_images, vr)
     elif not ctype:
-        raise HTTPException(415, "set a Content-Type: multipart/form-data, application/json or image/png (...)")
+        raise ServiceError("set a Content-Type: multipart/form-data, application/json or image/png (...)", 415)
     else:
-        raise HTTPException(415, f"unsupported Content-Type {ctype!r}")
+        raise ServiceError(f"unsupported Content-Type {ctype!r}", 415)
     return x, params, (time.perf_counter() - t) * 1e3
 
 
@@ -397,7 +399,7 @@ async def purify(request: Request, sv: Serving = Depends(get_serving)) -> Respon
     }
     if p.format == "png":
         if len(r.mse) != 1:
-            raise HTTPException(422, "format=png returns one image; use format=json or format=npy for several")
+            raise RequestError("format=png returns one image; use format=json or format=npy for several")
         if r.flagged is not None:
             headers["X-MG-Flagged"] = str(bool(r.flagged[0])).lower()
         elif r.detector_note:
@@ -464,18 +466,12 @@ def _detector_info(registry: Registry, ds: str) -> dict[str, Any]:
 
 def _dataset_info(registry: Registry, ds: str, settings: Settings) -> dict[str, Any]:
     clfs = registry.classifiers(ds)
-    gen, enc = registry.has(f"{ds}/generator"), registry.has(f"{ds}/encoder")
-    defenses = ["none"] + (["defense-gan"] if gen else []) + (["invert-classify"] if gen and enc else [])
-    if gen and enc and any(c.endswith(ENHANCED) for c in clfs):
-        defenses.append("enhanced-invert-classify")
-    if registry.has(f"{ds}/magnet"):
-        defenses.append("magnet")
     return {
         "classes": _class_names(registry, ds),
         "classifiers": clfs,
-        "generator": gen,
-        "encoder": enc,
-        "defenses": defenses,
+        "generator": registry.has(f"{ds}/generator"),
+        "encoder": registry.has(f"{ds}/encoder"),
+        "defenses": offered_defenses(registry, ds),
         "detector": _detector_info(registry, ds),
         # the pipeline served when a call names none, and why (training.robustness)
         "default": {

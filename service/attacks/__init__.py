@@ -9,13 +9,12 @@ black-box substitute attack uses `model` only through its labels; AdvGAN needs i
 
 `ATTACKS` maps the public names (as the /v1/attack endpoint takes them) to their spec.
 
-The signatures repeat one shape on purpose (model, images, labels, then the paper's own defaults, each stated in its
-attack's signature, as torchattacks does): `duplicates` lists the pairs that remain (pgd ~ pgd_l2, cw ~ pgd,
-rand_fgsm ~ pgd, cw ~ rand_fgsm: signatures only; eot and latent write the same shape compactly); folding them into
-shared parameter objects would hide each attack's defaults and break the uniform `attack(model, images, labels,
-**params)` call. What was the same logic is one piece: pgd and pgd_l2 share their loop and step (`pgd.ball_step`,
-which `eot` steps with too), `bpda` is `eot` with one sample and `cw_defense_gan` is `cw` with Defense-GAN's settings
-(partials: their signatures carry the defaults the runner reads).
+Every attack's signature is the same shape: model, images, labels, then its keyword parameters with the paper's
+defaults as their default values (as torchattacks states them). Those defaults are read from the signature by the
+service (`runner.defaults`, shown by GET /v1/models), so each attack keeps its own. The logic attacks share is
+written once: pgd and pgd_l2 run one loop and one step (`pgd.ball_step`, which `eot` steps with too), `bpda` is
+`eot` with one sample and `cw_defense_gan` is `cw` with Defense-GAN's settings (partials, so that their signatures
+carry their own defaults).
 """
 
 from __future__ import annotations

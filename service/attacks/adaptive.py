@@ -152,8 +152,8 @@ def _misread(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torc
     return pred == labels if targeted else pred != labels
 
 
-# eot's keyword signature is the shape of every attack's (model, images, labels, then its paper's defaults, as
-# torchattacks and cleverhans expose them): deliberate, see service/attacks/__init__.py; written compactly here.
+# (model, images, labels, then the paper's defaults as keywords): the signature every attack here shares, as in
+# torchattacks and cleverhans, so the runner and the evaluations call any of them the same way.
 def eot(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float = 0.3, alpha: float = 0.01,
         steps: int = 40, samples: int = 8, norm: str = "linf", random_start: bool = True, targeted: bool = False,
         seed: int = 0) -> torch.Tensor:  # fmt: skip

@@ -70,9 +70,8 @@ def _pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     return adv.detach()
 
 
-# `pgd` and `pgd_l2` (and the adaptive attacks' `eot`) repeat one keyword signature on purpose: each public attack
-# states its paper's defaults in its own signature, as torchattacks and cleverhans expose them (`duplicates` pairs
-# them); the step and the loop are shared (`ball_step`, `_pgd`).
+# The public attacks: each states its threat model's defaults in its own signature (the service's runner reads them
+# from there, `runner.defaults`); the loop and the step they run are `_pgd` and `ball_step`.
 def pgd(
     model: nn.Module,
     images: torch.Tensor,

@@ -1,16 +1,24 @@
 """Run one named attack for the service: check the caller's parameters against the caps, estimate the cost, build
 the model the attack needs (the bare classifier, the defended pipeline, an AdvGAN generator, a trained
-substitute) and call it. Synchronous and compute-bound: the API runs it off the event loop. No HTTP here.
+substitute) and call it. No HTTP here.
+
+    p = plan(method, params, target, targeted, cfg, caps, images)      # AttackRequestError (422) past a cap
+    await batcher.submit(AttackJob(p, labels, dataset, classifier, cfg, seed, substitutes), x, timeout)
 
 Cost is counted in generator evaluations per request — one projection of N images is N·L·R of them — so every
-attack that runs through the defense is capped by one number (`AttackSettings.max_generator_evals`).
+attack that runs through the defense is capped by one number (`AttackSettings.max_generator_evals`, checked by
+`plan`). The attack is engine work like any other: `AttackJob` goes through the batcher's admission (queue,
+estimated wait against its timeout) on the slow lane's worker, one at a time and never merged, and a caller that
+times out or goes stops it at the model's next forward pass (`service.purify.Cancelled`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +31,9 @@ from service.attacks.adaptive import Defended
 from service.attacks.advgan import generator_key
 from service.attacks.substitute import as_oracle, train_substitute
 from service.config import AttackSettings
-from service.purify import ProjectionConfig
+from service.engine import Engine, Stop
+from service.errors import ServiceError
+from service.purify import Cancelled, ProjectionConfig
 from service.registry import DEFAULT_ROOT, Registry
 
 SUBSTITUTE_SEED_IMAGES = 150  # the first 150 images of models/<ds>/test_slice.npz (cleverhans' holdout)
@@ -35,8 +45,10 @@ PARAM_TYPES: dict[str, type] = {
 }  # fmt: skip
 
 
-class AttackRequestError(ValueError):
-    """The request names an unknown attack, a bad parameter, or exceeds a cap (HTTP 422)."""
+class AttackRequestError(ServiceError, ValueError):
+    """The request names an unknown attack, a bad parameter, or exceeds a cap (422)."""
+
+    status = 422
 
 
 @dataclass
@@ -140,25 +152,29 @@ def plan(
         if p["arch"] not in ("E", "B"):
             raise AttackRequestError("arch must be E or B (the substitute architectures of the paper)")
     _check_ranges(method, spec, p, caps)
-    passes = _passes(method, p)  # forward passes through the attacked model per image
-    per_projection = cfg.steps * cfg.restarts if cfg is not None else 0
-    cost = 0
-    if target == "defended":
-        if cfg is None:
-            raise AttackRequestError("target=defended needs a generator for this dataset")
-        if cfg.steps > caps.max_projection_steps:
-            raise AttackRequestError(f"steps={cfg.steps} exceeds the attack cap max_projection_steps="
-                                     f"{caps.max_projection_steps}")  # fmt: skip
-        if cfg.restarts > caps.max_restarts:
-            raise AttackRequestError(f"restarts={cfg.restarts} exceeds the attack cap max_restarts={caps.max_restarts}")
-        cost = images * passes * per_projection + (images * p["steps"] if method == "latent" else 0)
-        if cost > caps.max_generator_evals:
-            raise AttackRequestError(
-                f"{method} on target=defended costs about {cost:,} generator evaluations ({passes} projections of "
-                f"{images} image(s) at L={cfg.steps}, R={cfg.restarts}); the cap is {caps.max_generator_evals:,}. "
-                "Lower the attack's steps/samples or the projection's steps/restarts."
-            )
+    cost = _defended_cost(method, p, cfg, caps, images) if target == "defended" else 0
     return AttackPlan(method, spec, p, target, targeted, cost, notes)
+
+
+def _defended_cost(method: str, p: dict[str, Any], cfg: ProjectionConfig | None, caps: AttackSettings,
+                   images: int) -> int:  # fmt: skip
+    """The generator evaluations of an attack through the defense, or AttackRequestError past a cap."""
+    if cfg is None:
+        raise AttackRequestError("target=defended needs a generator for this dataset")
+    if cfg.steps > caps.max_projection_steps:
+        raise AttackRequestError(f"steps={cfg.steps} exceeds the attack cap max_projection_steps="
+                                 f"{caps.max_projection_steps}")  # fmt: skip
+    if cfg.restarts > caps.max_restarts:
+        raise AttackRequestError(f"restarts={cfg.restarts} exceeds the attack cap max_restarts={caps.max_restarts}")
+    passes = _passes(method, p)  # forward passes through the attacked model per image
+    cost = images * passes * cfg.steps * cfg.restarts + (images * p["steps"] if method == "latent" else 0)
+    if cost > caps.max_generator_evals:
+        raise AttackRequestError(
+            f"{method} on target=defended costs about {cost:,} generator evaluations ({passes} projections of "
+            f"{images} image(s) at L={cfg.steps}, R={cfg.restarts}); the cap is {caps.max_generator_evals:,}. "
+            "Lower the attack's steps/samples or the projection's steps/restarts."
+        )
+    return cost
 
 
 def _passes(method: str, p: dict[str, Any]) -> int:
@@ -235,6 +251,60 @@ def seed_images(registry: Registry, dataset: str) -> torch.Tensor:
     raise AttackRequestError(f"the substitute attack needs {dataset}/test_slice.npz (its held-out seed images)")
 
 
+@contextlib.contextmanager
+def stoppable(modules: list[nn.Module], stop: Stop) -> Iterator[None]:
+    """While inside, every forward pass of `modules` first asks `stop`: True raises Cancelled (the caller has gone).
+    Hooks, not a wrapper: the adaptive attacks need the `Defended` pipeline itself."""
+
+    def check(*_: Any) -> None:
+        if stop():
+            raise Cancelled("the attack's caller has gone")
+
+    handles = [m.register_forward_pre_hook(check) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass(frozen=True, eq=False)
+class AttackJob:
+    """One planned attack as the batcher's job: run alone (every instance its own key) on the slow lane, its cost
+    the plan's generator evaluations (admission estimates its wait from them), stopped between two passes of the
+    attacked model when its caller has gone."""
+
+    plan: AttackPlan
+    labels: torch.Tensor  # true labels, or the target labels of a targeted attack
+    dataset: str
+    classifier: str
+    cfg: ProjectionConfig | None
+    seed: int | None
+    substitutes: SubstituteCache
+
+    op = "attack"
+    alone = True
+
+    @property
+    def model(self) -> str:
+        """The metrics' model label."""
+        return f"{self.dataset}/{self.classifier}"
+
+    def cost(self, n: int) -> tuple[int, str]:
+        return self.plan.generator_evals, f"{self.plan.method} on {n} image(s)"
+
+    def run(self, engine: Engine, x: torch.Tensor, stop: Stop) -> torch.Tensor:
+        return execute(self.plan, x, self.labels, engine.registry, self.dataset, self.classifier, self.cfg, self.seed,
+                       engine.device, self.substitutes, stop)  # fmt: skip
+
+    def split(self, out: torch.Tensor, bounds: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return [out]
+
+
+def _never() -> bool:
+    return False
+
+
 def execute(
     p: AttackPlan,
     x: torch.Tensor,
@@ -246,15 +316,29 @@ def execute(
     seed: int | None,
     device: torch.device,
     substitutes: SubstituteCache,
+    stop: Stop = _never,
 ) -> torch.Tensor:
-    """Run the planned attack on x (N×1×28×28 in [0, 1]) with `labels` (true, or target when targeted)."""
+    """Run the planned attack on x (N×1×28×28 in [0, 1]) with `labels` (true, or target when targeted); `stop` is
+    asked before every pass of the attacked model (True: Cancelled)."""
     x, labels = x.to(device), labels.to(device)
     clf = registry.classifier(dataset, classifier, device)
     model: nn.Module = clf
+    watched = [clf]
     if p.target == "defended":
         assert cfg is not None
         enc = registry.encoder(dataset, device) if cfg.init == "encoder" else None
         model = Defended(clf, registry.generator(dataset, device), cfg, encoder=enc, seed=seed)
+        watched.append(model.generator)  # every projection step
+    with stoppable(watched, stop):  # a substitute's training queries the classifier too
+        kwargs = _inputs(p, model, registry, dataset, classifier, device, substitutes)
+        adv = p.spec.fn(model, x, labels, **kwargs)
+    return adv.detach().cpu()
+
+
+def _inputs(p: AttackPlan, model: nn.Module, registry: Registry, dataset: str, classifier: str,
+            device: torch.device, substitutes: SubstituteCache) -> dict[str, Any]:  # fmt: skip
+    """The attack's keyword arguments: the plan's parameters, and the AdvGAN generator or the trained substitute
+    it needs."""
     kwargs = dict(p.params)
     if p.method == "advgan":
         key = generator_key(dataset, classifier)
@@ -269,5 +353,4 @@ def execute(
             kwargs["substitute_model"] = train_substitute(oracle, seeds, arch=arch, rounds=rounds).model
         else:
             kwargs["substitute_model"] = substitutes.get(registry, dataset, classifier, arch, device, rounds)
-    adv = p.spec.fn(model, x, labels, **kwargs)
-    return adv.detach().cpu()
+    return kwargs

@@ -6,8 +6,7 @@ query-attack detector (Blacklight), with the state in this process or shared thr
     await guard.check(client_id(headers, peer, settings.clients.trusted_proxies), images)   # or raises Throttled
 
 Modules: identity (client_id), limits (token bucket, budget, Throttled), detector (fingerprints, the in-process
-index), state (in-process and Redis backends), guard (the facade), similarity (Chen, Carlini & Wagner's detector,
-for offline comparison only).
+index), state (in-process and Redis backends), guard (the facade).
 """
 
 from service.guard.detector import BlacklightConfig, Fingerprinter, Verdict

@@ -120,8 +120,11 @@ class Fingerprinter:
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """N×C×H×W in [0, 1] → N × (H·W·C) uint64 bin numbers (0 … 255 / quant_step)."""
         n = x.shape[0]
-        v = np.ascontiguousarray(np.moveaxis(x, 1, -1), dtype=np.float32).reshape(n, -1)
-        scaled = np.clip(v, 0.0, 1.0) * np.float32(255.0 / self.cfg.quant_step) + self.salt(v.shape[1])
+        v = x if x.shape[1] == 1 else np.moveaxis(x, 1, -1)  # channels last (one channel: already)
+        v = np.ascontiguousarray(v, dtype=np.float32).reshape(n, -1)
+        scaled = np.clip(v, 0.0, 1.0)
+        scaled *= np.float32(255.0 / self.cfg.quant_step)
+        scaled += self.salt(v.shape[1])
         return scaled.astype(U64)
 
     def powers(self, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,11 +158,12 @@ class Fingerprinter:
         """The top_k largest distinct hashes per row (their top 32 bits; 0 pads a row with fewer), and digests."""
         k = self.cfg.top_k
         h.sort(axis=1)
-        distinct = np.ones(h.shape, dtype=bool)
-        distinct[:, :-1] = h[:, 1:] != h[:, :-1]  # the last of each run of equal values
         t = np.zeros((len(h), k), U64)
-        for i, (row, keep) in enumerate(zip(h, distinct, strict=True)):
-            top = row[keep][-k:]
+        for i, row in enumerate(h):
+            tail = row[-2 * k :]  # distinct values are the rule: the top k are almost always among the last 2k
+            top = tail[np.append(tail[1:] != tail[:-1], True)][-k:]  # the last of each run of equal values
+            if len(top) < k and len(tail) < len(row):
+                top = row[np.append(row[1:] != row[:-1], True)][-k:]
             t[i, k - len(top) :] = top
         fp = (t >> U64(32)).astype(np.uint32)
         fp[(t != 0) & (fp == 0)] = 1  # 0 means "no hash"
@@ -238,8 +242,12 @@ class StreamIndex:
         more than `threshold` hashes wrote that many buckets; later writers may have pushed some of its entries
         out, not most of them while it is recent)."""
         found = self.table[q & self.mask].ravel()
-        slots, hits = np.unique(found[found >= 0], return_counts=True)
-        slots = slots[hits > threshold // 2]
+        found = np.sort(found[found >= 0])
+        if len(found) == 0:
+            return found
+        starts = np.flatnonzero(np.append(True, found[1:] != found[:-1]))  # runs of one slot
+        hits = np.diff(np.append(starts, len(found)))
+        slots = found[starts[hits > threshold // 2]]
         counts = shared(self.fps[slots], q)
         return slots[(counts > threshold) & (self.digests[slots] != digest)]
 

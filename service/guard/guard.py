@@ -62,7 +62,7 @@ class GuardCore:
                  clock: Callable[[], float] = time.time, config: BlacklightConfig | None = None,
                  timeout_s: float = 0.05, retry_s: float = 1.0) -> None:  # fmt: skip
         self.settings, self.metrics, self.clock, self.retry_s = settings, metrics, clock, retry_s
-        self.config = config or BlacklightConfig()
+        self.config = config or BlacklightConfig(matches=settings.detector_matches)
         self.memory = MemoryState(settings, self.config)
         self.redis = RedisState(state_url, settings, self.config, timeout_s) if state_url else None
         self.fingerprint = Fingerprinter(self.config, os.urandom(32))

@@ -22,9 +22,14 @@ def client_id(headers: Mapping[str, str], peer: str | None, trusted_proxies: lis
     key = header(headers, "x-api-key")
     if key:
         return "key:" + hashlib.sha256(key.encode()).hexdigest()[:KEY_PREFIX_CHARS]
-    nets = networks(tuple(trusted_proxies))
+    return forwarded_client(peer, header(headers, "x-forwarded-for"), tuple(trusted_proxies))
+
+
+@lru_cache(maxsize=4096)
+def forwarded_client(peer: str | None, forwarded: str | None, trusted_proxies: tuple[str, ...]) -> str:
+    """`ip:<client>` from the direct peer and the X-Forwarded-For chain (cached: a client sends the same pair)."""
+    nets = networks(trusted_proxies)
     client = address(peer)
-    forwarded = header(headers, "x-forwarded-for")
     if client is not None and forwarded and trusted(client, nets):
         for hop in reversed(forwarded.split(",")):
             a = address(hop)

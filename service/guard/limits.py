@@ -11,23 +11,29 @@ The arithmetic here is the in-process one; service.guard.state's Redis script do
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from service.config import ClientSettings
+from service.errors import ServiceError
 
 Reason = Literal["rate", "budget", "detected"]
 
 
-class Throttled(Exception):
-    """A client is refused for now (HTTP 429, with Retry-After = `retry_after`)."""
+class Throttled(ServiceError):
+    """A client is refused for now: 429 with Retry-After (whole seconds, at least 1) and the `reason` in /v1's body."""
 
     status = 429
 
     def __init__(self, reason: Reason, retry_after: float, message: str | None = None) -> None:
         self.reason: Reason = reason
         self.retry_after = max(float(retry_after), 0.0)
-        super().__init__(message or f"{reason} limit exceeded; retry after {self.retry_after:.1f} s")
+        super().__init__(
+            message or f"{reason} limit exceeded; retry after {self.retry_after:.1f} s",
+            headers={"Retry-After": str(max(1, math.ceil(self.retry_after)))},
+            reason=reason,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The clients of `training.blackbox`: the API attacker (an HTTP client that can act as many client identities,
-per-image query accounting, the reference attacks driven through it, the judge) and the benign stream.
+"""The query-attack suite: the API attacker (an HTTP client that can act as many client identities, per-image
+query accounting, the reference attacks driven through it, the judge) and the benign stream. Used by
+`training.blackbox` (attacks over HTTP) and `service.audit` (any allow-listed model server, bare and guarded).
 
     client = Client(url, "user-model")                       # POST /v2/models/{name}/infer, binary FP32 inputs
     ledger = Ledger(x, y, "linf", 0.3)                       # per image: queries, first success, refusals
@@ -7,6 +8,8 @@ per-image query accounting, the reference attacks driven through it, the judge) 
     x_adv = square(oracle, x, y, "linf", 0.3, queries=10_000)   # torchattacks.Square through an nn.Module wrapper
     x_adv = hop_skip_jump(oracle, x, y, "l2", 2.0, queries=10_000)  # ART's HopSkipJump on the labels alone
     adv, info = transfer(oracle, seeds, x, y, 0.3, rounds=6) # Papernot et al.'s substitute, labelled over HTTP
+    sub, info = train_on_answers(oracle, seeds, rounds=6)      # the substitute alone; then per threat:
+    adv = transfer_from(sub, x, y, "l2", 2.0)                  # {"pgd-l2": ...} (L∞: {"fgsm", "pgd"})
     ok = judge(referee, candidates(ledger, {"square": x_adv}, True), y, repeats=10, address=...)
 
 Accounting: every row the attacker sends is mapped to the image it attacks (the nearest original in the threat's
@@ -20,7 +23,6 @@ attacker learns comes from HTTP answers.
 from __future__ import annotations
 
 import contextlib
-import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,20 +32,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torchattacks
-from PIL import Image
 from torch import nn
 
 from service import oip
 from service.attacks.fgsm import fgsm
-from service.attacks.pgd import pgd
-from service.attacks.substitute import train_substitute
-from training import data
-from training.eval_generator import wilson
+from service.attacks.pgd import pgd, pgd_l2
+from service.attacks.substitute import Substitute, train_substitute
+from service.guard.streams import RESEND_KINDS, resend
+from service.stats import wilson
 
 ABSTAIN = -1  # the label of an abstained answer
 MAX_ROWS = 64  # images per request (the service's max_batch_images)
 EPS_SLACK = 1e-4  # float32 rounding at the ball's edge
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    """uint8 N×28×28 → float32 N×1×28×28 in [0, 1]."""
+    return (x.astype(np.float32) / 255.0)[:, None]
 
 
 class Stopped(Exception):
@@ -370,7 +376,7 @@ class HttpModel(nn.Module):
 NORMS = {"linf": "Linf", "l2": "L2"}
 
 
-class _Square(torchattacks.Square):
+class LastIterateSquare(torchattacks.Square):
     """torchattacks' Square returning its last iterate x_best for every image, fooled in the end or not (the judge
     resubmits it: a randomized pipeline may be fooled by it on another try), without the final check query."""
 
@@ -385,7 +391,7 @@ def square(oracle: Oracle, x: np.ndarray, y: np.ndarray, norm: str, eps: float, 
     """torchattacks.Square (Andriushchenko et al. 2020; margin loss, p_init 0.8, one restart) with at most `queries`
     queries per image (EOT: queries / k iterations). `Stopped` propagates: the ledger's rows are then the result."""
     iters = max(queries // oracle.eot - 1, 1)  # the first query scores the random start
-    atk = _Square(HttpModel(oracle), norm=NORMS[norm], eps=eps, n_queries=iters, seed=seed)
+    atk = LastIterateSquare(HttpModel(oracle), norm=NORMS[norm], eps=eps, n_queries=iters, seed=seed)
     with _attack_rng(seed):
         return atk(torch.from_numpy(x), torch.from_numpy(y)).numpy()
 
@@ -437,6 +443,13 @@ def transfer(oracle: Oracle, seeds: np.ndarray, x: np.ndarray, y: np.ndarray, ep
     """Papernot et al.'s substitute (architecture E, Jacobian augmentation from `seeds`, λ = 0.1) trained on the
     API's labels, then FGSM and PGD-40 (L∞ ε, α = 0.01) on it, transferred. If the attacker is stopped while
     labelling, the substitute is trained with the rounds it completed (its labels so far are kept)."""
+    sub, info = train_on_answers(oracle, seeds, rounds, seed)
+    return transfer_from(sub, x, y, "linf", eps, seed), info
+
+
+def train_on_answers(oracle: Oracle, seeds: np.ndarray, rounds: int, seed: int = 0) -> tuple[Substitute, dict]:
+    """The substitute of `transfer`, trained on the oracle's labels (each distinct row asked once), and what it
+    cost. `Stopped` before the seeds were labelled propagates; stopped later, it keeps the rounds it completed."""
     labelled: dict[bytes, int] = {}
 
     def ask(rows: torch.Tensor) -> torch.Tensor:
@@ -456,13 +469,20 @@ def transfer(oracle: Oracle, seeds: np.ndarray, x: np.ndarray, y: np.ndarray, ep
             continue
     else:
         raise Stopped("stopped before the substitute's seed images were labelled")
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(seed)
-    adv = {"fgsm": fgsm(sub.model, xt, yt, eps=eps).numpy(),
-           "pgd": pgd(sub.model, xt, yt, eps=eps, generator=gen).numpy()}  # fmt: skip
     info = {"rounds": r, "oracle_queries": len(labelled), "training_points": sub.training_points,
             "agreement": round(sub.agreement, 4)}  # fmt: skip
-    return adv, info
+    return sub, info
+
+
+def transfer_from(sub: Substitute, x: np.ndarray, y: np.ndarray, norm: str, eps: float,
+                  seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+    """White-box attacks on the substitute, to transfer: L∞ FGSM and PGD-40 (α = 0.01); L2 PGD-40 (α = ε/16)."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    if norm == "l2":
+        return {"pgd-l2": pgd_l2(sub.model, xt, yt, eps=eps, alpha=eps / 16, generator=gen).numpy()}
+    return {"fgsm": fgsm(sub.model, xt, yt, eps=eps).numpy(),
+            "pgd": pgd(sub.model, xt, yt, eps=eps, generator=gen).numpy()}  # fmt: skip
 
 
 def judge(client: Client, pairs: list[tuple[int, np.ndarray]], y: np.ndarray, repeats: int,
@@ -499,38 +519,28 @@ def candidates(ledger: Ledger, outputs: dict[str, np.ndarray], finished: bool) -
 
 
 # -- the benign stream ---------------------------------------------------------------------------------------------
-def variant(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A realistic re-send of a 28×28 uint8 image: the same, JPEG quality 75, cropped 1–2 px and resized back, or
-    10% brighter; as float32 1×28×28 in [0, 1]."""
-    im = Image.fromarray(img)
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=75)
-        im = Image.open(io.BytesIO(buf.getvalue())).convert("L")
-    elif kind == "crop":
-        c = int(rng.integers(1, 3))
-        im = im.crop((c, c, 28 - c, 28 - c)).resize((28, 28), Image.BILINEAR)
-    out = np.asarray(im, dtype=np.float32) / 255.0
-    if kind == "bright":
-        out = np.clip(out * 1.1, 0, 1)
-    return out[None].astype(np.float32)
+def benign_plans(n: int, clients: int, resend_fraction: float, seed: int) -> list[list[tuple[int, str]]]:
+    """Each client's sequence of (image index, variant kind): the n images split among `clients` (each sends its
+    own), about `resend_fraction` of them re-sent once as a random variant at a random later place in its sequence."""
+    rng = np.random.default_rng(seed)
+    plans = []
+    for g in np.array_split(rng.permutation(n), min(clients, n)):
+        seq = [(int(i), "original") for i in g]
+        for i in g[rng.random(len(g)) < resend_fraction]:
+            kind = str(rng.choice(RESEND_KINDS))
+            seq.insert(int(rng.integers(1, len(seq) + 1)), (int(i), kind))
+        plans.append(seq)
+    return plans
 
 
 def benign_stream(url: str, served: str, x: np.ndarray, y: np.ndarray, book: AddressBook, seed: int,
-                  clients: int = 200, resend: float = 0.3, workers: int = 8) -> dict:  # fmt: skip
-    """`clients` clients share the images; each sends its own one per request, re-sending about `resend` of them
-    (a random variant each) at random places in its sequence. Requests of different clients run concurrently."""
-    rng = np.random.default_rng(seed)
-    clients = min(clients, len(x))
-    groups = np.array_split(rng.permutation(len(x)), clients)
+                  clients: int = 200, resend_fraction: float = 0.3, workers: int = 8) -> dict:  # fmt: skip
+    """`clients` clients share the images; each sends its own one per request, re-sending about `resend_fraction`
+    of them (a random variant each) at random places in its sequence. Requests of different clients run
+    concurrently."""
+    plans = benign_plans(len(x), clients, resend_fraction, seed)
+    clients = len(plans)
     addresses = book.take(clients)
-    plans = []
-    for g in groups:
-        seq = [(int(i), "original") for i in g]
-        for i in g[rng.random(len(g)) < resend]:
-            kind = str(rng.choice(["same", "jpeg", "crop", "bright"]))
-            seq.insert(int(rng.integers(1, len(seq) + 1)), (int(i), kind))
-        plans.append(seq)
     local = threading.local()
 
     def run_client(k: int) -> tuple[bool, list[tuple[int, int]]]:
@@ -538,7 +548,8 @@ def benign_stream(url: str, served: str, x: np.ndarray, y: np.ndarray, book: Add
             local.client = Client(url, served)
         crng, got, refused = np.random.default_rng(seed + 1 + k), [], False
         for i, kind in plans[k]:
-            img = data.to_float(x[i : i + 1]) if kind == "original" else variant(x[i], kind, crng)[None]
+            img = to_float(x[i : i + 1])
+            img = img if kind == "original" else resend(img[0], kind, crng)[None]
             try:
                 label = int(local.client.infer(img, addresses[k]).labels[0])
             except Refused:

@@ -1,0 +1,120 @@
+"""`training.robustness`'s protocol as data: the threats per dataset, the clean bars, the published figures the page
+sets beside ours, which attacks run against which pipeline, the attack budget, the pipelines evaluated and the
+rule that picks the measured default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.registry import Registry
+
+THREATS: dict[str, tuple[tuple[str, float], ...]] = {
+    "mnist": (("linf", 0.3), ("l2", 2.0)),
+    "fmnist": (("linf", 0.1), ("linf", 0.3), ("l2", 1.5)),
+}
+
+
+STANDARD = {"mnist": ("linf", 0.3), "fmnist": ("linf", 0.1)}
+
+
+CLEAN_BAR = {"mnist": 0.98, "fmnist": 0.85}
+
+
+NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+# Published figures at the standard threat, for the page (clean, robust, model and attack, source)
+PUBLISHED = {
+    "mnist": [
+        ("TRADES (Zhang et al. 2019b)", 0.9948, 0.9276, "AutoAttack standard",
+         "AutoAttack README, MNIST L∞ 0.3 table (github.com/fra31/auto-attack)"),
+        ("PGD training (Madry et al. 2018)", 0.9853, 0.8843, "AutoAttack standard",
+         "AutoAttack README, MNIST L∞ 0.3 table (github.com/fra31/auto-attack)"),
+        ("fast FGSM with random start (Wong et al. 2020)", 0.9850, 0.8288, "AutoAttack standard",
+         "AutoAttack README, MNIST L∞ 0.3 table (github.com/fra31/auto-attack)"),
+    ],
+    "fmnist": [
+        ("PGD training, small CNN (conv 16-32, FC 100)", 0.8846, 0.785, "PGD-40 + linear-region attack + MIP "
+         "verification on 1,000 test points (an upper bound; no AutoAttack figure found)",
+         "Croce, Andriushchenko & Hein, AISTATS 2019, Table 1"),
+    ],
+}  # fmt: skip
+
+
+BARE_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+DEFENDED_ATTACKS = ("bpda-apgd-ce", "bpda-apgd-t", "exact-apgd-ce", "latent", "square")
+
+
+# against "correct or flagged" (the detector rejects what it flags): attacks that also keep the MSE under threshold
+DETECT_ATTACKS = ("detector-aware", "latent")
+
+
+CHEAP = ("none", "magnet")  # no projection: full-size clean accuracy, AutoAttack's own settings
+
+
+def attacks_for(defense: str, bare: tuple[str, ...] = BARE_ATTACKS) -> tuple[str, ...]:
+    """The worst-case attacks of a pipeline: AutoAttack on bare classifiers and through MagNet's autoencoder
+    (exactly differentiable), the adaptive set behind a projection."""
+    return bare if defense == "none" else BARE_ATTACKS if defense == "magnet" else DEFENDED_ATTACKS
+
+
+def detect_attacks_for(defense: str) -> tuple[str, ...]:
+    """Against "correct or flagged": detector-aware PGD (and behind a projection, the latent attack)."""
+    return ("detector-aware",) if defense == "magnet" else DETECT_ATTACKS
+
+
+def threat_key(norm: str, eps: float) -> str:
+    return f"{norm}:{eps:g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How hard the attacks try (the published AutoAttack settings by default)."""
+
+    iters: int = 100
+    square_queries: int = 5000
+    batch: int = 250
+    fab_targets: int = 9  # FAB-T's target classes (standard: 9); fewer where FAB-T's cost is out of reach
+    # behind the projection every attack step costs a 25-step projection (≈ 40× a bare step on this CPU)
+    defended_iters: int = 50
+    defended_targets: int = 3
+    defended_square_queries: int = 200
+    latent_steps: int = 200
+
+
+def pipelines(reg: Registry, dataset: str, defended: list[str] | None = None) -> list[tuple[str, str]]:
+    """Every classifier bare; behind the warm-start projection the `defended` ones (default: the adversarially
+    trained and the enhanced); behind MagNet (where shipped) classifier A, the papers' model, and the
+    adversarially trained ones."""
+    out = [(c, "none") for c in reg.classifiers(dataset)]
+    robust = [
+        c
+        for c in reg.classifiers(dataset)
+        if reg.get(f"{dataset}/{c}").raw.get("training", {}).get("method") in ("pgd", "trades", "enhanced-inc")
+    ]
+    if reg.has(f"{dataset}/encoder") and reg.has(f"{dataset}/generator"):
+        out += [(c, "invert-classify") for c in (defended if defended is not None else robust)]
+    if reg.has(f"{dataset}/magnet"):
+        out += [(c, "magnet") for c in ["classifier_A", *robust] if reg.has(f"{dataset}/{c}")
+                and not c.endswith("_enhanced")]  # fmt: skip
+    return out
+
+
+def choose_default(results: list[dict], dataset: str) -> dict | None:
+    """Highest worst-case accuracy at the standard threat among pipelines meeting the clean bar, compared on the
+    images all of them were attacked on (the first min n of the slice: a 200-image estimate must not beat a
+    1,000-image one by sampling luck), then on clean accuracy."""
+    std = threat_key(*STANDARD[dataset])
+    ok = [r for r in results if r["clean"]["accuracy"] >= CLEAN_BAR[dataset] and std in r["threats"]]
+    if not ok:
+        return None
+    common = min(r["threats"][std].get("n", 0) for r in ok)
+
+    def paired(r: dict) -> float:
+        flags = r["threats"][std].get("robust_flags")
+        return sum(flags[:common]) / common if flags and common else r["threats"][std]["accuracy"]
+
+    best = max(ok, key=lambda r: (paired(r), r["clean"]["accuracy"]))
+    return {"classifier": f"{dataset}/{best['classifier']}", "defense": best["defense"]}
