@@ -84,7 +84,6 @@ class Blacklight:
 
     def __init__(self, matches: int | None = None) -> None:
         cfg = BlacklightConfig() if matches is None else BlacklightConfig(matches=matches)
-        self.name = f"Blacklight (service.guard), K = {cfg.matches} matched queries"
         self.core = GuardCore(ClientSettings(rate_per_s=1e12, burst=10**12, budget=10**15), config=cfg)
 
     def refuses(self, client: str, x: np.ndarray) -> bool:
@@ -98,8 +97,7 @@ class Blacklight:
 class Chen:
     """Chen et al.'s detector; a flagged client is refused from then on (its buffer restarts, as in the paper)."""
 
-    def __init__(self, name: str, template: SimilarityDetector) -> None:
-        self.name = name
+    def __init__(self, template: SimilarityDetector) -> None:
         self.det = SimilarityDetector(template.embed, template.threshold, template.k, template.buffer)
         self.banned: set[str] = set()
 
@@ -110,6 +108,9 @@ class Chen:
             self.banned.add(client)
             return True
         return False
+
+
+Factory = Callable[[], "Blacklight | Chen"]  # a detector with a fresh state per call
 
 
 @dataclass
@@ -139,7 +140,7 @@ def replay(det: Blacklight | Chen, tag: str, stream: np.ndarray, first: int | No
     return Replay(None, first_refusal, identities - len(alive))
 
 
-def benign_flagged(make: Callable[[], Blacklight | Chen], x: np.ndarray, clients: int, seed: int) -> dict:
+def benign_flagged(make: Factory, x: np.ndarray, clients: int, seed: int) -> dict:
     """The benign stream's clients (interleaved round-robin, as concurrent clients arrive), and how many were ever
     refused."""
     plans = benign_plans(len(x), clients, 0.3, seed)
@@ -157,7 +158,7 @@ def benign_flagged(make: Callable[[], Blacklight | Chen], x: np.ndarray, clients
             "ci": [round(v, 4) for v in wilson(f, n)]}  # fmt: skip
 
 
-def cost_us(make: Callable[[], Blacklight | Chen], x: np.ndarray) -> float:
+def cost_us(make: Factory, x: np.ndarray) -> float:
     """Microseconds per query of one detector, 1 image per call, two clients of len(x) / 2 queries each (Chen's
     k-NN search grows with a client's buffer: past k queries it searches them all)."""
     det = make()
@@ -168,22 +169,26 @@ def cost_us(make: Callable[[], Blacklight | Chen], x: np.ndarray) -> float:
 
 
 def detectors(reg: Registry, dataset: str, calibration: np.ndarray, matches: list[int],
-              chen: bool = True) -> dict[str, Callable[[], Blacklight | Chen]]:  # fmt: skip
-    """Each detector's factory (a fresh state per call): Blacklight as shipped and at each K of `matches`; with
-    `chen`, Chen et al.'s on pixels and on the encoder, their thresholds calibrated once."""
-    enc = reg.encoder(dataset)
-    made: dict[str, Callable[[], Blacklight | Chen]] = {"blacklight": Blacklight}
-    made |= {f"blacklight-k{k}": lambda k=k: Blacklight(k) for k in matches if k != BlacklightConfig().matches}
+              chen: bool = True) -> dict[str, tuple[str, Factory]]:  # fmt: skip
+    """Each detector's (description, factory of a fresh state): Blacklight as shipped and at each K of `matches`;
+    with `chen`, Chen et al.'s on pixels and on the encoder, their thresholds calibrated once."""
+    shipped = BlacklightConfig().matches
+    made: dict[str, tuple[str, Factory]] = {
+        "blacklight" if k == shipped else f"blacklight-k{k}": (
+            f"Blacklight (service.guard), K = {k} matched queries", lambda k=k: Blacklight(k))
+        for k in [shipped, *(k for k in matches if k != shipped)]
+    }  # fmt: skip
     if not chen:
         return made
     embeds: dict[str, Callable] = {"chen-pixels": pixels}
+    enc = reg.encoder(dataset)
     if enc is not None:
         embeds["chen-encoder"] = lambda v: enc(torch.from_numpy(np.asarray(v, dtype=np.float32))).detach().numpy()
     for key, embed in embeds.items():
         template = SimilarityDetector.calibrate(embed, calibration, fpr=0.001, k=50)
         label = f"Chen et al., {'raw pixels' if key == 'chen-pixels' else 'GAN encoder'} (k 50, threshold " \
                 f"{template.threshold:.3f})"  # fmt: skip
-        made[key] = lambda t=template, name=label: Chen(name, t)
+        made[key] = (label, lambda t=template: Chen(t))
     return made
 
 
@@ -198,8 +203,9 @@ def run(args: argparse.Namespace) -> dict:
     x, y = data.to_float(xt[att]), yt[att]
     reg = Registry(args.models_dir)
     model = reg.module(f"{args.dataset}/classifier_A").eval()
-    made = detectors(reg, args.dataset, data.to_float(xt[order[-CALIBRATION:]]), args.matches, not args.no_chen)
-    names = {key: make().name for key, make in made.items()}
+    described = detectors(reg, args.dataset, data.to_float(xt[order[-CALIBRATION:]]), args.matches, not args.no_chen)
+    names = {key: name for key, (name, _) in described.items()}
+    made = {key: make for key, (_, make) in described.items()}
     cells = []
     for (norm, eps), transformed in [(t, o) for t in THREATS for o in (False, True)]:
         streams = record(model, x, y, norm, eps, args.queries, transformed)

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.config import ClientSettings
+
 U64 = np.uint64
 SPLITMIX = (U64(0x9E3779B97F4A7C15), U64(0xBF58476D1CE4E5B9), U64(0x94D049BB133111EB))
 
@@ -63,7 +65,8 @@ class BlacklightConfig:
     stride: int = 1
     top_k: int = 50  # hashes kept per query (the authors' `num_hashes_keep`)
     threshold: int = 25  # a match shares more than this many of the top_k hashes (the authors': 25)
-    matches: int = 10  # K: matched queries among a client's last `history` that detect it
+    # K: matched queries among a client's last `history` that detect it (the operator's setting is its default)
+    matches: int = ClientSettings.model_fields["detector_matches"].default
     depth: int = 8  # recent queries found per hash bucket (in-process: depth slots; Redis: 2·depth records)
 
 
