@@ -407,14 +407,20 @@ class Batcher:
     async def calibrate(self, dataset: str) -> None:
         """Run one small projection batch through the slow lane so admission has a measured rate from the first
         request on (warm-up does it). The server's own job: the per-request budget does not apply to it."""
-        x = torch.full((8, 1, 28, 28), 0.5)
+        x = torch.full((8, *self.engine.registry.spec(dataset).shape), 0.5)
         job = PurifyJob(dataset, ProjectionConfig(steps=5, restarts=4), seed=0)
         await self.submit(job, x, timeout=600, budget=False)
 
     # -- submitting ---------------------------------------------------------------------------------
     def check_budget(self, job: Any, n: int, budget: bool = True) -> int:
-        """The request's cost (generator passes), or OverBudget above `max_request_cost` (`budget` False: never)."""
+        """The request's cost (generator passes of 28×28 gray images: a larger image counts as its value count over
+        784, `DatasetSpec.cost`), or OverBudget above `max_request_cost` (`budget` False: never)."""
         cost, what = job.cost(n) if hasattr(job, "cost") else (0, "")
+        dataset = getattr(job, "dataset", None)
+        scale = self.engine.registry.spec(dataset).cost if cost and isinstance(dataset, str) else 1.0
+        if scale != 1.0:
+            c, h, w = self.engine.registry.spec(dataset).shape  # type: ignore[arg-type]
+            cost, what = math.ceil(cost * scale), f"{what}, × {scale:.2f} for {c}×{h}×{w} images"
         if budget and self.max_request_cost is not None and cost > self.max_request_cost:
             raise OverBudget(cost, self.max_request_cost, what)
         return int(cost)

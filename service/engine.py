@@ -139,7 +139,7 @@ def projection_config(defense: str, steps: int | None, restarts: int | None, s: 
 class PurifyResult:
     """Purified images of one request, with per-image MSE and the detector's decision when one is calibrated."""
 
-    images: torch.Tensor  # N×1×28×28 in [0, 1]
+    images: torch.Tensor  # N×C×H×W in [0, 1]
     z: torch.Tensor  # N×latent
     mse: np.ndarray  # N
     restart_mse: np.ndarray  # N×R
@@ -168,7 +168,7 @@ class DefendResult:
 
     labels: np.ndarray
     probs: np.ndarray  # N×10
-    purified: torch.Tensor | None  # N×1×28×28, None without defense
+    purified: torch.Tensor | None  # N×C×H×W, None without defense
     mse: np.ndarray | None
     flagged: np.ndarray | None
     threshold: float | None
@@ -187,7 +187,7 @@ class DefendResult:
 class MagNetResult:
     """MagNet's reformer output and detector verdict (either detector over its threshold flags an image)."""
 
-    images: torch.Tensor  # AE_I(x), N×1×28×28
+    images: torch.Tensor  # AE_I(x), N×C×H×W
     mse: np.ndarray  # detector I's score: the reformer's reconstruction MSE
     flagged: np.ndarray
     threshold: float  # detector I's (detector II, on the mean absolute error, has its own)
@@ -224,8 +224,8 @@ class Engine:
 
     def warm_up(self) -> None:
         """Load every generator, encoder and ONNX classifier, and run each once."""
-        x = torch.full((1, 1, 28, 28), 0.5)
         for ds in self.registry.datasets():
+            x = torch.full((1, *self.registry.spec(ds).shape), 0.5)
             for name in self.registry.classifiers(ds):
                 self.onnx(ds, name).logits(x.numpy())
             self.purify(x, ds, ProjectionConfig(steps=1, restarts=1), seed=0)
@@ -235,8 +235,8 @@ class Engine:
     # -- stages -------------------------------------------------------------------------------------
     def purify(self, x: torch.Tensor, dataset: str, cfg: ProjectionConfig, seed: int | None = None,
                stop: Stop | None = None) -> Projection:  # fmt: skip
-        """Project x (N×1×28×28 in [0, 1]) onto the dataset's generator range (`stop`: see `project`, which checks
-        the images)."""
+        """Project x (N×C×H×W in [0, 1], the dataset's shape) onto the dataset's generator range (`stop`: see
+        `project`, which checks the images)."""
         gen = self.registry.generator(dataset, self.device)
         enc = self.registry.encoder(dataset, self.device) if cfg.init == "encoder" else None
         if cfg.init == "encoder" and enc is None:
@@ -263,7 +263,7 @@ class Engine:
 
     def reform(self, x: torch.Tensor, dataset: str) -> MagNetResult:
         """MagNet: the reformed images AE_I(x) and the verdict of its two detectors (NotShipped without one)."""
-        check_images(x)
+        check_images(x, self.registry.spec(dataset).shape)
         require_magnet(self.registry, dataset)
         net = self.registry.magnet(dataset, self.device)
         det = self.registry.magnet_detector(dataset)
@@ -297,7 +297,7 @@ class Engine:
             raise ValueError(f"{classifier!r} is not an enhanced classifier: resolve the request first")
         timings: dict[str, float] = {}
         if defense == "none":
-            check_images(x)
+            check_images(x, self.registry.spec(dataset).shape)
             t = time.perf_counter()
             labels, probs = self.classify(x, dataset, classifier)
             timings["classify_ms"] = (time.perf_counter() - t) * 1e3

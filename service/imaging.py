@@ -1,17 +1,23 @@
-"""Bytes and arrays at the edge → checked model input: float32 tensors N×1×28×28 in [0, 1].
+"""Bytes and arrays at the edge → checked model input: float32 tensors N×C×H×W in [0, 1], C×H×W the dataset's
+(`service.datasets.DatasetSpec`: 1×28×28 for MNIST and Fashion-MNIST, 3×32×32 for the colour shapes set).
 
 Accepted: PNG, JPEG, WebP (recognised by their magic bytes, not by a file name or content type), NumPy `.npy`
 (never pickled), base64 of any of those (data URLs too), and nested arrays (JSON).
 
+Two steps: `read_files`/`read_json` decode to images as they came (H×W×1 gray or H×W×3 colour, any size), before
+the request names its model; `to_tensor(images, n, spec)` fits them to the named model's dataset.
+
 Input policy (documented in docs/service.md):
-- Polarity is MNIST's: a light digit on a dark background. Nothing is inverted automatically; a dark-on-light
-  image must be inverted by the caller (`255 − x`).
-- Colour → grayscale with the ITU-R 601-2 luma weights (0.299 R + 0.587 G + 0.114 B). Transparency is composited
-  over black (the background colour), so a transparent pixel is background.
-- Size: an image is resized with a Lanczos (anti-aliased) filter, keeping its aspect ratio, to fit 28×28, and
-  centred on black (the same as padding it to a square first, without the square in memory). 28×28 inputs are
-  untouched. An 8-bit gray or RGB image more than 4× the model size is first box-reduced by an integer factor in
-  8 bits, so the float copy stays small.
+- Polarity is MNIST's for the gray sets: a light digit on a dark background. Nothing is inverted automatically; a
+  dark-on-light image must be inverted by the caller (`255 − x`).
+- Channels: colour is kept for a colour dataset (a gray image is replicated to R, G, B); for a gray dataset colour
+  → grayscale with the ITU-R 601-2 luma weights (0.299 R + 0.587 G + 0.114 B). Transparency is composited over
+  black (the background colour), so a transparent pixel is background.
+- Size, by the dataset's `resize` policy, with a Lanczos (anti-aliased) filter: "fit" keeps the aspect ratio, fits
+  the image into H×W and centres it on black (the same as padding it to a square first, without the square in
+  memory); "fill" scales it to cover H×W and centre-crops. Inputs of the model's size are untouched. An 8-bit gray
+  or RGB image more than 112 pixels wide or tall is first box-reduced by an integer factor in 8 bits (to no less
+  than 112), so the float copy stays small.
 - Values: 8-bit images are divided by 255, 16-bit by 65535; float arrays must already lie in [0, 1] (or in
   [0, 255] when the caller says `value_range=255`). NaN, infinity and out-of-range values are rejected, not clipped.
 - Limits: every image's pixel count is checked from its header before decoding (Pillow's decompression-bomb limit
@@ -34,11 +40,14 @@ import numpy.lib.format as npformat
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from service.datasets import DatasetSpec, gray28
 from service.errors import ServiceError
 
-SIZE = 28
+MNIST = gray28("mnist")  # the default spec of the tensor helpers
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-REDUCE_ABOVE = 4 * SIZE  # an 8-bit image wider or taller than this is box-reduced before the float conversion
+# an 8-bit image wider or taller than this is box-reduced before the float conversion, keeping ≥ 112 pixels on its
+# long side: enough for the largest model side (64) too
+REDUCE_ABOVE = 4 * 28
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a partly grey image
@@ -77,26 +86,24 @@ def small_png(data: bytes, max_pixels: int = 256 * 256) -> bool:
 
 
 # -- decoding ---------------------------------------------------------------------------------------
-def _pil_to_gray(im: Image.Image) -> np.ndarray:
-    """A decoded Pillow image → float32 H×W grayscale in [0, 1] (alpha over black, luma for colour)."""
+def _pil_to_array(im: Image.Image) -> np.ndarray:
+    """A decoded Pillow image → float32 H×W×1 (gray) or H×W×3 (colour) in [0, 1], alpha composited over black."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(im, dtype=np.float32)
         if a.min() < 0 or a.max() > 65535:
             raise ImageError(f"{mode} image values outside the 16-bit range")
-        return a / np.float32(65535.0)
+        return (a / np.float32(65535.0))[..., None]
     if mode == "F":
-        return _check_range(np.asarray(im, dtype=np.float32), 1.0)
+        return _check_range(np.asarray(im, dtype=np.float32), 1.0)[..., None]
     if mode == "1":
-        return np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255.0)
+        return (np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255.0))[..., None]
     if mode == "P" or mode == "PA":
         im = im.convert("RGBA")
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         im = im.convert("RGBA" if "A" in mode else "RGB")  # CMYK, YCbCr, LAB, HSV, La, RGBa, ...
     a = np.asarray(im, dtype=np.float32) / np.float32(255.0)
-    if a.ndim == 2:
-        return a
-    return _channels_to_gray(a)
+    return _composite(a[..., None] if a.ndim == 2 else a)
 
 
 def _reduce_large(im: Image.Image) -> Image.Image:
@@ -108,18 +115,21 @@ def _reduce_large(im: Image.Image) -> Image.Image:
     return im.reduce((min(k, w), min(k, h))) if k >= 2 and im.mode in ("L", "RGB") else im
 
 
-def _channels_to_gray(a: np.ndarray) -> np.ndarray:
-    """H×W×C (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) in [0, 1] → H×W: luma, then alpha over black."""
+def _composite(a: np.ndarray) -> np.ndarray:
+    """H×W×C (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) in [0, 1] → H×W×1 or H×W×3, alpha over black."""
     c = a.shape[-1]
-    if c in (1, 2):
-        gray = a[..., 0]
-    elif c in (3, 4):
-        gray = a[..., :3] @ LUMA
-    else:
+    if c not in (1, 2, 3, 4):
         raise ImageError(f"an image has {c} channels; expected 1, 2, 3 or 4")
     if c in (2, 4):
-        gray = gray * a[..., -1]
-    return gray
+        return a[..., :-1] * a[..., -1:]
+    return a
+
+
+def _to_channels(a: np.ndarray, channels: int) -> np.ndarray:
+    """H×W×1 or H×W×3 → H×W×`channels`: luma for colour to gray, replicated for gray to colour."""
+    if a.shape[-1] == channels:
+        return a
+    return (a @ LUMA)[..., None] if channels == 1 else np.repeat(a, 3, axis=-1)
 
 
 def _check_range(a: np.ndarray, top: float) -> np.ndarray:
@@ -131,7 +141,8 @@ def _check_range(a: np.ndarray, top: float) -> np.ndarray:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG/WebP bytes → float32 H×W grayscale in [0, 1]. Pixel count checked from the header first."""
+    """PNG/JPEG/WebP bytes → float32 H×W×1 (gray) or H×W×3 (colour) in [0, 1]. Pixel count checked from the header
+    first."""
     fmt = sniff(data)
     if fmt not in FORMATS:
         raise ImageError("not a PNG, JPEG or WebP image (unrecognised bytes)", status=415)
@@ -146,7 +157,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 raise ImageError(f"the image has {w}×{h} = {w * h} pixels; the limit is {max_pixels}", status=413)
             im.seek(0)
             im.load()
-            return _pil_to_gray(_reduce_large(im))
+            return _pil_to_array(_reduce_large(im))
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -196,7 +207,7 @@ def decode_base64(text: str) -> bytes:
 
 # -- arrays → images --------------------------------------------------------------------------------
 def array_images(a: np.ndarray, value_range: float = 1.0) -> list[np.ndarray]:
-    """A numeric array → H×W grayscale images in [0, 1].
+    """A numeric array → H×W×1 or H×W×3 images in [0, 1].
 
     Shapes: H×W; H×W×C (C ∈ {1, 2, 3, 4}, channels last); N×H×W; N×C×H×W or N×H×W×C (C ∈ {1, 3, 4}).
     uint8 arrays are scaled by 1/255 whatever `value_range` says; other integer and float arrays by 1/value_range,
@@ -208,15 +219,15 @@ def array_images(a: np.ndarray, value_range: float = 1.0) -> list[np.ndarray]:
         value_range = 255.0
     a = _check_range(np.asarray(a, dtype=np.float32), value_range) / np.float32(value_range)
     if a.ndim == 2:
-        images = [a]
+        images = [a[..., None]]
     elif a.ndim == 3 and a.shape[-1] in (1, 2, 3, 4) and a.shape[0] > 4:
-        images = [_channels_to_gray(a)]
+        images = [_composite(a)]
     elif a.ndim == 3:
-        images = list(a)
+        images = [x[..., None] for x in a]
     elif a.ndim == 4 and a.shape[1] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-        images = [_channels_to_gray(np.moveaxis(x, 0, -1)) for x in a]
+        images = [_composite(np.moveaxis(x, 0, -1)) for x in a]
     elif a.ndim == 4 and a.shape[-1] in (1, 3, 4):
-        images = [_channels_to_gray(x) for x in a]
+        images = [_composite(x) for x in a]
     else:
         raise ImageError(f"cannot read an image batch from an array of shape {a.shape}")
     if not images or any(x.size == 0 for x in images):
@@ -237,67 +248,91 @@ def nested_array(value: Any, value_range: float = 1.0) -> list[np.ndarray]:
     return array_images(a, value_range)
 
 
-# -- policy: grayscale H×W → 28×28 ------------------------------------------------------------------
-def to_model_size(gray: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """Lanczos-resize to fit size×size keeping the aspect ratio, centred on black; values clipped to [0, 1].
-    Memory: the output and one float32 copy of the input, whatever the aspect ratio (no padded square)."""
-    h, w = gray.shape
-    if (h, w) == (size, size):
-        return gray.astype(np.float32)
-    side = max(h, w)
-    nh, nw = max(1, round(h * size / side)), max(1, round(w * size / side))
-    im = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32)).resize((nw, nh), Image.Resampling.LANCZOS)
-    out = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = np.asarray(im, dtype=np.float32)
-    return np.clip(out, 0.0, 1.0)
+# -- policy: H×W×C → the dataset's C×H×W ------------------------------------------------------------
+def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Lanczos-resize H×W×C float32 to (height, width), one channel at a time (Pillow's float mode)."""
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(a[..., k])).resize((w, h),
+                                                                                       Image.Resampling.LANCZOS))
+                     for k in range(a.shape[-1])], axis=-1)  # fmt: skip
 
 
-def to_tensor(images: Sequence[np.ndarray], max_images: int) -> torch.Tensor:
-    """Grayscale images of any size → float32 tensor N×1×28×28 in [0, 1] (count capped)."""
+def to_model_size(image: np.ndarray, spec: DatasetSpec = MNIST) -> np.ndarray:
+    """One H×W×C image (or H×W gray) → float32 C×H×W of `spec`, by its channels and resize policy ("fit": fit and
+    centre on black; "fill": cover and centre-crop); values clipped to [0, 1]. Memory: the output and one float32
+    copy of the input, whatever the aspect ratio (no padded square)."""
+    a = _to_channels(image[..., None] if image.ndim == 2 else image, spec.channels).astype(np.float32, copy=False)
+    h, w = a.shape[:2]
+    th, tw = spec.height, spec.width
+    if (h, w) == (th, tw):
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+    k = max(th / h, tw / w) if spec.resize == "fill" else min(th / h, tw / w)
+    nh, nw = max(1, round(h * k)), max(1, round(w * k))
+    r = _resize(a, (nh, nw))
+    out = np.zeros((th, tw, a.shape[-1]), dtype=np.float32)
+    top, left = (th - nh) // 2, (tw - nw) // 2  # negative for "fill": a crop
+    src = r[max(0, -top) : max(0, -top) + min(th, nh), max(0, -left) : max(0, -left) + min(tw, nw)]
+    out[max(0, top) : max(0, top) + src.shape[0], max(0, left) : max(0, left) + src.shape[1]] = src
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0).transpose(2, 0, 1))
+
+
+def to_tensor(images: Sequence[np.ndarray], max_images: int, spec: DatasetSpec = MNIST) -> torch.Tensor:
+    """Images of any size → float32 tensor N×C×H×W of `spec` in [0, 1] (count capped)."""
     if not images:
         raise ImageError("no image in the request")
     if len(images) > max_images:
         raise ImageError(f"{len(images)} images in one request; the limit is {max_images}", status=413)
-    a = np.stack([to_model_size(g) for g in images])[:, None]
+    a = np.stack([to_model_size(g, spec) for g in images])
     if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:  # cannot happen after the checks; kept as a guard
         raise ImageError("image values must be finite and lie in [0, 1]")
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def load_bytes(data: bytes, max_pixels: int, max_images: int, value_range: float = 1.0) -> list[np.ndarray]:
-    """Any accepted file's bytes (image or .npy) → grayscale images."""
+    """Any accepted file's bytes (image or .npy) → H×W×C images."""
     if not data:
         raise ImageError("the upload is empty")
     if sniff(data) == "NPY":
         a = decode_npy(data, max_pixels, max_images)
         images = array_images(a, value_range)
-        for g in images:
-            if g.size > max_pixels:
-                raise ImageError(f"an image has {g.size} pixels; the limit is {max_pixels}", status=413)
+        _check_pixels(images, max_pixels)
         return images
     return [decode_image(data, max_pixels)]
 
 
-def decode_files(files: Sequence[bytes], max_pixels: int, max_images: int, value_range: float = 1.0) -> torch.Tensor:
-    """Uploaded files → model input tensor."""
+def _check_pixels(images: list[np.ndarray], max_pixels: int) -> None:
+    for g in images:
+        if g.shape[0] * g.shape[1] > max_pixels:
+            raise ImageError(f"an image has {g.shape[0] * g.shape[1]} pixels; the limit is {max_pixels}", status=413)
+
+
+def read_files(files: Sequence[bytes], max_pixels: int, max_images: int, value_range: float = 1.0) -> list[np.ndarray]:
+    """Uploaded files → images as they came (H×W×C), count checked."""
     images: list[np.ndarray] = []
     for data in files:
         images.extend(load_bytes(data, max_pixels, max_images, value_range))
         if len(images) > max_images:
-            break
-    return to_tensor(images, max_images)
+            raise ImageError(f"{len(images)}+ images in one request; the limit is {max_images}", status=413)
+    if not images:
+        raise ImageError("no image in the request")
+    return images
 
 
-def decode_json(
-    image: str | None,
-    images: Sequence[str] | None,
-    array: Any,
-    max_pixels: int,
-    max_images: int,
-    value_range: float = 1.0,
-) -> torch.Tensor:
-    """The JSON forms (`image` base64, `images` list of base64, `array` nested list) → model input tensor."""
+def decode_files(files: Sequence[bytes], max_pixels: int, max_images: int, value_range: float = 1.0,
+                 spec: DatasetSpec = MNIST) -> torch.Tensor:  # fmt: skip
+    """Uploaded files → model input tensor for `spec`."""
+    return to_tensor(read_files(files, max_pixels, max_images, value_range), max_images, spec)
+
+
+def decode_json(image: str | None, images: Sequence[str] | None, array: Any, max_pixels: int, max_images: int,
+                value_range: float = 1.0, spec: DatasetSpec = MNIST) -> torch.Tensor:  # fmt: skip
+    """The JSON forms → model input tensor for `spec` (`read_json`, then `to_tensor`)."""
+    return to_tensor(read_json(image, images, array, max_pixels, max_images, value_range), max_images, spec)
+
+
+def read_json(image: str | None, images: Sequence[str] | None, array: Any, max_pixels: int, max_images: int,
+              value_range: float = 1.0) -> list[np.ndarray]:  # fmt: skip
+    """The JSON forms (`image` base64, `images` list of base64, `array` nested list) → images as they came."""
     given = [name for name, v in (("image", image), ("images", images), ("array", array)) if v is not None]
     if len(given) != 1:
         raise ImageError(
@@ -305,23 +340,27 @@ def decode_json(
         )
     if array is not None:
         decoded = nested_array(array, value_range)
-        for g in decoded:
-            if g.size > max_pixels:
-                raise ImageError(f"an image has {g.size} pixels; the limit is {max_pixels}", status=413)
-        return to_tensor(decoded, max_images)
+        _check_pixels(decoded, max_pixels)
+        if len(decoded) > max_images:
+            raise ImageError(f"{len(decoded)} images in one request; the limit is {max_images}", status=413)
+        return decoded
     texts = [image] if image is not None else list(images or [])
     if len(texts) > max_images:
         raise ImageError(f"{len(texts)} images in one request; the limit is {max_images}", status=413)
-    return decode_files([decode_base64(t) for t in texts], max_pixels, max_images, value_range)
+    return read_files([decode_base64(t) for t in texts], max_pixels, max_images, value_range)
 
 
 # -- encoding ---------------------------------------------------------------------------------------
 def encode_png(x: torch.Tensor | np.ndarray) -> bytes:
-    """One image (1×28×28, 28×28 or 1×1×28×28) in [0, 1] → 8-bit grayscale PNG bytes."""
+    """One image (C×H×W with C 1 or 3, H×W, or 1×C×H×W) in [0, 1] → 8-bit gray or RGB PNG bytes."""
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    a = np.squeeze(a)
-    if a.ndim != 2:
-        raise ValueError(f"encode_png takes one grayscale image, got shape {a.shape}")
+    a = a[0] if a.ndim == 4 and a.shape[0] == 1 else a
+    if a.ndim == 3 and a.shape[0] == 3:
+        a = a.transpose(1, 2, 0)
+    elif a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim not in (2, 3):
+        raise ValueError(f"encode_png takes one gray or RGB image, got shape {a.shape}")
     buf = io.BytesIO()
     Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()

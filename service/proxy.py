@@ -5,7 +5,9 @@ One pooled `httpx.AsyncClient` per process. Failures map to the protocol's error
 upstream too slow → 504, upstream reply malformed (or too large, or a 5xx) → 502, upstream 4xx → the same 4xx.
 
 The tensor side is here too: `to_unit` turns an upstream-format image tensor (NCHW/NHWC, FP32/UINT8, range 1 or
-255, 1 or 3 channels) into N×1×28×28 in [0, 1] for purification, `from_unit` turns the purified images back.
+255, 1 or 3 channels) into the dataset's N×C×H×W in [0, 1] for purification, `from_unit` turns the purified images
+back. A colour dataset purifies an RGB upstream in colour; a gray one (MNIST's) purifies an RGB upstream's channel
+mean and replicates it back.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 
 from service import oip
 from service.config import ProxySettings, Upstream
+from service.datasets import DatasetSpec, gray28
 from service.errors import ServiceError
 
-SIDE = 28
+MNIST = gray28("mnist")
 FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
-Purify = Callable[[torch.Tensor, str], Awaitable[torch.Tensor]]  # (N×1×28×28 in [0, 1], dataset) → purified
+Purify = Callable[[torch.Tensor, str], Awaitable[torch.Tensor]]  # (N×C×H×W in [0, 1], dataset) → purified
 
 
 class UpstreamError(ServiceError):
@@ -39,30 +42,32 @@ class UpstreamError(ServiceError):
 
 
 # -- tensors -------------------------------------------------------------------------------------------------------
-def to_unit(data: np.ndarray, up: Upstream) -> tuple[torch.Tensor, int]:
-    """(N×1×28×28 float32 in [0, 1], channel count) of an image tensor in the upstream's format; OIPError if not."""
-    s = SIDE
-    want = f"N×1×{s}×{s} or N×3×{s}×{s}" if up.layout == "NCHW" else f"N×{s}×{s}×1 or N×{s}×{s}×3"
+def to_unit(data: np.ndarray, up: Upstream, spec: DatasetSpec = MNIST) -> tuple[torch.Tensor, int]:
+    """(N×C×H×W float32 in [0, 1] of `spec`, the upstream's channel count) of an image tensor in the upstream's
+    format; OIPError if not."""
+    h, w = spec.height, spec.width
+    channels = (1, 3) if spec.channels == 1 else (3,)
+    want = " or ".join(f"N×{c}×{h}×{w}" if up.layout == "NCHW" else f"N×{h}×{w}×{c}" for c in channels)
     if data.ndim != 4:
         raise oip.OIPError(f"input {up.input_name!r} must have shape {want} ({up.layout}), got {list(data.shape)}")
     x = data if up.layout == "NCHW" else data.transpose(0, 3, 1, 2)
-    n, c, h, w = x.shape
-    if c not in (1, 3) or (h, w) != (SIDE, SIDE) or n == 0:
+    n, c, *size = x.shape
+    if c not in channels or tuple(size) != (h, w) or n == 0:
         raise oip.OIPError(f"input {up.input_name!r} must have shape {want} ({up.layout}), got {list(data.shape)}")
     x = x.astype(np.float32) / np.float32(up.value_range)
     if not np.isfinite(x).all():
         raise oip.OIPError(f"input {up.input_name!r} contains NaN or infinity")
     if x.min() < 0 or x.max() > 1:
         raise oip.OIPError(f"input {up.input_name!r} values must lie in [0, {up.value_range:g}]")
-    if c == 3:
+    if c != spec.channels:  # an RGB upstream in front of a gray dataset: its channels' mean is purified
         x = x.mean(axis=1, keepdims=True)
     return torch.from_numpy(np.ascontiguousarray(x)), c
 
 
 def from_unit(x: torch.Tensor, up: Upstream, channels: int = 1) -> np.ndarray:
-    """Purified N×1×28×28 images in [0, 1] as the upstream expects them (layout, channels, datatype, range)."""
+    """Purified N×C×H×W images in [0, 1] as the upstream expects them (layout, `channels`, datatype, range)."""
     a = x.detach().cpu().numpy().astype(np.float32).clip(0, 1) * np.float32(up.value_range)
-    if channels != 1:
+    if channels != a.shape[1]:
         a = np.repeat(a, channels, axis=1)
     if up.layout == "NHWC":
         a = a.transpose(0, 2, 3, 1)
@@ -209,13 +214,13 @@ def _for_upstream(req: oip.InferRequest, up: Upstream) -> oip.InferRequest:
 
 
 async def purify_and_forward(client: ProxyClient, name: str, up: Upstream, req: oip.InferRequest, purify: Purify,
-                             headers: dict[str, str] | None = None) -> Forwarded:  # fmt: skip
-    """Purify the image input of `req` for the upstream `up` (allow-listed as `name`) in place, forward it, return
-    the upstream's response."""
+                             spec: DatasetSpec, headers: dict[str, str] | None = None) -> Forwarded:  # fmt: skip
+    """Purify the image input of `req` for the upstream `up` (allow-listed as `name`, its images of `spec`'s
+    dataset) in place, forward it, return the upstream's response."""
     t = req.input(up.input_name)
     if t.datatype != up.datatype:
         raise oip.OIPError(f"input {up.input_name!r} must be {up.datatype} for upstream {name!r}, got {t.datatype}")
-    x, channels = to_unit(t.data, up)
+    x, channels = to_unit(t.data, up, spec)
     purified = await purify(x, up.dataset)
     t.data = from_unit(purified, up, channels)
     return Forwarded(await client.infer(name, req, headers, up), images=x.shape[0])

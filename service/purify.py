@@ -239,7 +239,7 @@ def project(
     `stop()` is asked before every step: True raises `Cancelled` (the caller is gone), within one step (on CUDA
     within 10 steps: `Pacer`). `graphs`: run the step loop there (static shapes; CUDA graphs on a GPU)."""
     cfg = cfg or ProjectionConfig()
-    check_images(x)
+    check_images(x, generator.shape)
     if cfg.steps < 0 or cfg.restarts < 1:
         raise ValueError("steps must be >= 0 and restarts >= 1")
     if any(p.requires_grad for p in generator.parameters()):

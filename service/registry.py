@@ -20,6 +20,7 @@ from safetensors.torch import load
 from torch import nn
 
 from service import nets
+from service.datasets import DatasetSpec, gray28
 from service.purify import Detector, ProjectionConfig, freeze
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models"
@@ -91,7 +92,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "kind": str, "dataset": str, "files": dict, "arch": (str, type(None)), "command": str, "commit": str,
     "created": str, "classes": list, "training": dict, "metrics": dict, "detector": dict, "detector_grid": dict,
     "latent_dim": int, "latent_std": (int, float), "onnx_command": str, "generator_sha256": str, "defense": str,
-    "target": str, "target_sha256": str, "eps": (int, float), "warm_start": dict,
+    "target": str, "target_sha256": str, "eps": (int, float), "warm_start": dict, "input_shape": list,
 }  # fmt: skip
 _CALIBRATION = {"threshold": (int, float), "fpr": (int, float), "steps": int, "restarts": int, "n": int}
 
@@ -167,10 +168,12 @@ class Registry:
             defaults = doc.get("defaults") or {ds: d for ds, d in measured.defaults.items()
                                                 if d.get("classifier") in doc["artifacts"]}  # fmt: skip
             self.raw_defaults: dict[str, dict[str, Any]] = dict(defaults)
+            self.specs = {ds: DatasetSpec.from_json(ds, d) for ds, d in doc.get("datasets", {}).items()}
             self.defaults = {ds: Pipeline(d["classifier"].split("/", 1)[1], d["defense"])
                              for ds, d in defaults.items()}  # fmt: skip
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # SpecError is a ValueError
             raise ManifestError(f"{manifest} is malformed: {exc!r}") from exc
+        self._check_input_shapes(manifest)
         for ds, d in self.defaults.items():
             if f"{ds}/{d.classifier}" not in self.artifacts:
                 raise ManifestError(f"{manifest}: defaults[{ds!r}] names {ds}/{d.classifier}, which it does not list")
@@ -180,6 +183,23 @@ class Registry:
         self._verify = verify
         if verify:
             self.verify()
+
+    def _check_input_shapes(self, manifest: Path) -> None:
+        """Every classifier's recorded input shape is its dataset's (a classifier trained on other images is refused
+        at start-up, not fed wrongly shaped ones)."""
+        for art in self.artifacts.values():
+            shape = art.raw.get("input_shape")
+            if shape is not None and tuple(shape) != self.spec(art.dataset).shape:
+                raise ManifestError(f"{manifest}: {art.key} takes {shape}, its dataset's images are "
+                                    f"{list(self.spec(art.dataset).shape)}")  # fmt: skip
+
+    def spec(self, dataset: str) -> DatasetSpec:
+        """The dataset's image format: the manifest's `datasets` entry, else MNIST's (1×28×28, fitted on black) with
+        the generator's class names."""
+        if dataset in self.specs:
+            return self.specs[dataset]
+        gen = self.artifacts.get(f"{dataset}/generator")
+        return gray28(dataset, gen.raw.get("classes") if gen else None)
 
     def verify(self) -> None:
         """Raise ManifestError naming every missing file and every sha256 mismatch."""
@@ -237,8 +257,8 @@ class Registry:
         with self._lock:
             if cache_key not in self._cache:
                 art = self.get(key)
-                kind = "classifier" if art.kind == "classifier" else art.kind
-                net = nets.build(kind, art.arch) if kind == "classifier" else nets.build(kind)
+                spec = self.spec(art.dataset)
+                net = nets.build(art.kind, art.arch, shape=spec.shape, classes=spec.num_classes)
                 state = load(self.read(key))
                 net.load_state_dict(state)
                 self._cache[cache_key] = freeze(net.to(device))
@@ -341,4 +361,4 @@ class Registry:
                 f"{', '.join(have) or 'none'}")  # fmt: skip
 
     def class_names(self, dataset: str) -> list[str]:
-        return list(self.get(f"{dataset}/generator").raw.get("classes", [str(i) for i in range(10)]))
+        return list(self.spec(dataset).classes)

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from service.config import DEFENSES, Defense, Settings
+from service.datasets import DatasetSpec
 from service.engine import (
     FROM_ENCODER,
     PROJECTING,
@@ -139,8 +140,8 @@ class ClassifyFields(ClassifierFields):
         "not apply)",
     )
     return_purified: bool = Field(False, description="include each purified image as base64 PNG")
-    return_input: bool = Field(False, description="include each input as the model sees it (28×28, after decoding, "
-                               "grayscale and resizing) as base64 PNG")  # fmt: skip
+    return_input: bool = Field(False, description="include each input as the model sees it (after decoding, and "
+                               "fitting to the dataset's channels and size) as base64 PNG")  # fmt: skip
 
 
 class PurifyFields(ImageFields):
@@ -251,7 +252,13 @@ def projection(defense: str, dataset: str, f: Fields, s: Settings, registry: Reg
     return projection_config(defense, f.steps, f.restarts, s)
 
 
-def check_count(n: int, s: Settings) -> None:
+def image_cap(s: Settings, spec: DatasetSpec | None = None) -> int:
+    """The images-per-request cap for a dataset: `max_batch_images` 28×28 gray images' worth of values (a 3×32×32
+    image counts 3.9, `DatasetSpec.cost`), and at least one."""
+    return s.max_batch_images if spec is None else max(1, int(s.max_batch_images / max(1.0, spec.cost)))
+
+
+def check_count(n: int, s: Settings, spec: DatasetSpec | None = None) -> None:
     """The images-per-request cap (413)."""
-    if n > s.max_batch_images:
-        raise RequestError(f"{n} images in one request; the limit is {s.max_batch_images}", 413)
+    if n > (cap := image_cap(s, spec)):
+        raise RequestError(f"{n} images in one request; the limit is {cap}", 413)

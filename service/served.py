@@ -30,6 +30,7 @@ from service import imaging, oip
 from service.batcher import Batcher
 from service.classify import labels_and_probs
 from service.config import Settings, Upstream
+from service.datasets import DatasetSpec
 from service.engine import DefendResult, PurifyResult
 from service.metrics import observe_stages
 from service.profile import Caller, Gate, Reduced, admit, fix_pipeline, reduce, restricted
@@ -136,18 +137,21 @@ def _public_outputs(req: oip.InferRequest) -> None:
         raise oip.OIPError(f"outputs {asked} are not offered under the public profile; outputs: {PUBLIC_OUTPUTS}")
 
 
-def own_images(t: oip.Tensor, s: Settings) -> torch.Tensor:
-    """Our models' input: N×1×28×28, N×28×28×1 or N×28×28; FP16/32/64 in [0, 1] or UINT8 in [0, 255]."""
+def own_images(t: oip.Tensor, s: Settings, spec: DatasetSpec) -> torch.Tensor:
+    """Our models' input for a dataset of C×H×W images: N×C×H×W, N×H×W×C (or N×H×W for one channel); FP16/32/64
+    in [0, 1] or UINT8 in [0, 255]."""
     a = t.data
     if t.datatype not in ("FP16", "FP32", "FP64", "UINT8"):
         raise oip.OIPError(f"input {t.name!r} must be FP32, FP64, FP16 or UINT8, got {t.datatype}")
-    if a.ndim == 3:
+    c, h, w = spec.shape
+    if a.ndim == 3 and c == 1:
         a = a[:, None]
-    elif a.ndim == 4 and a.shape[-1] == 1 and a.shape[1] != 1:
+    elif a.ndim == 4 and tuple(a.shape[1:]) == (h, w, c) and tuple(a.shape[1:]) != spec.shape:
         a = a.transpose(0, 3, 1, 2)
-    if a.ndim != 4 or tuple(a.shape[1:]) != (1, 28, 28) or a.shape[0] == 0:
-        raise oip.OIPError(f"input {t.name!r} must have shape N×1×28×28, N×28×28×1 or N×28×28, got {t.shape}")
-    check_count(a.shape[0], s)
+    if a.ndim != 4 or tuple(a.shape[1:]) != spec.shape or a.shape[0] == 0:
+        forms = f"N×{c}×{h}×{w}, N×{h}×{w}×{c}" + (f" or N×{h}×{w}" if c == 1 else "")
+        raise oip.OIPError(f"input {t.name!r} must have shape {forms}, got {t.shape}")
+    check_count(a.shape[0], s, spec)
     x = a.astype(np.float32) / (255.0 if t.datatype == "UINT8" else 1.0)
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise oip.OIPError(f"input {t.name!r} values must be finite and lie in [0, 1] ([0, 255] for UINT8)")
@@ -173,21 +177,26 @@ class OwnModel(Model):
     async def is_ready(self) -> bool:
         return self.ready and self._server_ready()
 
+    @property
+    def spec(self) -> DatasetSpec:
+        return self.batcher.engine.registry.spec(self.dataset)
+
     async def metadata(self) -> dict[str, Any]:
-        shapes = {"probabilities": ("FP32", [-1, 10]), "labels": ("INT64", [-1]), "mse": ("FP32", [-1]),
-                  "flagged": ("BOOL", [-1]), "purified": ("FP32", [-1, 1, 28, 28])}  # fmt: skip
+        image = [-1, *self.spec.shape]
+        shapes = {"probabilities": ("FP32", [-1, self.spec.num_classes]), "labels": ("INT64", [-1]),
+                  "mse": ("FP32", [-1]), "flagged": ("BOOL", [-1]), "purified": ("FP32", image)}  # fmt: skip
         return {
             "name": self.name,
             "versions": list(self.versions),
             "platform": "manifold-guard",
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": image}],
             "outputs": [{"name": k, "datatype": d, "shape": sh} for k, (d, sh) in shapes.items()],
         }
 
     def preprocess(self, req: oip.InferRequest, caller: Caller | None = None) -> tuple[torch.Tensor, Request]:
         if len(req.inputs) != 1:
             raise oip.OIPError(f"model {self.name!r} takes one input tensor, got {len(req.inputs)}")
-        x = own_images(req.inputs[0], self.settings)
+        x = own_images(req.inputs[0], self.settings, self.spec)
         for o in req.outputs or []:
             if o.name not in (*OWN_OUTPUTS, *PUBLIC_OUTPUTS):
                 raise oip.OIPError(f"unknown output {o.name!r}; outputs: {list(OWN_OUTPUTS)}")
@@ -249,7 +258,7 @@ class ProxiedModel(Model):
         result: list[PurifyResult] = []
 
         async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
-            check_count(x.shape[0], self.settings)
+            check_count(x.shape[0], self.settings, self.batcher.engine.registry.spec(dataset))
             await admit(self.gate(), caller, x)
             if p.cfg is None:  # defense "none": forwarded as it came
                 return x
@@ -257,7 +266,8 @@ class ProxiedModel(Model):
             result.append(r)
             return r.images
 
-        fwd = await purify_and_forward(self.proxy, self.name, self.upstream, req, purify, headers)
+        spec = self.batcher.engine.registry.spec(self.upstream.dataset)
+        fwd = await purify_and_forward(self.proxy, self.name, self.upstream, req, purify, spec, headers)
         return fwd.response, (result[0] if result else None), fwd.images
 
     def postprocess(self, out: Proxied, req: oip.InferRequest, p: Request) -> oip.InferResponse:
@@ -291,7 +301,8 @@ def upstream_probabilities(resp: oip.InferResponse, up: Upstream) -> np.ndarray:
 
 
 class RawUpstream(Model):
-    """A TorchServe-style upstream (`protocol: raw`): image bytes in, the purified 28×28 PNG forwarded."""
+    """A TorchServe-style upstream (`protocol: raw`): image bytes in, the purified PNG (the dataset's size and
+    channels) forwarded."""
 
     def __init__(self, name: str, upstream: Upstream, proxy: ProxyClient, batcher: Batcher, settings: Settings
                  ) -> None:  # fmt: skip
@@ -303,7 +314,8 @@ class RawUpstream(Model):
         """(the upstream's reply, its content type, X-Purification-* headers) for one image's bytes; under the
         public profile the upstream's reply alone (its answer is the upstream's own format: not reduced here)."""
         s = self.settings
-        x = imaging.to_tensor(imaging.load_bytes(body, s.max_image_pixels, 1), 1)
+        spec = self.batcher.engine.registry.spec(self.upstream.dataset)
+        x = imaging.to_tensor(imaging.load_bytes(body, s.max_image_pixels, 1), 1, spec)
         fields = fix_pipeline(oip_fields(query), self.name, caller, s)
         p = resolve(fields, s, self.batcher.engine.registry, Target(self.upstream.dataset))
         if query:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from service import nets
+from service.datasets import DatasetSpec
 from service.registry import Registry, sha256_file
 from training.onnx_export import export_onnx
 
@@ -24,31 +25,39 @@ MODELS = Path(os.environ.get("MG_MODELS_DIR") or ROOT / "models")  # the shipped
 torch.set_num_threads(int(os.environ.get("MG_TEST_THREADS", "2")))
 
 
+TINY_RGB = DatasetSpec("tinyrgb", 3, 32, 32, ("red", "green", "blue"), "fill")  # a colour dataset for the tests
+
+
 def write_tiny_models(root: Path, datasets: tuple[str, ...] = ("mnist",), seed: int = 0,
-                      enhanced: bool = False) -> Path:  # fmt: skip
+                      enhanced: bool = False, specs: tuple[DatasetSpec, ...] = ()) -> Path:  # fmt: skip
     """A models/ folder with random-weight generator, encoder and classifier A (+ ONNX; with `enhanced` also a
-    classifier_A_enhanced) and its manifest."""
+    classifier_A_enhanced) and its manifest, for MNIST-format `datasets` and for each of `specs` (its shape and
+    classes, recorded in the manifest's `datasets`)."""
     torch.manual_seed(seed)
     artifacts: dict[str, dict] = {}
     names = [("generator", "generator", None), ("encoder", "encoder", None), ("classifier_A", "classifier", "A")]
     names += [("classifier_A_enhanced", "classifier", "A")] if enhanced else []
-    for ds in datasets:
+    for spec in [DatasetSpec(ds) for ds in datasets] + list(specs):
+        ds = spec.name
         (root / ds).mkdir(parents=True, exist_ok=True)
         for name, kind, arch in names:
-            net = nets.build(kind, arch).eval()
+            net = nets.build(kind, arch, shape=spec.shape, classes=spec.num_classes).eval()
             w = root / ds / f"{name}.safetensors"
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(w))
             files = {"weights": {"path": f"{ds}/{name}.safetensors", "sha256": sha256_file(w)}}
             if kind == "classifier":
                 o = root / ds / f"{name}.onnx"
-                export_onnx(net, o, w)
+                export_onnx(net, o, w, spec.shape)
                 files["onnx"] = {"path": f"{ds}/{name}.onnx", "sha256": sha256_file(o)}
             entry = {"kind": kind, "arch": arch, "dataset": ds, "files": files, "metrics": {}, "command": "tests"}
             if kind == "generator":
-                entry["classes"] = [str(i) for i in range(10)]
+                entry["classes"] = list(spec.classes)
                 entry["detector"] = {"random": {"threshold": 0.05, "fpr": 0.05}}
             artifacts[f"{ds}/{name}"] = entry
-    (root / "manifest.json").write_text(json.dumps({"schema": 1, "artifacts": artifacts}, indent=2))
+    doc: dict[str, Any] = {"schema": 1, "artifacts": artifacts}
+    if specs:
+        doc["datasets"] = {spec.name: spec.to_json() for spec in specs}
+    (root / "manifest.json").write_text(json.dumps(doc, indent=2))
     return root
 
 

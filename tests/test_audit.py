@@ -388,3 +388,24 @@ if __name__ == "__main__":
     cli.add_argument("--onnx", required=True)
     a = cli.parse_args()
     serve_labels(a.port, a.onnx)
+
+
+def test_the_full_size_agreement_page_is_built_from_both_figures() -> None:
+    """`training.audit_agreement`: the audit's variants with their own budgets, overlap judged from both intervals,
+    and the committed example's page agrees with its JSON."""
+    from training import audit_agreement as agreement
+
+    spec = {"n": 100, "queries": 1000, "rounds": 6, "pipelines": [
+        {"defense": "invert-classify", "steps": None, "restarts": None, "n": 20, "queries": 100, "rounds": 3},
+        {"defense": "defense-gan", "steps": 50, "restarts": 2, "n": 6, "queries": None, "rounds": 2}]}  # fmt: skip
+    got = agreement.variants(spec)
+    assert [v[0] for v in got] == ["bare", "guarded: invert-classify", "guarded: defense-gan L=50 R=2"]
+    assert got[2][1] == {"defense": "defense-gan", "steps": 50, "restarts": 2}
+    assert got[2][2] == {"n": 6, "queries": 1000, "rounds": 2} and got[1][2]["n"] == 20
+    a, key = {"accuracy": 0.2, "ci": [0.1, 0.3], "n": 50}, ("bare", "square", "linf:0.3")
+    assert agreement.row(key, a, {**a, "ci": [0.31, 0.5]}, 1)["overlap"] is False
+    assert agreement.row(key, a, {**a, "ci": [0.3, 0.5]}, 1)["overlap"] is True
+    committed = ROOT / "docs" / "audit-example" / "agreement.json"
+    if committed.exists():
+        doc = json.loads(committed.read_text())
+        assert agreement.render(doc) == (committed.parent / "agreement.md").read_text()

@@ -16,7 +16,10 @@ import httpx
 import pytest
 from browser import skip_without_chromium
 from conftest import MODELS, ROOT
+from PIL import Image
 from servers import Server
+
+from training import data
 
 skip_without_chromium()
 
@@ -171,6 +174,43 @@ def test_uploaded_digit_is_classified_as_the_api_does(page: webdriver.Chrome, se
     text = el(page, "detector").text
     assert ("FLAGGED" if pred["flagged"] else "not flagged") in text
     assert f"MSE {pred['mse']:.3g} {'>' if pred['flagged'] else '≤'} threshold {threshold:.3g}" in text
+
+
+def test_colour_dataset_takes_an_upload_and_is_drawn_in_colour(page: webdriver.Chrome, server: Server,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    """The shipped colour set: the pad does not draw, an uploaded colour image is classified as the API does and
+    the model's input and purified image come back in colour at the dataset's 32×32; MNIST's pad draws again."""
+    if "shapes" not in httpx.get(server.url + "/v1/models").json()["datasets"]:
+        pytest.skip("no colour dataset is shipped")
+    Select(el(page, "dataset")).select_by_value("shapes")
+    assert el(page, "pad").get_attribute("data-drawing") == "false" and "colour" in el(page, "source").text
+    x, _ = data.load_slice("shapes")
+    upload = tmp_path / "shape.png"
+    Image.fromarray(x[0]).resize((96, 64)).save(upload)  # another size and aspect: fitted by the "fill" policy
+    el(page, "file").send_keys(str(upload))
+    WebDriverWait(page, 5).until(lambda d: upload.name in el(d, "source").text)
+    Select(el(page, "defense")).select_by_value("invert-classify")
+    set_value(page, "seed", SEED)
+    submit(page, "run")
+    assert el(page, "error").get_attribute("hidden") is not None, el(page, "error").text
+    value = {k: el(page, k).get_attribute("value") for k in ("classifier", "steps", "restarts")}
+    params = {"model": f"shapes/{value['classifier']}", "defense": "invert-classify", "steps": value["steps"],
+              "restarts": value["restarts"], "seed": str(SEED)}  # fmt: skip
+    r = api_classify(server, upload.read_bytes(), upload.name, params)
+    label, probs = shown_prediction(page)
+    assert label == r.json()["predictions"][0]["label"] and len(probs) == 10
+    assert el(page, "img-input").get_attribute("src").endswith(r.json()["predictions"][0]["input_png"])
+    spread = """const img = document.getElementById(arguments[0]); const c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight; const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        const d = g.getImageData(0, 0, c.width, c.height).data; let m = 0;
+        for (let i = 0; i < d.length; i += 4) m = Math.max(m, Math.abs(d[i] - d[i + 2]));
+        return [c.width, c.height, m];"""  # the largest red-blue gap: 0 for a gray image
+    for img in ("img-input", "img-purified"):
+        w, h, gap = page.execute_script(spread, img)
+        assert (w, h) == (32, 32) and gap > 30, (img, gap)
+    assert page.execute_script("return document.getElementById('img-diff').width") == 32
+    Select(el(page, "dataset")).select_by_value("mnist")
+    assert el(page, "pad").get_attribute("data-drawing") == "true"
 
 
 def test_attack_panel_shows_the_api_answer(page: webdriver.Chrome, server: Server) -> None:

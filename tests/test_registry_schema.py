@@ -20,7 +20,9 @@ def test_the_shipped_manifest_holds_artifacts_and_calibrations_only() -> None:
     path = MODELS / "manifest.json"
     if not path.exists():
         pytest.skip("no shipped models")
-    assert path.stat().st_size < 60_000, "artifacts and calibrations: results live in results/"
+    # 58 KB for MNIST's and Fashion-MNIST's 58 artifacts; each dataset's spec and classifier input shapes, and the
+    # colour set's artifacts, add a few
+    assert path.stat().st_size < 70_000, "artifacts and calibrations: results live in results/"
     doc = json.loads(path.read_text())
     assert "defaults" not in doc, "the served default is a setting; the measured one is in models/measured.json"
     for key, entry in doc["artifacts"].items():

@@ -24,7 +24,7 @@ from training.common import record_metrics, save_weights, sha256_file, update_ma
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-@pytest.mark.parametrize("dataset", data.DATASETS)
+@pytest.mark.parametrize("dataset", ["mnist", "fmnist"])
 def test_slices_load_with_expected_shapes_and_labels(dataset: str) -> None:
     x, y = data.load_slice(dataset)
     assert x.shape == (1000, 28, 28) and x.dtype == np.uint8
@@ -33,6 +33,16 @@ def test_slices_load_with_expected_shapes_and_labels(dataset: str) -> None:
     assert f.shape == (3, 1, 28, 28) and f.dtype == np.float32 and f.min() >= 0 and f.max() <= 1
     # MNIST test set starts with 7, 2, 1, 0; Fashion-MNIST's with ankle boot, pullover, trouser
     assert list(y[:3]) == ([7, 2, 1] if dataset == "mnist" else [9, 2, 1])
+
+
+def test_shapes_slice_is_colour_and_generated_by_the_committed_script() -> None:
+    from training import shapes
+
+    x, y = data.load_slice("shapes")
+    assert x.shape == (1000, 32, 32, 3) and x.dtype == np.uint8 and set(np.unique(y)) == set(range(10))
+    assert data.to_float(x[:2]).shape == (2, 3, 32, 32)
+    xs, ys = shapes.generate(10_000, seed=1)  # the test split: the slice is its first 1,000
+    assert np.array_equal(xs[:1000], x) and np.array_equal(ys[:1000], y)
 
 
 def test_idx_parser_roundtrip(tmp_path: Path) -> None:
@@ -135,7 +145,8 @@ def test_onnx_equals_torch_and_slice_agrees_with_record(registry: Registry, data
 
 def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Registry) -> None:
     """One copy of each classifier's weights (issue 2's size budget): the .onnx is a graph whose initializers are
-    external data at the safetensors tensors' byte ranges, and models/ stays under 180 MB (80 MB until the AdvGAN
+    external data at the safetensors tensors' byte ranges, and models/ stays under 200 MB (180 MB until the colour
+    shapes set's classifier, generator, encoder and slice, 22 MB; 80 MB until the AdvGAN
     tables' 5 classifiers and 6 generators, 21 MB, were shipped; 110 MB until issue 18's MNIST C models and
     Fashion-MNIST Adv. tr. A-D, 22 MB; 140 MB until the Defense-GAN-Rec classifiers A-D of both datasets and Adv. tr.
     ε=0.15 B, C, 37 MB; a checkout still fits a 64 MiB device transfer with `scripts/gpu-check.sh slim`)."""
@@ -151,7 +162,7 @@ def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Reg
                 assert ext["location"] == weights_path.name, (name, init.name)
                 assert (int(ext["offset"]), int(ext["length"])) == layout[init.name], (name, init.name)
     total = sum(p.stat().st_size for p in registry.root.rglob("*") if p.is_file())
-    assert total < 180e6, total
+    assert total < 200e6, total
 
 
 def test_onnx_weights_come_from_the_bytes_handed_over(tmp_path: Path) -> None:

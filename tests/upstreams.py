@@ -1,13 +1,14 @@
 """Real upstream servers for the proxy's end-to-end tests, each run as its own process on a loopback port.
 
-    python tests/upstreams.py kserve --port P --onnx classifier_A.onnx   # KServe ModelServer, V2 REST, two models
+    python tests/upstreams.py kserve --port P --onnx classifier_A.onnx [--rgb-onnx rgb.onnx]   # KServe ModelServer
     python tests/upstreams.py faulty --port P                            # a V2 look-alike that is slow or broken
     python tests/upstreams.py raw --port P --onnx classifier_A.onnx      # TorchServe-style POST /predictions/{m}
 
 `kserve` serves the ONNX classifier with the `kserve` package's ModelServer (the server KServe runs in its
 predictor pods) under two names with two input contracts: `mnist-nchw` (FP32 N×1×28×28 in [0, 1]) and
 `mnist-nhwc-u8` (UINT8 N×28×28×1 in [0, 255]). Each answers `logits` (FP32 N×10) and `label` (INT64 N); the
-classifier is the same, so the two must agree exactly on the same image.
+classifier is the same, so the two must agree exactly on the same image. With `--rgb-onnx`, a third,
+`rgb-nhwc-u8` (UINT8 N×32×32×3, a colour classifier), also answers `received`: the image tensor as it arrived.
 `faulty`: /v2/models/slow/infer sleeps `--sleep` seconds then answers; /v2/models/garbage/infer answers 200 with
 non-JSON; /v2/models/badshape/infer answers JSON whose data does not match its shape.
 """
@@ -35,7 +36,7 @@ def _session(path: str):  # noqa: ANN202
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def serve_kserve(port: int, onnx: str) -> None:
+def serve_kserve(port: int, onnx: str, rgb_onnx: str | None = None) -> None:
     sys.argv = sys.argv[:1]  # kserve parses the command line at import time
     import kserve
     from kserve import InferOutput, InferRequest, InferResponse
@@ -43,10 +44,11 @@ def serve_kserve(port: int, onnx: str) -> None:
     class OnnxClassifier(kserve.Model):
         """An ONNX MNIST classifier behind one input contract (layout, datatype, range)."""
 
-        def __init__(self, name: str, layout: str, datatype: str, value_range: float) -> None:
+        def __init__(self, name: str, layout: str, datatype: str, value_range: float, path: str = onnx,
+                     echo: bool = False) -> None:  # fmt: skip
             super().__init__(name)
-            self.layout, self.datatype, self.value_range = layout, datatype, value_range
-            self.session = _session(onnx)
+            self.layout, self.datatype, self.value_range, self.echo = layout, datatype, value_range, echo
+            self.session = _session(path)
             self.ready = True
 
         def predict(self, payload: InferRequest, headers: dict | None = None) -> InferResponse:
@@ -54,7 +56,8 @@ def serve_kserve(port: int, onnx: str) -> None:
             if t.name != "input" or t.datatype != self.datatype:
                 want = f"expected input 'input' of {self.datatype}"
                 raise kserve.errors.InvalidInput(f"{want}, got {t.name} {t.datatype}")
-            x = t.as_numpy().astype(np.float32) / self.value_range
+            raw = t.as_numpy()
+            x = raw.astype(np.float32) / self.value_range
             if self.layout == "NHWC":
                 x = x.transpose(0, 3, 1, 2)
             logits = self.session.run(None, {"input": np.ascontiguousarray(x)})[0].astype(np.float32)
@@ -64,11 +67,18 @@ def serve_kserve(port: int, onnx: str) -> None:
             labels = logits.argmax(1).astype(np.int64)
             out_y = InferOutput("label", list(labels.shape), "INT64")
             out_y.set_data_from_numpy(labels, binary_data=binary)
-            return InferResponse(payload.id or str(uuid.uuid4()), self.name, [out_l, out_y], use_binary_outputs=binary,
+            outputs = [out_l, out_y]
+            if self.echo:
+                out_r = InferOutput("received", list(raw.shape), self.datatype)
+                out_r.set_data_from_numpy(raw, binary_data=binary)
+                outputs.append(out_r)
+            return InferResponse(payload.id or str(uuid.uuid4()), self.name, outputs, use_binary_outputs=binary,
                                  parameters={"upstream": "kserve"})  # fmt: skip
 
     models = [OnnxClassifier("mnist-nchw", "NCHW", "FP32", 1.0),
               OnnxClassifier("mnist-nhwc-u8", "NHWC", "UINT8", 255.0)]  # fmt: skip
+    if rgb_onnx:
+        models.append(OnnxClassifier("rgb-nhwc-u8", "NHWC", "UINT8", 255.0, rgb_onnx, echo=True))
     kserve.ModelServer(http_port=port, grpc_port=0, enable_grpc=False, workers=1).start(models)
 
 
@@ -131,11 +141,12 @@ def main() -> None:
     p.add_argument("kind", choices=["kserve", "faulty", "raw"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--onnx")
+    p.add_argument("--rgb-onnx")
     p.add_argument("--sleep", type=float, default=30.0)
     a = p.parse_args()
     print(json.dumps({"started": a.kind, "port": a.port, "t": time.time()}), flush=True)
     if a.kind == "kserve":
-        serve_kserve(a.port, a.onnx)
+        serve_kserve(a.port, a.onnx, a.rgb_onnx)
     elif a.kind == "faulty":
         serve_faulty(a.port, a.sleep)
     else:

@@ -110,8 +110,8 @@ PIPELINES = (
              {"defense": "defense-gan", "steps": 100, "restarts": 4, "output": "probabilities"}, True, True, "slower"),
     Pipeline("a-invert", "A + invert-classify", "user-model",
              {"defense": "invert-classify", "output": "probabilities"}, True, False, "medium"),
-    Pipeline("s", "S (default robust model)", "mnist-classifier_S_trades0.3_enhanced", {"output": "top1"}, False,
-             False, "fast"),
+    Pipeline("s", "S (classifier_S_trades0.3_enhanced)", "mnist-classifier_S_trades0.3_enhanced", {"output": "top1"},
+             False, False, "fast"),
 )  # fmt: skip
 
 

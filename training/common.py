@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from service.datasets import DatasetSpec
 from service.device import pick_device
 from service.purify import ProjectionConfig
 from service.registry import Registry, sha256_file
@@ -91,18 +92,19 @@ def batches(n: int, batch: int, rng: np.random.Generator, shuffle: bool = True) 
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: Path | str, nrow: int = 10, pad: int = 2) -> None:
-    """Save N×1×H×W images in [0, 1] as one PNG grid."""
+    """Save N×C×H×W images in [0, 1] (C 1 or 3; N×H×W gray too) as one PNG grid, gray or RGB as they are."""
     path = Path(path)
     x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    x = x.reshape(len(x), x.shape[-2], x.shape[-1])
-    n, h, w = x.shape
+    x = (x[:, None] if x.ndim == 3 else x).transpose(0, 2, 3, 1)  # N×H×W×C
+    n, h, w, c = x.shape
     rows = (n + nrow - 1) // nrow
-    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad), np.float32)
+    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.float32)
     for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[i]
+        r, k = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = x[i]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8), mode="L").save(path)
+    pixels = (grid.clip(0, 1) * 255).round().astype(np.uint8)
+    Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB").save(path)
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> str:
@@ -132,6 +134,24 @@ def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR, keep_m
         _merge_entry(man, key, entry, Path(models_dir), keep_measured)
     if measured:
         record_metrics(key, measured, models_dir, job="training")
+
+
+def record_dataset(spec: DatasetSpec, models_dir: Path = MODELS_DIR) -> None:
+    """Record a dataset's image format in the manifest (`datasets[name]`), which every network of it is built for."""
+    with edit_manifest(models_dir) as man:
+        man["datasets"] = dict(sorted({**man.get("datasets", {}), spec.name: spec.to_json()}.items()))
+
+
+def eval_slice(dataset: str, models_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A dataset's evaluation images and labels (uint8): its committed slice (models/<dataset>/test_slice.npz, the
+    first 1,000 test images), else (a data set prepared without one) the first 1,000 images of its test split."""
+    from training import data
+
+    try:
+        return data.load_slice(dataset) if models_dir is None else data.load_slice(dataset, models_dir)
+    except FileNotFoundError:
+        arrays = data.load(dataset)
+        return arrays["x_test"][: data.SLICE_SIZE], arrays["y_test"][: data.SLICE_SIZE]
 
 
 def _merge_entry(man: dict, key: str, entry: dict, models_dir: Path, keep_measured: bool) -> None:

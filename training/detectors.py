@@ -3,6 +3,7 @@
 k = 50, calibrated to flag 0.1 % of benign queries, on raw pixels and on the project's GAN encoder).
 
     python -m training.detectors --dataset mnist            # → docs/detectors.md, docs/detectors-<dataset>.json
+    python -m training.detectors --dataset shapes --n 50    # → docs/detectors-shapes.md (any other dataset: its own)
 
 The streams: torchattacks' Square (L∞ 0.3 and L2 2.0, at most `--queries` per image, plain and with OARS's random
 transforms of every query) against classifier A in this process, one recorded stream per held-out image (the
@@ -37,9 +38,10 @@ from service.stats import wilson
 from training import data
 from training.blackbox import BENIGN, POOL, SEEDS
 from training.common import MODELS_DIR, ROOT, command_line, git_commit
+from training.robustness_protocol import THREATS as DATASET_THREATS
 from training.similarity import SimilarityDetector, pixels
 
-THREATS = (("linf", 0.3), ("l2", 2.0))
+THREATS = (("linf", 0.3), ("l2", 2.0))  # MNIST's, Fashion-MNIST's too; another data set: training.robustness's
 IDENTITIES = (1, 100)
 CALIBRATION = 1000  # benign images for Chen's threshold: the pool's last, outside every stream
 
@@ -197,6 +199,8 @@ def run(args: argparse.Namespace) -> dict:
     logging.getLogger("service.guard").setLevel(logging.ERROR)  # one warning per detected identity otherwise
     t0 = time.time()
     arr = data.load(args.dataset)
+    if len(arr["x_test"]) < POOL[1]:
+        raise SystemExit(f"{args.dataset}: {len(arr['x_test'])} test images; the streams draw from test{list(POOL)}")
     order = np.random.default_rng(args.seed).permutation(np.arange(*POOL))
     att = order[BENIGN + SEEDS : BENIGN + SEEDS + args.n]
     xt, yt = arr["x_test"], arr["y_test"].astype(np.int64)
@@ -207,7 +211,8 @@ def run(args: argparse.Namespace) -> dict:
     names = {key: name for key, (name, _) in described.items()}
     made = {key: make for key, (_, make) in described.items()}
     cells = []
-    for (norm, eps), transformed in [(t, o) for t in THREATS for o in (False, True)]:
+    threats = THREATS if args.dataset in ("mnist", "fmnist") else DATASET_THREATS[args.dataset]
+    for (norm, eps), transformed in [(t, o) for t in threats for o in (False, True)]:
         streams = record(model, x, y, norm, eps, args.queries, transformed)
         broken = [f for _, f in streams if f is not None]
         attack = f"Square{' + OARS' if transformed else ''}"
@@ -287,7 +292,7 @@ def fig(c: dict) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, default="mnist")
+    p.add_argument("--dataset", type=data.dataset_name, default="mnist", help="mnist, fmnist or a prepared data set")
     p.add_argument("--n", type=int, default=100, help="attacked images per threat")
     p.add_argument("--queries", type=int, default=1000, help="Square's queries per image")
     p.add_argument("--matches", type=int, nargs="*", default=[5, 3], help="Blacklight's K to compare with the shipped")
@@ -305,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.seed == 0 else f"-seed{args.seed}"
     (args.out / f"detectors-{args.dataset}{suffix}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (args.out / f"detectors{suffix}.md").write_text(render(doc))
+    page = "detectors" if args.dataset == "mnist" else f"detectors-{args.dataset}"  # MNIST's page came first
+    (args.out / f"{page}{suffix}.md").write_text(render(doc))
     print(render(doc), flush=True)
 
 

@@ -20,6 +20,7 @@ from service.attacks import Reformed, cw_defense_gan, fgsm, pgd, rand_fgsm, trai
 from service.purify import ProjectionConfig, project
 from service.registry import Registry
 from training import data
+from training.common import eval_slice
 from training.eval_protocol import CLASSIFIERS, COLUMNS, EPS, HOLDOUT, Cell, Settings, digest, from_json
 
 
@@ -33,10 +34,10 @@ class Measurements:
         # the columns this run measures; the others are the previous run's (results JSON), or "not measured"
         self.columns, self.previous = set(COLUMNS if columns is None else columns), previous or {}
         self.cache_dir = cache_dir
-        xs, ys = data.load_slice(dataset)
+        xs, ys = eval_slice(dataset)
         if s.n > len(xs):  # the slice is the first 1,000 test images; beyond it, the test set minus the 150 seeds
             a = data.load(dataset)
-            s.n = min(s.n, len(a["x_test"]) - HOLDOUT)
+            s.n = min(s.n, max(len(xs), len(a["x_test"]) - HOLDOUT))
             xs, ys = a["x_test"], a["y_test"]
         self.x = torch.from_numpy(data.to_float(xs[: s.n]))
         self.y = torch.from_numpy(ys[: s.n].astype(np.int64))

@@ -27,25 +27,31 @@ import torch
 from safetensors.torch import load_file
 
 from service.attacks import fgsm
-from service.nets import Generator
+from service.nets import Encoder, Generator
 from service.purify import Detector, ProjectionConfig, freeze, project, roc_auc
 from service.registry import Registry
 from service.stats import wilson
 from training import data
-from training.common import MODELS_DIR, ROOT, command_line, record_metrics, setup
+from training.common import MODELS_DIR, ROOT, command_line, eval_slice, record_metrics, setup
 
 EXPERIMENTS = ROOT / "docs" / "experiments"
 RANGE_NAMES = {"train-set": "training set (nearest image)", "train-set+x": "training set ∪ {x} (oracle)"}
 
 
-def load_generator(args: argparse.Namespace, reg: Registry) -> Generator:
+def load_generator(args: argparse.Namespace, reg: Registry) -> tuple[Generator, Encoder | None]:
+    """The generator to evaluate, and the encoder that goes with it: a `train_gan --recon` checkpoint's own, the
+    shipped one otherwise (None where none is shipped)."""
     if args.ckpt:
-        G = Generator()
-        src = Path(args.ckpt)
-        state = torch.load(src, weights_only=True)["G"] if src.suffix == ".pt" else load_file(str(src))
-        G.load_state_dict(state)
-        return freeze(G)  # type: ignore[return-value]
-    return reg.generator(args.dataset)
+        shape = data.spec(args.dataset).shape
+        G, src = Generator(shape=shape), Path(args.ckpt)
+        ck = torch.load(src, weights_only=True) if src.suffix == ".pt" else {"G": load_file(str(src))}
+        G.load_state_dict(ck["G"])
+        if "E" in ck:
+            E = Encoder(shape=shape)
+            E.load_state_dict(ck["E"])
+            return freeze(G), freeze(E)  # type: ignore[return-value]
+        return freeze(G), reg.encoder(args.dataset)  # type: ignore[return-value]
+    return reg.generator(args.dataset), reg.encoder(args.dataset)
 
 
 def project_batched(x: torch.Tensor, G: Generator, cfg: ProjectionConfig, enc: torch.nn.Module | None,
@@ -66,7 +72,7 @@ def shipped_name(reg: Registry, dataset: str) -> str:
 
 def nearest(x: torch.Tensor, bank: torch.Tensor, own: torch.Tensor | None = None,
             chunk: int = 100) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The image of `bank` (M×1×28×28) nearest each x under MSE, and that MSE; with `own`, each query may also
+    """The image of `bank` (M×C×H×W) nearest each x under MSE, and that MSE; with `own`, each query may also
     pick own[i] (an oracle range holding the query's clean image)."""
     flat = bank.flatten(1)
     sq = (flat**2).sum(1)
@@ -90,7 +96,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     setup(args.seed, args.threads)
     reg = Registry(MODELS_DIR)
     clf = reg.classifier(args.dataset, args.classifier)
-    xs, ys = data.load_slice(args.dataset)
+    xs, ys = eval_slice(args.dataset)
     x = torch.from_numpy(data.to_float(xs[: args.n]))
     y = torch.from_numpy(ys[: args.n].astype("int64"))
     cfg = ProjectionConfig(steps=args.steps, restarts=args.restarts, init=args.init, init_std=args.init_std,
@@ -98,8 +104,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     adv = fgsm(clf, x, y, eps=args.eps)
     G, enc = None, None
     if args.range == "generator":
-        G = load_generator(args, reg)
-        enc = reg.encoder(args.dataset) if args.init == "encoder" else None
+        G, own_encoder = load_generator(args, reg)
+        enc = own_encoder if args.init == "encoder" else None
 
         def purify(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return project_batched(v, G, cfg, enc, args.batch)
@@ -151,12 +157,14 @@ def record(args: argparse.Namespace, out: dict, G: Generator, enc: torch.nn.Modu
     metrics = {f"{prefix}_{k}": v for k, v in out.items()
                if k.startswith(("acc_", "mse_", "detector_")) or k in ("n", "steps", "restarts")}  # fmt: skip
     metrics[f"{prefix}_command"] = out["command"]
-    held_out = torch.from_numpy(data.to_float(data.load(args.dataset)["x_test"][5000 : 5000 + args.n_calibration]))
+    x_test = data.load(args.dataset)["x_test"]
+    lo = 5000 if len(x_test) > 5000 else len(x_test) // 2  # a small prepared data set: its second half
+    held_out = torch.from_numpy(data.to_float(x_test[lo : lo + args.n_calibration]))
     _, mse_cal = project_batched(held_out, G, cfg, enc, args.batch)
     det = Detector.calibrate(mse_cal, args.fpr)
     metrics[f"{prefix}_detector_fpr_on_slice"] = float(det.flag(mse_clean_slice).float().mean())
     calibration = {"threshold": det.threshold, "fpr": det.fpr, "n": len(held_out), "steps": cfg.steps,
-                   "restarts": cfg.restarts, "images": "test[5000:5000+n]",
+                   "restarts": cfg.restarts, "images": f"test[{lo}:{lo}+n]",
                    "test_fpr": metrics[f"{prefix}_detector_fpr_on_slice"], "test_n": len(mse_clean_slice),
                    "test_images": "test[:test_n] (the committed slice)"}  # fmt: skip
     record_metrics(f"{args.dataset}/generator", metrics, job="eval_generator", detector={args.init: calibration})
@@ -198,7 +206,7 @@ def report(dataset: str, out: Path) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True, help="mnist, fmnist or any prepared data set")
     p.add_argument("--ckpt", help="evaluate this checkpoint (.pt) or safetensors instead of the shipped generator")
     p.add_argument(
         "--range",

@@ -102,6 +102,10 @@ def paper_comparison(ev: Evaluation) -> list[str]:
     """Every transcribed cell of Defense-GAN Tables 1 and 4 beside ours, within 2 points or not, and why not where
     it was investigated."""
     r, rows = ev.results, []
+    if not any(ds == ev.ds for ds, _, _ in PAPER):
+        print(f"{ev.ds}: no comparison with the paper (Defense-GAN's Tables 1 and 4 are MNIST's and Fashion-MNIST's)",
+              flush=True)  # fmt: skip
+        return []
     for (ds, attack, who), ref in PAPER.items():
         if ds != ev.ds:
             continue

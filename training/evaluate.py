@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 import training.common as common
+from service.nets import IMAGE_SHAPE
 from service.registry import Registry
 from training import data, eval_store, results
 from training.common import command_line, git_commit, warm_config
@@ -91,11 +92,17 @@ def machine() -> str:
 
 
 def load_holdout(dataset: str, n_needed: int, size: int) -> torch.Tensor | None:
-    """The substitute's seed images: the last `size` test images (outside the slice), else the slice's tail."""
+    """The substitute's seed images: the last `size` test images (outside the slice), else the slice's tail; None
+    (the black-box rows skipped) for images other than MNIST's 1×28×28, which the substitutes are built for."""
+    shape = data.spec(dataset).shape
+    if shape != IMAGE_SHAPE:
+        print(f"black-box rows skipped: the substitutes (service.attacks.train_substitute) are built for 1×28×28 "
+              f"images, {dataset}'s are {'×'.join(map(str, shape))}", flush=True)  # fmt: skip
+        return None
     try:
         x = data.load(dataset)["x_test"][-size:]
     except data.DataError:
-        xs, _ = data.load_slice(dataset)
+        xs, _ = common.eval_slice(dataset)
         if n_needed + size > len(xs):
             print(f"warning: data/{dataset}.npz missing and n + {size} > {len(xs)}: black-box rows skipped")
             return None
@@ -261,7 +268,7 @@ KNOBS: dict[str, tuple[type, str]] = {
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True, help="mnist, fmnist or any prepared data set")
     p.add_argument("--quick", action="store_true", help="smoke run: few images, reduced L/R/iterations")
     for flag, (kind, help_) in KNOBS.items():
         p.add_argument(flag, type=kind, default=None, help=help_)

@@ -4,12 +4,15 @@
 
 docs/img/purify_grid.png: rows = the first 12 MNIST slice images, their purification G(z*) (L=200, R=10), their FGSM
 ε=0.3 versions (computed on classifier A), and the purification of those. docs/img/samples_<dataset>.png: 100
-samples G(z), z ~ N(0, I), of each shipped generator.
+samples G(z), z ~ N(0, I), of each shipped generator. docs/img/reconstruct_<dataset>.png, for each colour dataset:
+its first 12 slice images, their encoder warm-start projections at L=25 (the service's invert-classify) and at
+L=200, R=1.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             save_grid(G(torch.randn(100, G.latent_dim, generator=torch.Generator().manual_seed(0)) * z_std),
                       out / f"samples_{ds}.png")  # fmt: skip
+        if reg.spec(ds).channels == 3 and reg.encoder(ds) is not None:
+            reconstructions(reg, ds, args.n, out / f"reconstruct_{ds}.png")
     G, clf = reg.generator("mnist"), reg.classifier("mnist")
     xs, ys = data.load_slice("mnist")
     x = torch.from_numpy(data.to_float(xs[: args.n]))
@@ -41,7 +46,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ProjectionConfig()
     rows = [x, project(x, G, cfg).images, adv, project(adv, G, cfg).images]
     save_grid(torch.cat(rows), out / "purify_grid.png", nrow=args.n)
-    print(f"wrote {out}/purify_grid.png and samples_*.png")
+    print(f"wrote {out}/purify_grid.png, samples_*.png and reconstruct_*.png")
+
+
+def reconstructions(reg: Registry, ds: str, n: int, path: Path) -> None:
+    """Rows: slice images, their warm-start projections at L=25 and L=200 (R=1)."""
+    xs, _ = data.load_slice(ds)
+    x = torch.from_numpy(data.to_float(xs[:n]))
+    G, E = reg.generator(ds), reg.encoder(ds)
+    rows = [x] + [project(x, G, ProjectionConfig(steps=L, restarts=1, init="encoder"), encoder=E, seed=0).images
+                  for L in (25, 200)]  # fmt: skip
+    save_grid(torch.cat(rows), path, nrow=n)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from service import nets
+from service.datasets import DatasetSpec, gray28
 from training import data
-from training.common import MODELS_DIR, command_line, update_manifest
+from training.common import MODELS_DIR, command_line, eval_slice, update_manifest
 
 
 def safetensors_layout(path: Path) -> dict[str, tuple[int, int]]:
@@ -45,16 +46,17 @@ def safetensors_layout(path: Path) -> dict[str, tuple[int, int]]:
             for k, v in header.items() if k != "__metadata__"}  # fmt: skip
 
 
-def export_onnx(model: nn.Module, path: Path, weights: Path) -> None:
-    """Write the graph of `model` to `path` (input `input` N×1×28×28 float32, output `logits` N×10, dynamic batch),
-    its initializers pointing into `weights` (the model's safetensors, already written, same folder)."""
+def export_onnx(model: nn.Module, path: Path, weights: Path, shape: nets.Shape = nets.IMAGE_SHAPE) -> None:
+    """Write the graph of `model` to `path` (input `input` N×C×H×W float32 of `shape`, MNIST's 1×28×28 by default;
+    output `logits` N×classes; dynamic batch), its initializers pointing into `weights` (the model's safetensors,
+    already written, same folder)."""
     model.eval()
     if weights.parent.resolve() != path.parent.resolve():
         raise ValueError("the ONNX graph and its safetensors weights must share a folder")
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter on purpose: the dynamo one needs onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), buf, input_names=["input"], output_names=["logits"],
+        torch.onnx.export(model, (torch.zeros(1, *shape),), buf, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                           do_constant_folding=False, dynamo=False)  # fmt: skip
     graph = onnx.load_from_string(buf.getvalue())
@@ -81,6 +83,12 @@ def onnx_max_diff(model: nn.Module, path: Path, x: np.ndarray) -> float:
     return float(np.abs(got - ref).max())
 
 
+def dataset_spec(manifest: dict, dataset: str) -> DatasetSpec:
+    """A dataset's image format as the manifest records it (`datasets`), else MNIST's (as the registry has it)."""
+    doc = manifest.get("datasets", {}).get(dataset)
+    return DatasetSpec.from_json(dataset, doc) if doc is not None else gray28(dataset)
+
+
 def reexport(models_dir: Path = MODELS_DIR) -> list[str]:
     """Re-export the ONNX graph of every classifier in the manifest from its safetensors; return their keys."""
     man = json.loads((Path(models_dir) / "manifest.json").read_text())
@@ -90,10 +98,11 @@ def reexport(models_dir: Path = MODELS_DIR) -> list[str]:
             continue
         weights = Path(models_dir) / entry["files"]["weights"]["path"]
         onnx_path = Path(models_dir) / entry["files"]["onnx"]["path"]
-        model = nets.build("classifier", entry["arch"])
+        spec = dataset_spec(man, entry["dataset"])
+        model = nets.build("classifier", entry["arch"], shape=spec.shape, classes=spec.num_classes)
         model.load_state_dict(load_file(str(weights)))
-        export_onnx(model, onnx_path, weights)
-        xs, _ = data.load_slice(entry["dataset"], models_dir)
+        export_onnx(model, onnx_path, weights, spec.shape)
+        xs, _ = eval_slice(entry["dataset"], models_dir)
         diff = onnx_max_diff(model, onnx_path, data.to_float(xs))
         # the weights file is unchanged, so the measured figures stay; the training command stays the entry's
         update_manifest(key, {**entry, "onnx_command": command_line(), "metrics": {"onnx_vs_torch_max_abs_diff": diff}},

@@ -15,7 +15,8 @@ Attacks, run in order on the images every earlier attack failed on (an image is 
   differentiated unrolled projection (`service.attacks.Unrolled`), the latent ("overpowered") attack, and Square
   on the real pipeline (gradient-free: it catches masked gradients). The warm start with R=1 is deterministic
   (z₀ = E(x), no random restarts), so EOT has nothing to average; it applies to `defense-gan`'s restarts.
-Threats: MNIST L∞ 0.3 and L2 2.0; Fashion-MNIST L∞ 0.1, L∞ 0.3 and L2 1.5.
+Threats: MNIST L∞ 0.3 and L2 2.0; Fashion-MNIST L∞ 0.1, L∞ 0.3 and L2 1.5; any other prepared data set L∞ 8/255
+(its standard threat) and L2 0.5, RobustBench's CIFAR-10 threats (no clean bar: see `robustness_protocol`).
 Images: the first n of the committed 1,000-image slice — n = 1,000 for the adversarially trained classifiers at the
 standard threat (the enhanced ones too: the default is chosen among them on the same images), 200 at their other
 threats, 100 for the classifiers trained without attacks, 100
@@ -46,7 +47,7 @@ import torch
 
 from service.registry import Registry
 from training import data, results
-from training.common import MODELS_DIR, add_device_option, command_line, git_commit, results_dir, setup
+from training.common import MODELS_DIR, add_device_option, command_line, eval_slice, git_commit, results_dir, setup
 from training.robustness_attacks import (
     OrtForward,
     Pipeline,
@@ -91,9 +92,9 @@ def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str
     p = Pipeline(reg, dataset, classifier, defense, args.device)
     method = reg.get(f"{dataset}/{classifier}").raw.get("training", {}).get("method", "standard")
     robust_trained = method in ("pgd", "trades", "enhanced-inc")
-    attacks = attacks_for(defense, tuple(args.bare_attacks))
+    attacks = attacks_for(defense, tuple(args.bare_attacks), p.classes)
     clean = clean_accuracy(p, dataset, 10000 if defense in CHEAP else args.clean_n, reg)
-    candidate = robust_trained and clean["accuracy"] >= CLEAN_BAR[dataset]  # could be the default
+    candidate = robust_trained and clean["accuracy"] >= (CLEAN_BAR[dataset] or 0.0)  # could be the default
     threats = {}
     for norm, eps in THREATS[dataset]:
         if defense == "magnet":
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     budget = Budget(fab_targets=args.fab_targets)
     if args.quick:
         budget = Budget(iters=5, square_queries=20, defended_iters=3, defended_square_queries=10, latent_steps=10)
-    xs, ys = data.load_slice(args.dataset)
+    xs, ys = eval_slice(args.dataset)
     x, y = torch.from_numpy(data.to_float(xs)), torch.from_numpy(ys.astype(np.int64))
     chosen = pipelines(reg, args.dataset, args.defended)
     if args.only:
@@ -211,7 +212,7 @@ def holdout(reg: Registry, args: argparse.Namespace, default: dict, budget: Budg
     y = torch.from_numpy(arr["y_test"][lo:hi].astype(np.int64))
     p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"], args.device)
     norm, eps = STANDARD[args.dataset]
-    attacks = attacks_for(p.defense)
+    attacks = attacks_for(p.defense, classes=p.classes)
     cell = worst_case(p, x, y, norm, eps, attacks, args.seed + 1, budget, images=f"test[{lo}:{hi}]")
     return {"pipeline": p.name, "threat": threat_key(norm, eps), "test_indices": [lo, hi],
             **{k: v for k, v in cell.items() if k != "robust_flags"}}  # fmt: skip
@@ -219,7 +220,7 @@ def holdout(reg: Registry, args: argparse.Namespace, default: dict, budget: Budg
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True, help="mnist, fmnist or any prepared data set")
     p.add_argument("--n", type=int, default=1000, help="images for the robust-trained pipelines' standard threat")
     p.add_argument("--n-other", type=int, default=200, help="images for the robust-trained pipelines' other threats")
     p.add_argument("--n-baseline", type=int, default=100, help="images for the classifiers trained without attacks")

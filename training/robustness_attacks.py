@@ -19,7 +19,7 @@ from service.attacks import Defended, Reformed, Unrolled, detector_aware, latent
 from service.registry import Registry
 from service.stats import wilson
 from training import data
-from training.common import ROOT, warm_config
+from training.common import ROOT, eval_slice, warm_config
 from training.robustness_protocol import BARE_ATTACKS, CHEAP, NORMS, Budget
 
 log = logging.getLogger("robustness")
@@ -55,10 +55,12 @@ class Pipeline:
     CPU (each call moves its batch)."""
 
     device = torch.device("cpu")
+    classes = 10  # the classifier's classes (MNIST's here; `__init__` sets the dataset's)
 
     def __init__(self, reg: Registry, dataset: str, classifier: str, defense: str,
                  device: torch.device | str = "cpu") -> None:  # fmt: skip
         self.dataset, self.classifier, self.defense, self.device = dataset, classifier, defense, torch.device(device)
+        self.classes = reg.spec(dataset).num_classes  # the targeted attacks aim at the other classes, at most
         clf = reg.classifier(dataset, classifier, self.device)
         self.weights_sha = reg.get(f"{dataset}/{classifier}").files["weights"]["sha256"]
         self.ort = OrtForward(reg, dataset, classifier) if defense == "none" else None
@@ -118,15 +120,15 @@ class Pipeline:
         b, dev = budget, self.device
         if self.defense in ("none", "magnet") and name in BARE_ATTACKS:  # MagNet: exact gradients through the AE
             model = self.ort if name == "square" and self.ort else self.forward  # Square only queries: ONNX Runtime
-            targets = b.fab_targets if name == "fab-t" else 9
+            targets = min(b.fab_targets if name == "fab-t" else 9, self.classes - 1)
             return make_reference(model, norm, eps, name, seed, b.iters, targets, b.square_queries, b.batch, dev)
         if name == "square":
             return make_reference(self.forward, norm, eps, name, seed, 0, 0, b.defended_square_queries, b.batch, dev)
         if name.startswith(("bpda-", "exact-")):
             kind, _, attack = name.partition("-")
             model = self.bpda if kind == "bpda" else self.exact
-            return make_reference(model, norm, eps, attack, seed, b.defended_iters, b.defended_targets, 0, b.batch,
-                                  dev)  # fmt: skip
+            targets = min(b.defended_targets, self.classes - 1)
+            return make_reference(model, norm, eps, attack, seed, b.defended_iters, targets, 0, b.batch, dev)
         if name == "latent":
             if norm != "linf":
                 return lambda x, y: x  # the latent attack is L∞ only: nothing to add under L2
@@ -209,7 +211,7 @@ def clean_accuracy(p: Pipeline, dataset: str, n: int, reg: Registry | None = Non
         arr = data.load(dataset)
         xs, ys = arr["x_test"][:n], arr["y_test"][:n]
     except data.DataError:
-        xs, ys = data.load_slice(dataset)
+        xs, ys = eval_slice(dataset)
         xs, ys = xs[:n], ys[:n]
     x, y = torch.from_numpy(data.to_float(xs)), torch.from_numpy(ys.astype(np.int64))
     k = int(p.correct(x, y).sum())

@@ -35,6 +35,8 @@ from training.common import (
     RUNS_DIR,
     batches,
     command_line,
+    eval_slice,
+    record_dataset,
     save_grid,
     save_weights,
     setup,
@@ -79,20 +81,21 @@ def evaluate(gen: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, b
 
 def train(args: argparse.Namespace) -> tuple[nn.Module, dict, Registry]:
     device = setup(args.seed, args.threads)
-    reg = Registry(MODELS_DIR)
+    reg = Registry(args.models_dir)
     clf = reg.classifier(args.dataset, args.target, device)  # frozen, eval mode
     arrays = data.load(args.dataset)
     x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
     y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64)).to(device)
-    xs, ys = data.load_slice(args.dataset)
+    xs, ys = eval_slice(args.dataset)
     x_sl = torch.from_numpy(data.to_float(xs)).to(device)
     y_sl = torch.from_numpy(ys.astype(np.int64)).to(device)
-    gen = AdvGANGenerator(eps=args.eps).to(device)
-    disc = AdvGANDiscriminator().to(device)
+    shape = data.spec(args.dataset).shape
+    gen = AdvGANGenerator(eps=args.eps, shape=shape).to(device)
+    disc = AdvGANDiscriminator(shape).to(device)
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
     rng = np.random.default_rng(args.seed)
-    run_dir = RUNS_DIR / generator_key(args.dataset, args.target)
+    run_dir = Path(args.run_dir) / generator_key(args.dataset, args.target)
     t0, step = time.time(), 0
     total = args.epochs * (len(x_tr) // args.batch)
     print(f"training AdvGAN against {args.dataset}/{args.target} on {device}: up to {args.epochs} epochs "
@@ -145,7 +148,7 @@ def ship(args: argparse.Namespace, gen: nn.Module, info: dict, reg: Registry) ->
     y_te = torch.from_numpy(arrays["y_test"].astype(np.int64))
     clf = reg.classifier(args.dataset, args.target, "cpu")
     metrics = evaluate(gen, clf, x_te, y_te)
-    save_weights(gen, MODELS_DIR / rel)
+    save_weights(gen, args.models_dir / rel)
     target_art = reg.get(f"{args.dataset}/{args.target}")
     entry = {
         "kind": "advgan",
@@ -171,14 +174,15 @@ def ship(args: argparse.Namespace, gen: nn.Module, info: dict, reg: Registry) ->
         "files": {"weights": {"path": str(rel)}},
         "metrics": {f"test_{k}" if k != "images" else "test_images": v for k, v in metrics.items()},
     }
-    update_manifest(key, entry)
+    record_dataset(data.spec(args.dataset), args.models_dir)
+    update_manifest(key, entry, args.models_dir)
     print(f"shipped {rel}: {metrics}", flush=True)
     return metrics
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True, help="mnist, fmnist or any prepared data set")
     p.add_argument("--target", default="classifier_A", help="the shipped classifier to attack")
     p.add_argument("--eps", type=float, default=0.3, help="L∞ bound (the registry loads ε = 0.3; others: --no-ship)")
     p.add_argument("--epochs", type=int, default=15)
@@ -193,6 +197,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="where the target is and the generator goes")
+    p.add_argument("--run-dir", type=Path, default=RUNS_DIR, help="per-epoch example grids go under it")
     p.add_argument("--no-ship", action="store_true", help="train and report only")
     a = p.parse_args(argv)
     if a.eps != AdvGANGenerator().eps and not a.no_ship:

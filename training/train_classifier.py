@@ -1,9 +1,11 @@
-"""Train a Defense-GAN classifier (models A–E) and export it as safetensors and ONNX (one copy of the weights).
+"""Train a Defense-GAN classifier (models A–E, or TRADES' S) and export it as safetensors and ONNX (one copy of the
+weights).
 
     python -m training.train_classifier --dataset mnist --model A
     python -m training.train_classifier --dataset mnist --model A --adv-eps 0.3     # FGSM adversarial training
     python -m training.train_classifier --dataset mnist --model B --adv-eps 0.3 --adv-static D,E   # ensemble
     python -m training.train_classifier --dataset mnist --model A --on-reconstructions 20000   # Defense-GAN-Rec
+    python -m training.train_classifier --dataset NAME --model A    # any prepared data set (gray or colour)
 
 Adam lr 1e-3, 10 epochs, batch 128, inputs in [0, 1] (the paper's settings). With --adv-eps, every batch is half
 clean and half FGSM(ε) on the current weights (Goodfellow et al. 2015's mixed objective, the paper's
@@ -14,8 +16,9 @@ With --on-reconstructions N, the classifier is trained on G(z*) of N training im
 (Defense-GAN's "Rec" classifiers): projected by the shipped generator with the encoder warm start and the L, R
 recorded on the generator's entry (Defense-GAN's L=200, R=10 costs ~2 s per image here: 60k would take 35 h),
 cached in chunks under runs/<dataset>/train_recs/ (resumable).
-Measures clean accuracy on the full 10,000-image test set, checks ONNX Runtime against torch on the 1,000-image
-slice, and records both in models/manifest.json.
+The network is built for the data set's images and classes (`training.data.spec`). Measures clean accuracy on the
+full test set, checks ONNX Runtime against torch on the 1,000-image slice, and records both in models/manifest.json
+(with the data set's image format, `datasets`, and the classifier's `input_shape`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from training.common import (
     add_device_option,
     batches,
     command_line,
+    eval_slice,
+    record_dataset,
     save_weights,
     setup,
     update_manifest,
@@ -66,7 +71,8 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     x_te = torch.from_numpy(data.to_float(arrays["x_test"])).to(device)
     y_te = torch.from_numpy(arrays["y_test"].astype(np.int64)).to(device)
-    model = build_classifier(args.model).to(device)
+    spec = data.spec(args.dataset)
+    model = build_classifier(args.model, spec.shape, spec.num_classes).to(device)
     sources = [model, *static_models(args, device)]
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
@@ -133,10 +139,11 @@ def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metr
     """Write models_dir/<dataset>/<name>.safetensors and its .onnx graph (whose weights are the safetensors'),
     measure clean test accuracy (full test set, when the dataset cache is there) and ONNX-vs-torch agreement
     (slice), and record `entry` in the manifest."""
+    spec = data.spec(dataset)
     rel = {role: f"{dataset}/{name}.{ext}" for role, ext in (("weights", "safetensors"), ("onnx", "onnx"))}
     save_weights(model, models_dir / rel["weights"])
-    export_onnx(model, models_dir / rel["onnx"], models_dir / rel["weights"])
-    xs, _ = data.load_slice(dataset)
+    export_onnx(model, models_dir / rel["onnx"], models_dir / rel["weights"], spec.shape)
+    xs, _ = eval_slice(dataset)
     metrics = {
         **(metrics or {}),
         "onnx_vs_torch_max_abs_diff": onnx_max_diff(model, models_dir / rel["onnx"], data.to_float(xs)),
@@ -150,7 +157,8 @@ def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metr
         pass
     files = {role: {"path": path} for role, path in rel.items()}
     full = {"kind": "classifier", "dataset": dataset, "command": command_line(), **entry, "files": files,
-            "metrics": metrics}  # fmt: skip
+            "input_shape": list(spec.shape), "metrics": metrics}  # fmt: skip
+    record_dataset(spec, models_dir)  # the format the registry builds the network for
     update_manifest(f"{dataset}/{name}", full, models_dir)
     print(f"shipped {dataset}/{name}: {metrics}", flush=True)
     return metrics
@@ -178,8 +186,8 @@ def ship(args: argparse.Namespace, model: nn.Module) -> dict:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
-    p.add_argument("--model", choices=list("ABCDE") + list("abcde"), required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True, help="mnist, fmnist or any prepared data set")
+    p.add_argument("--model", choices=list("ABCDES") + list("abcdes"), required=True)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -4,8 +4,12 @@
 
 Defaults are the official config: latent 128, batch 50, 5 critic steps per generator step, gradient penalty 10,
 Adam lr 1e-4 β=(0.5, 0.9), z ~ N(0, I). `--objective dcgan` (1 D step, BCE, Adam 2e-4 β1 0.5) is the cheaper
-alternative for CPU hosts. Checkpoints go to runs/<dataset>/<tag>/ckpt.pt every --ckpt-every iterations and a
-run resumes from its checkpoint; sample grids are written beside it. `--ship` exports the generator to
+alternative for CPU hosts. `--recon λ` trains an encoder beside them and adds λ·‖G(E(x)) − x‖² (mean squared)
+to the generator's loss, a pull of the range towards the training images that a CPU's few thousand iterations
+need on colour data; the encoder's weights stay in the checkpoint (`training.train_encoder` trains the shipped
+one). Networks are built for the dataset's image shape (`training.data.spec`). Checkpoints go to
+runs/<dataset>/<tag>/ckpt.pt every --ckpt-every iterations and a run resumes from its checkpoint; sample grids
+(and reconstructions, with --recon) are written beside it. `--ship` exports the generator to
 models/<dataset>/generator.safetensors and records it in models/manifest.json.
 """
 
@@ -21,13 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.nets import LATENT_DIM, Critic, Generator
+from service.nets import LATENT_DIM, Critic, Encoder, Generator
+from service.registry import sha256_file
 from training import data
 from training.common import (
     RUNS_DIR,
     Progress,
     check_resume,
     command_line,
+    record_dataset,
     run_arguments,
     save_grid,
     save_weights,
@@ -36,7 +42,7 @@ from training.common import (
 )
 
 # the arguments that define a run: saved in its checkpoint, and a resume must repeat them (--iters may grow)
-RUN_ARGS = ("dataset", "objective", "batch", "critic_iters", "gp", "lr", "z_std", "seed")
+RUN_ARGS = ("dataset", "objective", "batch", "critic_iters", "gp", "lr", "z_std", "seed", "recon")
 
 
 def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -61,8 +67,9 @@ Optimizers = tuple[torch.optim.Optimizer, torch.optim.Optimizer]
 
 
 def step(G: Generator, D: Critic, opts: Optimizers, args: argparse.Namespace, real_batch: Callable[[], torch.Tensor],
-         sample_z: Callable[[int], torch.Tensor]) -> tuple[float, float]:  # fmt: skip
-    """One generator iteration: the critic's steps (--critic-iters for WGAN-GP, one for DCGAN), then the generator's."""
+         sample_z: Callable[[int], torch.Tensor], E: Encoder | None = None) -> tuple[float, float]:  # fmt: skip
+    """One generator iteration: the critic's steps (--critic-iters for WGAN-GP, one for DCGAN), then the generator's
+    (with the encoder `E`, trained by the same optimizer, and the reconstruction term where --recon is set)."""
     opt_g, opt_d = opts
     wgan = args.objective == "wgan-gp"
     for _ in range(args.critic_iters if wgan else 1):
@@ -77,6 +84,9 @@ def step(G: Generator, D: Critic, opts: Optimizers, args: argparse.Namespace, re
         p.requires_grad_(False)
     out = D(G(sample_z(args.batch)))
     loss_g = -out.mean() if wgan else F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+    if E is not None:
+        real = real_batch()
+        loss_g = loss_g + args.recon * F.mse_loss(G(E(real)), real)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -118,15 +128,18 @@ def train(args: argparse.Namespace, x_train_u8: np.ndarray | None = None) -> Pat
     x_u8 = x_train_u8 if x_train_u8 is not None else data.load(args.dataset)["x_train"]
     x_train = torch.from_numpy(data.to_float(x_u8)).to(device)
 
-    G, D = Generator().to(device), Critic().to(device)
+    shape = data.spec(args.dataset).shape
+    G = Generator(shape=shape).to(device)
+    D = Critic(shape=shape, norm=shape[1] != 28 and args.objective == "dcgan").to(device)
+    E = Encoder(shape=shape).to(device) if args.recon else None
     wgan = args.objective == "wgan-gp"
     lr = args.lr or (1e-4 if wgan else 2e-4)
     betas = (0.5, 0.9) if wgan else (0.5, 0.999)
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
+    opt_g = torch.optim.Adam([*G.parameters(), *(E.parameters() if E else ())], lr=lr, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     fixed_z = torch.randn(100, LATENT_DIM, generator=gen).mul_(args.z_std).to(device)
-    state = {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d}
+    state = {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d, **({"E": E} if E else {})}
     ckpt_path = run_dir / "ckpt.pt"
     start = resume(ckpt_path, args, state, device)
 
@@ -140,39 +153,56 @@ def train(args: argparse.Namespace, x_train_u8: np.ndarray | None = None) -> Pat
     args.history = []
     t0 = time.time()
     for it in range(start + 1, args.iters + 1):
-        loss_d, loss_g = step(G, D, (opt_g, opt_d), args, real_batch, sample_z)
+        loss_d, loss_g = step(G, D, (opt_g, opt_d), args, real_batch, sample_z, E)
         args.history.append((loss_d, loss_g))
         progress(it, loss_d=loss_d, loss_g=loss_g)
         if it % args.ckpt_every == 0 or it == args.iters:
             save_checkpoint(ckpt_path, args, state, it)
             with torch.no_grad():
                 save_grid(G(fixed_z), run_dir / f"samples_{it:06d}.png")
+                if E is not None:
+                    x = real_batch()[:50]
+                    save_grid(torch.cat([x, G(E(x))]), run_dir / f"reconstructions_{it:06d}.png")
     print(f"trained {args.iters - start} iterations in {(time.time() - t0) / 60:.1f} min")
 
     out = run_dir / "generator.safetensors"
     save_weights(G, out)
     if args.ship:
-        ship(args, G)
+        ship(args, G, E)
     return out
 
 
-def ship(args: argparse.Namespace, G: Generator) -> None:
+def ship(args: argparse.Namespace, G: Generator, E: Encoder | None = None) -> None:
+    """The generator (and, trained beside it with --recon, its encoder: the projection's warm start) to models/."""
+    spec = data.spec(args.dataset)
     target = Path("models") / args.dataset / "generator.safetensors"
     save_weights(G, Path(__file__).resolve().parent.parent / target)
+    record_dataset(spec)
+    training = {"objective": args.objective, "iterations": args.iters, "batch": args.batch,
+                "critic_iters": args.critic_iters if args.objective == "wgan-gp" else 1, "seed": args.seed,
+                **({"recon": args.recon} if args.recon else {})}  # fmt: skip
     update_manifest(f"{args.dataset}/generator", {
         "files": {"weights": {"path": f"{args.dataset}/generator.safetensors"}},
-        "kind": "generator", "arch": "defensegan-mnist", "dataset": args.dataset,
-        "classes": data.CLASS_NAMES[args.dataset], "latent_dim": LATENT_DIM, "latent_std": args.z_std,
-        "command": command_line(),
-        "training": {"objective": args.objective, "iterations": args.iters, "batch": args.batch,
-                     "critic_iters": args.critic_iters if args.objective == "wgan-gp" else 1, "seed": args.seed},
+        "kind": "generator", "arch": "defensegan-mnist" if spec.side == 28 else f"dcgan-{spec.side}",
+        "dataset": args.dataset, "classes": list(spec.classes), "latent_dim": LATENT_DIM, "latent_std": args.z_std,
+        "command": command_line(), "training": training,
     })  # fmt: skip
     print(f"shipped {target}")
+    if E is not None:
+        models = Path(__file__).resolve().parent.parent / "models" / args.dataset
+        save_weights(E, models / "encoder.safetensors")
+        update_manifest(f"{args.dataset}/encoder", {
+            "generator_sha256": sha256_file(models / "generator.safetensors"),
+            "files": {"weights": {"path": f"{args.dataset}/encoder.safetensors"}}, "kind": "encoder",
+            "arch": "defensegan-encoder", "dataset": args.dataset, "latent_dim": LATENT_DIM, "command": command_line(),
+            "training": {"joint_with": "generator", "recon": args.recon, "iterations": args.iters, "seed": args.seed},
+        })  # fmt: skip
+        print(f"shipped models/{args.dataset}/encoder.safetensors (trained with the generator)")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True)
     p.add_argument("--objective", choices=["wgan-gp", "dcgan"], default="wgan-gp")
     p.add_argument("--iters", type=int, default=200_000, help="generator iterations (paper: 200k)")
     p.add_argument("--batch", type=int, default=50)
@@ -181,6 +211,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (wgan-gp) or 2e-4 (dcgan)")
     p.add_argument("--z-std", type=float, default=1.0, help="std of the latent prior in training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recon", type=float, default=0.0, help="weight of a jointly trained encoder's reconstruction "
+                   "error in the generator's loss (0: the plain GAN)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--tag",

@@ -7,7 +7,8 @@ mirrored) and II (conv3, mirrored), sigmoid activations, inputs with Gaussian no
 [0, 1]) mapped to the clean images under MSE, an L2 activity regulariser of 1e-9 on every convolution's output,
 Adam (Keras' defaults, lr 1e-3), batch 256, 100 epochs. The last 5,000 training images are held out as the
 validation set; each detector's threshold is the (1 − drop rate) quantile of its clean validation scores, with the
-authors' drop rate 0.001 (MNIST: detector I is p=2, detector II p=1). Ships models/<dataset>/magnet.safetensors
+authors' drop rate 0.001 (MNIST: detector I is p=2, detector II p=1). The autoencoders take the data set's channels
+(`training.data.spec`): any prepared data set, gray or colour. Ships models/<dataset>/magnet.safetensors
 with its manifest entry (thresholds, validation MSE, clean test false-positive rate). Resumable from
 runs/magnet/<dataset>/ (same command).
 """
@@ -24,7 +25,17 @@ from torch import nn
 
 from service.nets import MAGNET_STRUCTURES, MagNet
 from training import data
-from training.common import MODELS_DIR, RUNS_DIR, Progress, batches, command_line, save_weights, setup, update_manifest
+from training.common import (
+    MODELS_DIR,
+    RUNS_DIR,
+    Progress,
+    batches,
+    command_line,
+    record_dataset,
+    save_weights,
+    setup,
+    update_manifest,
+)
 from training.train_robust import load_ckpt, save_ckpt
 
 VALIDATION = 5000
@@ -63,7 +74,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     x_all = torch.from_numpy(data.to_float(arrays["x_train"]))
     k = held_out(len(x_all))
     x_tr, x_val = x_all[:-k], x_all[-k:]
-    net = MagNet()
+    net = MagNet(data.spec(args.dataset).shape)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     folder = Path(args.run_dir) / args.dataset
     per_epoch = len(x_tr) // args.batch
@@ -134,6 +145,7 @@ def ship(args: argparse.Namespace, net: MagNet, history: list[dict], arrays: dic
     entry = {"kind": "magnet", "dataset": args.dataset, "command": command_line(), "files": {"weights": {"path": rel}},
              "detector": detector, "training": training,
              "metrics": {"test_mse_I": round(float(s1.mean()), 6), "test_fpr": detector["test_fpr"]}}  # fmt: skip
+    record_dataset(data.spec(args.dataset), Path(args.models_dir))
     update_manifest(f"{args.dataset}/magnet", entry, Path(args.models_dir))
     print(f"shipped {args.dataset}/magnet: thresholds I {detector['I']['threshold']:.5f} "
           f"II {detector['II']['threshold']:.5f}, clean test FPR {detector['test_fpr']}", flush=True)  # fmt: skip
@@ -142,7 +154,7 @@ def ship(args: argparse.Namespace, net: MagNet, history: list[dict], arrays: dic
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True, help="mnist, fmnist or any prepared data set")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)

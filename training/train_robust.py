@@ -228,7 +228,8 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
     runs after each batch's step (an extra objective's own step); what it returns is shown in the progress line."""
     device = setup(args.seed, args.threads, args.device)
     x_tr, y_tr, x_mon, y_mon = tensors(arrays if arrays is not None else data.load(args.dataset), args.monitor, device)
-    model = build_classifier(args.arch).to(device)
+    spec = data.spec(args.dataset)
+    model = build_classifier(args.arch, spec.shape, spec.num_classes).to(device)
     init_weights(model, args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = WeightAverage(model, args.ema) if args.ema else None
@@ -302,7 +303,7 @@ def threat(args: argparse.Namespace) -> dict:
 def parser(doc: str | None = None, eps: float | None = None) -> argparse.ArgumentParser:
     """The training options (train_enhanced adds its own to these); `eps` None makes --eps required."""
     p = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=data.DATASETS, required=True)
+    p.add_argument("--dataset", type=data.dataset_name, required=True, help="mnist, fmnist or any prepared data set")
     p.add_argument("--method", choices=("trades", "pgd", "max"), default="trades")
     p.add_argument("--arch", default="S", help="classifier network (A–E, S)")
     p.add_argument("--eps", type=float, required=eps is None, default=eps,

@@ -136,7 +136,8 @@ def _warm(app: FastAPI) -> None:
     engine: Engine = app.state.engine
     for art in engine.registry.artifacts.values():
         if art.kind == "classifier" and "onnx" in art.files:
-            engine.onnx(art.dataset, art.key.split("/", 1)[1]).logits(torch.full((1, 1, 28, 28), 0.5))
+            x = torch.full((1, *engine.registry.spec(art.dataset).shape), 0.5)
+            engine.onnx(art.dataset, art.key.split("/", 1)[1]).logits(x)
     engine.warm_up()
 
 

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import imaging
 from service.api.deps import get_batcher, get_registry, get_settings, get_substitutes
-from service.api.v1 import read_input
+from service.api.v1 import model_input, read_input
 from service.attacks import runner
 from service.batcher import Batcher
 from service.config import Settings
@@ -82,12 +82,19 @@ def _prediction(r: DefendResult | None, i: int) -> dict[str, Any] | None:
     }
 
 
+def _rounded(a: torch.Tensor) -> list:
+    """Nested lists of the values, each rounded to 6 decimals."""
+    return [_rounded(r) for r in a] if a.dim() > 1 else [round(float(v), 6) for v in a]
+
+
 def _adversarial(x: torch.Tensor, adv: torch.Tensor, png: str) -> dict[str, Any]:
-    """The adversarial image: as PNG, as the exact float array, and its L∞ and L2 distance to the input."""
+    """The adversarial image: as PNG, as the exact float array (H×W for a gray dataset, C×H×W for a colour one), and
+    its L∞ and L2 distance to the input."""
     delta = (adv - x).flatten()
+    image = adv[0, 0] if adv.shape[1] == 1 else adv[0]
     return {
         "png_base64": png,
-        "array": [[round(float(v), 6) for v in row] for row in adv[0, 0]],
+        "array": _rounded(image),
         "linf": float(delta.abs().max()),
         "l2": float(delta.norm()),
     }
@@ -112,15 +119,17 @@ async def attack(
     """The adversarial image (PNG base64 and the exact float array), its L∞ and L2 distance to the input, and the
     predictions before and after the attack, with and without the defense."""
     t0 = time.perf_counter()
-    x, raw, _ = await read_input(request, settings)
+    images, raw, _ = await read_input(request, settings)
     p = AttackFields.parse(raw)
-    if len(x) != 1:
-        raise RequestError(f"the attack endpoint takes one image, got {len(x)}")
+    if len(images) != 1:
+        raise RequestError(f"the attack endpoint takes one image, got {len(images)}")
     # the defense is projected where a generator is shipped (target=defended needs one: 404 without)
     req = resolve(p, settings, registry, project=True if p.target == "defended" else None)
+    x, _ = await model_input(images, req.dataset, registry, settings)
     ds, clf, cfg = req.dataset, req.classifier, req.cfg
     assert clf is not None
-    plan = runner.plan(p.method, p.params, p.target, p.target_label is not None, cfg, settings.attack, len(x))
+    plan = runner.plan(p.method, p.params, p.target, p.target_label is not None, cfg, settings.attack, len(x),
+                       x[0].numel())  # fmt: skip
 
     before = await batcher.defend(x, ds, clf, "none")
     label = p.label if p.label is not None else int(before.labels[0])

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -32,7 +33,7 @@ from service.errors import ServiceError
 from service.metrics import Metrics, observe_stages
 from service.profile import Caller, admit, fix_pipeline, reduce, restricted, served_model
 from service.registry import Registry, grid_key
-from service.request import ClassifyFields, DetectFields, Fields, PurifyFields, RequestError, resolve
+from service.request import ClassifyFields, DetectFields, Fields, PurifyFields, RequestError, image_cap, resolve
 
 ERRORS = errors(400, 404, 408, 413, 415, 422, 503, 504)
 EXAMPLE_PNG = imaging.png_base64(np.zeros((28, 28), dtype=np.float32))  # a real (blank) image the schema can send
@@ -50,6 +51,7 @@ RAW_TYPES = {
 }
 IMAGE_KEYS = ("image", "images", "array")
 INLINE_BYTES = 64 * 1024  # a small PNG or JSON body is decoded in the event loop (≤ ~1 ms); others in a thread
+INLINE_VALUES = 16 * 32 * 32 * 3  # and images of up to this many values are fitted to the model there
 
 
 async def _off_loop(small: bool, fn: Any, *args: Any) -> Any:
@@ -65,7 +67,8 @@ class Prediction(BaseModel):
     mse: float | None = Field(None, description="reconstruction MSE of the purified image (defended calls)")
     flagged: bool | None = Field(None, description="detector: MSE above the calibrated threshold")
     purified_png: str | None = Field(None, description="base64 PNG, with return_purified=true")
-    input_png: str | None = Field(None, description="the model's 28×28 input as base64 PNG, with return_input=true")
+    input_png: str | None = Field(None, description="the model's input (the dataset's size and channels) as base64 "
+                                  "PNG, with return_input=true")  # fmt: skip
 
 
 class PublicPrediction(BaseModel):
@@ -194,8 +197,9 @@ def _replay(body: bytes) -> Any:
     return receive
 
 
-async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[str, Any], float]:
-    """(images N×1×28×28, parameters from query and body, decode ms). The body is size-capped while it streams."""
+async def read_input(request: Request, settings: Settings) -> tuple[list[np.ndarray], dict[str, Any], float]:
+    """(images as they came, H×W×C; parameters from query and body; decode ms). The body is size-capped while it
+    streams. `model_input` fits the images to the dataset the parameters name."""
     params: dict[str, Any] = dict(request.query_params)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
@@ -218,7 +222,7 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
             raise RequestError("the multipart body has no file part")
         vr = _value_range(params)
         cheap = small and all(imaging.small_png(f) for f in files)
-        x = await _off_loop(cheap, imaging.decode_files, files, s.max_image_pixels, s.max_batch_images, vr)
+        x = await _off_loop(cheap, imaging.read_files, files, s.max_image_pixels, s.max_batch_images, vr)
     elif ctype == "application/json" or ctype.endswith("+json"):
         try:
             doc = await _off_loop(small, json.loads, body)
@@ -236,16 +240,27 @@ async def read_input(request: Request, settings: Settings) -> tuple[Any, dict[st
             raise RequestError("`images` must be a list of base64 strings")
         cheap = small and image is None and images is None  # base64 files may decode to many pixels
         x = await _off_loop(
-            cheap, imaging.decode_json, image, images, inputs.get("array"), s.max_image_pixels, s.max_batch_images, vr
+            cheap, imaging.read_json, image, images, inputs.get("array"), s.max_image_pixels, s.max_batch_images, vr
         )
     elif ctype in RAW_TYPES:
         cheap = small and imaging.small_png(body)
-        x = await _off_loop(cheap, imaging.decode_files, [body], s.max_image_pixels, s.max_batch_images, vr)
+        x = await _off_loop(cheap, imaging.read_files, [body], s.max_image_pixels, s.max_batch_images, vr)
     elif not ctype:
         raise ServiceError("set a Content-Type: multipart/form-data, application/json or image/png (...)", 415)
     else:
         raise ServiceError(f"unsupported Content-Type {ctype!r}", 415)
     return x, params, (time.perf_counter() - t) * 1e3
+
+
+async def model_input(images: list[np.ndarray], dataset: str, registry: Registry, settings: Settings
+                      ) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """(N×C×H×W tensor of the dataset's spec, ms it took): channels and size by the dataset's policy
+    (`imaging.to_tensor`), inline for a few small images, else in a worker thread."""
+    t = time.perf_counter()
+    small = sum(g.size for g in images) <= INLINE_VALUES
+    spec = registry.spec(dataset)
+    x = await _off_loop(small, imaging.to_tensor, images, image_cap(settings, spec), spec)
+    return x, (time.perf_counter() - t) * 1e3
 
 
 def _value_range(params: dict[str, Any]) -> float:
@@ -255,17 +270,13 @@ def _value_range(params: dict[str, Any]) -> float:
         return 1.0  # the parameter model reports it
 
 
-def _class_names(registry: Registry, ds: str) -> list[str]:
-    return registry.class_names(ds) if registry.has(f"{ds}/generator") else [str(i) for i in range(10)]
-
-
 def _projected(r: DefendResult | PurifyResult) -> dict[str, Any]:
     """The projection's figures every defended answer carries: L, R, the threshold, or why there is none."""
     return {"steps": r.steps, "restarts": r.restarts, "threshold": r.threshold, "detector_note": r.detector_note}
 
 
 async def _pngs(images: Any) -> list[str] | None:
-    """Base64 PNGs of N×1×28×28 images (in a worker thread), or None for None."""
+    """Base64 PNGs of N×C×H×W images (in a worker thread), or None for None."""
     if images is None:
         return None
     return await run_in_threadpool(lambda: [imaging.png_base64(img) for img in images])
@@ -294,12 +305,14 @@ async def classify(request: Request, sv: Serving = Depends(get_serving), caller:
     output policy (`PublicClassifyResponse`)."""
     settings, registry, batcher = sv.settings, sv.registry, sv.batcher
     t0 = time.perf_counter()
-    x, raw, decode_ms = await read_input(request, settings)
+    images, raw, decode_ms = await read_input(request, settings)
     p = ClassifyFields.parse(raw)
     public = restricted(caller, settings)
     name = served_model(p.model, settings) if public else ""
     p = fix_pipeline(p, name, caller, settings)
     req = resolve(p, settings, registry)
+    x, fit_ms = await model_input(images, req.dataset, registry, settings)
+    decode_ms += fit_ms
     await admit(request.app.state.guard, caller, x)
     observe_stages(batcher.metrics, req.model, {"decode": decode_ms})
     ds, clf, defense = req.dataset, req.classifier, req.defense
@@ -307,10 +320,10 @@ async def classify(request: Request, sv: Serving = Depends(get_serving), caller:
     out = await batcher.submit(DefendJob(ds, clf, defense, req.cfg, req.job_seed), x)
     r: DefendResult = out.value
     if public:
-        return _public_answer(r, name, settings, _class_names(registry, ds))
+        return _public_answer(r, name, settings, registry.class_names(ds))
     pngs = await _pngs(r.purified if p.return_purified else None)
     inputs = await _pngs(x if p.return_input else None)
-    names = _class_names(registry, ds)
+    names = registry.class_names(ds)
     preds = []
     for i in range(len(r.labels)):
         label = int(r.labels[i])
@@ -364,9 +377,11 @@ async def _purify(request: Request, sv: Serving, fields: type[PurifyFields | Det
         raise RequestError("purified images and detector scores are not offered under the public profile "
                            "(MG_PUBLIC); an API key of the inspect scope may call this", 403)  # fmt: skip
     t0 = time.perf_counter()
-    x, raw, decode_ms = await read_input(request, settings)
+    images, raw, decode_ms = await read_input(request, settings)
     p = fields.parse(raw)
     req = resolve(p, settings, sv.registry)
+    x, fit_ms = await model_input(images, req.dataset, sv.registry, settings)
+    decode_ms += fit_ms
     observe_stages(batcher.metrics, req.model, {"decode": decode_ms})
     assert req.cfg is not None  # purify and detect name projecting defenses only
     out = await batcher.submit(PurifyJob(req.dataset, req.cfg, req.seed), x)
@@ -384,7 +399,7 @@ async def _purify(request: Request, sv: Serving, fields: type[PurifyFields | Det
                 "application/json": {"schema": inline_schema(PurifyResponse)},
                 "application/x-npy": {},
             },
-            "description": "PNG (one image; MSE in X-MG-MSE), JSON, or .npy float32 N×1×28×28",
+            "description": "PNG (one image; MSE in X-MG-MSE), JSON, or .npy float32 N×C×H×W",
         }
     },
     openapi_extra=_openapi(PurifyFields, {"image": EXAMPLE_PNG, "dataset": "mnist", "format": "json"}),
@@ -465,9 +480,17 @@ def _detector_info(registry: Registry, ds: str) -> dict[str, Any]:
 
 
 def _dataset_info(registry: Registry, ds: str, settings: Settings) -> dict[str, Any]:
-    clfs = registry.classifiers(ds)
+    clfs, spec = registry.classifiers(ds), registry.spec(ds)
     return {
-        "classes": _class_names(registry, ds),
+        "classes": registry.class_names(ds),
+        # the image format every network of the dataset takes, and how other sizes are fitted to it
+        "spec": {
+            "channels": spec.channels,
+            "height": spec.height,
+            "width": spec.width,
+            "resize": spec.resize,
+            "images_per_request": image_cap(settings, spec),
+        },  # fmt: skip
         "classifiers": clfs,
         "generator": registry.has(f"{ds}/generator"),
         "encoder": registry.has(f"{ds}/encoder"),

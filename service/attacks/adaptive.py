@@ -233,7 +233,6 @@ def latent(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: fl
     delta = torch.zeros_like(x0, requires_grad=True)
     opt = torch.optim.Adam([{"params": [z], "lr": lr_z}, {"params": [delta], "lr": lr_delta}])
     const = torch.full((n,), float(c), device=x0.device)
-    onehot = F.one_hot(labels, 10).bool()
     best = x0.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x0.device)
     for step in range(1, steps + 1):
@@ -241,7 +240,7 @@ def latent(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: fl
             gz = m.generator(z)
             logits = m.classifier(gz)
             real = logits.gather(1, labels[:, None]).squeeze(1)
-            other = logits.masked_fill(onehot, -torch.inf).amax(1)
+            other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -torch.inf).amax(1)
             margin = torch.clamp(other - real if targeted else real - other, min=-kappa)
             dist = ((x0 + delta).clamp(0, 1) - gz).pow(2).flatten(1).sum(1)
             loss = (dist + const * margin).sum()

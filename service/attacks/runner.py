@@ -118,8 +118,10 @@ def plan(
     cfg: ProjectionConfig | None,
     caps: AttackSettings,
     images: int,
+    image_values: int = 784,
 ) -> AttackPlan:
-    """Validate `raw` parameters of `method` for `images` images, fill defaults, apply every cap."""
+    """Validate `raw` parameters of `method` for `images` images of `image_values` values each (C·H·W: the L2 ε is at
+    most its square root, the distance from black to white), fill defaults, apply every cap."""
     if method not in ATTACKS:
         raise AttackRequestError(f"unknown method {method!r}; available: {', '.join(ATTACKS)}")
     spec = ATTACKS[method]
@@ -151,7 +153,7 @@ def plan(
         p["arch"] = str(raw.get("arch", caps.substitute_arch)).upper()
         if p["arch"] not in ("E", "B"):
             raise AttackRequestError("arch must be E or B (the substitute architectures of the paper)")
-    _check_ranges(method, spec, p, caps)
+    _check_ranges(method, spec, p, caps, math.sqrt(image_values))
     cost = _defended_cost(method, p, cfg, caps, images) if target == "defended" else 0
     return AttackPlan(method, spec, p, target, targeted, cost, notes)
 
@@ -195,12 +197,13 @@ def _passes(method: str, p: dict[str, Any]) -> int:
     return 0  # advgan: one pass of its own generator, never through the defense
 
 
-def _check_ranges(method: str, spec: AttackSpec, p: dict[str, Any], caps: AttackSettings) -> None:
+def _check_ranges(method: str, spec: AttackSpec, p: dict[str, Any], caps: AttackSettings, l2_max: float) -> None:
     norm = p.get("norm", spec.norm)
     if norm not in ("linf", "l2"):
         raise AttackRequestError("norm must be linf or l2")
-    if "eps" in p and not 0 <= p["eps"] <= (1.0 if norm == "linf" else 28.0):
-        raise AttackRequestError(f"eps must lie in [0, {1 if norm == 'linf' else 28}] for the {norm} threat model")
+    top = 1.0 if norm == "linf" else l2_max
+    if "eps" in p and not 0 <= p["eps"] <= top:
+        raise AttackRequestError(f"eps must lie in [0, {top:g}] for the {norm} threat model")
     if "alpha" in p and p["alpha"] < 0:
         raise AttackRequestError("alpha must be >= 0")
     if method == "rand-fgsm" and not 0 <= p["alpha"] <= p["eps"]:
@@ -236,18 +239,20 @@ class SubstituteCache:
             if key not in self._models:
                 seeds = seed_images(registry, dataset)[:SUBSTITUTE_SEED_IMAGES].to(device)
                 oracle = as_oracle(registry.classifier(dataset, classifier, device))  # labels only
-                self._models[key] = train_substitute(oracle, seeds, arch=arch, rounds=rounds).model
+                classes = registry.spec(dataset).num_classes
+                self._models[key] = train_substitute(oracle, seeds, arch=arch, rounds=rounds, classes=classes).model
             return self._models[key]
 
 
 def seed_images(registry: Registry, dataset: str) -> torch.Tensor:
     """The evaluation slice of `dataset` (models/<ds>/test_slice.npz: the registry's, else the repository's) as
-    float N×1×28×28 — the first 150 are the substitute's held-out seed set."""
+    float N×C×H×W — the first 150 are the substitute's held-out seed set."""
     for root in (registry.root, DEFAULT_ROOT):
         path = root / dataset / "test_slice.npz"
         if path.exists():
             with np.load(path, allow_pickle=False) as f:
-                return torch.from_numpy(f["x"].astype(np.float32) / 255.0)[:, None]
+                x = f["x"].astype(np.float32) / 255.0
+            return torch.from_numpy(np.ascontiguousarray(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)))
     raise AttackRequestError(f"the substitute attack needs {dataset}/test_slice.npz (its held-out seed images)")
 
 
@@ -350,7 +355,9 @@ def _inputs(p: AttackPlan, model: nn.Module, registry: Registry, dataset: str, c
         if p.target == "defended":
             oracle = as_oracle(model)
             seeds = seed_images(registry, dataset)[:SUBSTITUTE_SEED_IMAGES].to(device)
-            kwargs["substitute_model"] = train_substitute(oracle, seeds, arch=arch, rounds=rounds).model
+            classes = registry.spec(dataset).num_classes
+            kwargs["substitute_model"] = train_substitute(oracle, seeds, arch=arch, rounds=rounds,
+                                                          classes=classes).model  # fmt: skip
         else:
             kwargs["substitute_model"] = substitutes.get(registry, dataset, classifier, arch, device, rounds)
     return kwargs

@@ -10,7 +10,7 @@ transfers it. Defaults follow cleverhans' `mnist_blackbox` as Defense-GAN ran it
 images, 6 substitute-training rounds (5 augmentations, so 150·2⁵ = 4,800 points and 4,650 oracle queries after the
 seed labels), λ = 0.1 with sign −1 for rounds 0–2 and +1 after (cleverhans' periodic step), 10 epochs of Adam
 (lr 1e-3, batch 128) per round continuing from the previous weights, substitute architecture E (or B), FGSM ε = 0.3.
-L∞ threat model; images N×1×28×28 in [0, 1], the output stays in [0, 1] and within ε.
+L∞ threat model; images N×C×H×W in [0, 1], the output stays in [0, 1] and within ε.
 """
 
 from __future__ import annotations
@@ -60,15 +60,17 @@ def train_substitute(
     batch: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
+    classes: int = 10,
 ) -> Substitute:
-    """Train a substitute of `arch` (E or B) from `seed_images` with `rounds` rounds of Jacobian augmentation."""
+    """Train a substitute of `arch` (E or B) for images of `seed_images`' shape and `classes` classes from
+    `seed_images` with `rounds` rounds of Jacobian augmentation."""
     if rounds < 1 or epochs < 1:
         raise ValueError("train_substitute needs rounds >= 1 and epochs >= 1")
     ask = as_oracle(oracle)
     gen = torch.Generator().manual_seed(seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the substitute's initial weights
-    net = build_classifier(arch).to(seed_images.device)
+    net = build_classifier(arch, tuple(seed_images.shape[1:]), classes).to(seed_images.device)  # type: ignore[arg-type]
     torch.random.set_rng_state(torch_state)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     x = seed_images.detach().clone()

@@ -159,11 +159,11 @@ def _from_files(files: list[tuple[tuple[str, ...], bytes]], s: Settings, source:
     xs, ys = [], []
     for parts, blob in files:
         try:
-            gray = imaging.decode_image(blob, s.max_image_pixels)
+            image = imaging.decode_image(blob, s.max_image_pixels)
         except imaging.ImageError as exc:
             raise AuditError(f"{source}: {'/'.join(parts)}: {exc}") from None
-        xs.append(imaging.to_model_size(gray))
+        xs.append(imaging.to_model_size(image))  # MNIST's format: 1×28×28
         ys.append(index[parts[-2]])
-    x = np.stack(xs)[:, None].astype(np.float32)
+    x = np.stack(xs).astype(np.float32)
     order = np.random.default_rng(0).permutation(len(x))  # classes interleaved: the first n hold every class
     return Sample(x[order], np.array(ys, np.int64)[order], source, [str(c) for c in classes])

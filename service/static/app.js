@@ -3,7 +3,6 @@
    every cap and check of the API applies. Nothing is stored: the API key is read from its field per request. */
 
 const $ = (id) => document.getElementById(id);
-const SIZE = 28;
 const WARM = ["invert-classify", "enhanced-invert-classify"];
 const state = { models: null, file: null, input: null, controller: null, timer: null, done: 0 };
 
@@ -99,13 +98,26 @@ function dataset() {
   return state.models.datasets[$("dataset").value];
 }
 
+/* The dataset's image format (GET /v1/models: datasets[ds].spec): channels, height, width. */
+function spec() {
+  return dataset().spec;
+}
+
+/* The pad draws for 1-channel datasets (a light stroke on dark); a colour dataset takes an uploaded image. */
+function drawable() {
+  return spec().channels === 1;
+}
+
 function onDataset() {
   const d = dataset();
+  $("pad").dataset.drawing = String(drawable());
+  if (!state.file) clearPad();
   options($("classifier"), d.classifiers, d.default.classifier);
   options($("defense"), d.defenses, d.default.defense);
   const attackable = d.defenses.filter((x) => x === "defense-gan" || x === "invert-classify");
   options($("attack-defense"), attackable, attackable[0]);
   onDefense();
+  if ($("method").options.length) onMethod(); // the attack panel is set up: its ε range follows the image size
   drawRobustness();
 }
 
@@ -144,7 +156,9 @@ function clearPad() {
 function useDrawing() {
   state.file = null;
   $("file").value = "";
-  $("source").textContent = "Source: the drawing (light stroke on dark, MNIST's polarity).";
+  $("source").textContent = !state.models || drawable()
+    ? "Source: the drawing (light stroke on dark, MNIST's polarity)."
+    : `Source: none yet. ${$("dataset").value} holds colour images: upload or drop one (the pad draws for 1-channel datasets).`;
 }
 
 function stroke(from, to) {
@@ -169,6 +183,7 @@ function onPadKey(e) {
   const moves = { ArrowLeft: [-10, 0], ArrowRight: [10, 0], ArrowUp: [0, -10], ArrowDown: [0, 10] };
   const pen = pad.pen;
   if (e.key === "Delete" || e.key === "Backspace") clearPad();
+  else if (!drawable()) return;
   else if (e.key === " ") {
     pen.down = !pen.down;
     if (pen.down) { if (state.file) useDrawing(); stroke(pen, pen); }
@@ -185,6 +200,7 @@ function setupPad() {
   pad.ctx = c.getContext("2d");
   clearPad();
   c.addEventListener("pointerdown", (e) => {
+    if (!drawable()) return;
     c.setPointerCapture(e.pointerId);
     if (state.file) clearPad();
     pad.last = padPoint(e);
@@ -231,31 +247,39 @@ async function useFile(file) {
 
 function sourceBlob() {
   if (state.file) return Promise.resolve([state.file, state.file.name]);
+  if (!drawable()) throw new Error(`${$("dataset").value} takes colour images: upload or drop one first`);
   return new Promise((resolve) => $("pad").toBlob((b) => resolve([b, "drawing.png"]), "image/png"));
 }
 
 /* -- images as the model sees them ----------------------------------------------------------------------- */
 const dataUrl = (b64) => `data:image/png;base64,${b64}`;
 
+/* A PNG the API returned → its values in [0, 1], channel-major (C×H×W, as the API's arrays). */
 async function pixels(b64) {
+  const { channels, height, width } = spec();
   const img = new Image();
   img.src = dataUrl(b64);
   await img.decode();
   const c = document.createElement("canvas");
-  c.width = c.height = SIZE;
+  c.width = width;
+  c.height = height;
   const ctx = c.getContext("2d");
   ctx.drawImage(img, 0, 0);
-  const rgba = ctx.getImageData(0, 0, SIZE, SIZE).data;
-  return Float32Array.from({ length: SIZE * SIZE }, (_, i) => rgba[4 * i] / 255);
+  const rgba = ctx.getImageData(0, 0, width, height).data;
+  const plane = width * height;
+  return Float32Array.from({ length: channels * plane }, (_, i) => rgba[4 * (i % plane) + Math.floor(i / plane)] / 255);
 }
 
-function drawGray(canvas, values) {
+/* C×H×W values in [0, 1] → the canvas, gray or colour as the dataset's images are. */
+function drawValues(canvas, values) {
+  const { channels, height, width } = spec();
+  canvas.width = width;
+  canvas.height = height;
   const ctx = canvas.getContext("2d");
-  const img = ctx.createImageData(SIZE, SIZE);
-  values.forEach((v, i) => {
-    const g = Math.round(255 * Math.min(1, Math.max(0, v)));
-    img.data.set([g, g, g, 255], 4 * i);
-  });
+  const img = ctx.createImageData(width, height);
+  const plane = width * height;
+  const at = (i, k) => Math.round(255 * Math.min(1, Math.max(0, values[(channels === 1 ? 0 : k) * plane + i])));
+  for (let i = 0; i < plane; i += 1) img.data.set([at(i, 0), at(i, 1), at(i, 2), 255], 4 * i);
   ctx.putImageData(img, 0, 0);
 }
 
@@ -277,12 +301,14 @@ async function showResult(body) {
   state.input = { png: pred.input_png, pixels: x };
   buttons();
   $("img-input").src = dataUrl(pred.input_png);
+  const { channels, height, width } = spec();
+  $("input-caption").textContent = `input x (${height}×${width}${channels === 3 ? ", colour" : ""})`;
   const purified = pred.purified_png !== null;
   $("fig-purified").hidden = $("fig-diff").hidden = !purified;
   if (purified) {
     $("img-purified").src = dataUrl(pred.purified_png);
     const g = await pixels(pred.purified_png);
-    drawGray($("img-diff"), x.map((v, i) => Math.abs(v - g[i])));
+    drawValues($("img-diff"), x.map((v, i) => Math.abs(v - g[i])));
   }
   const p = $("prediction");
   const how = body.defense === "none" ? "no defense" : `${body.defense}, L=${body.steps}, R=${body.restarts}`;
@@ -378,9 +404,11 @@ function setupAttack() {
 
 function onMethod() {
   const m = state.models.attack.methods[$("method").value];
+  const { channels, height, width } = spec();
+  const l2max = Math.sqrt(channels * height * width).toFixed(1);
   $("eps").value = m.defaults.eps;
-  $("eps").max = m.norm === "linf" ? 1 : 28;
-  $("eps-norm").textContent = m.norm === "linf" ? "(L∞, 0–1)" : "(L2, 0–28)";
+  $("eps").max = m.norm === "linf" ? 1 : l2max;
+  $("eps-norm").textContent = m.norm === "linf" ? "(L∞, 0–1)" : `(L2, 0–${l2max})`;
   const adaptive = m.target === "defended";
   $("target").options[0].disabled = adaptive;
   if (adaptive) $("target").value = "defended";
@@ -410,9 +438,9 @@ function predictionText(pred, withDetector) {
 function showAttack(res) {
   $("img-adv").src = dataUrl(res.adversarial.png_base64);
   const x = state.input.pixels;
-  const delta = res.adversarial.array.flat().map((v, i) => v - x[i]);
+  const delta = res.adversarial.array.flat(2).map((v, i) => v - x[i]);
   const scale = Math.max(...delta.map(Math.abs)) || 1;
-  drawGray($("img-pert"), delta.map((d) => 0.5 + d / (2 * scale)));
+  drawValues($("img-pert"), delta.map((d) => 0.5 + d / (2 * scale)));
   $("pert-caption").textContent = `perturbation ×${(0.5 / scale).toFixed(1)} (gray = 0); L∞ ${res.adversarial.linf.toFixed(3)}, L2 ${res.adversarial.l2.toFixed(3)}`;
   const rows = [["before attack", res.before], ["after attack", res.after]].map(([name, r]) => {
     const tr = document.createElement("tr");
