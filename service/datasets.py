@@ -83,3 +83,6 @@ class DatasetSpec:
 def gray28(name: str, classes: list[str] | tuple[str, ...] | None = None) -> DatasetSpec:
     """The MNIST-format spec (1×28×28, fitted on black): what a dataset without a recorded spec is."""
     return DatasetSpec(name, 1, 28, 28, tuple(classes) if classes else tuple(str(i) for i in range(10)))
+
+
+MNIST = gray28("mnist")  # the default of the helpers that take a spec

@@ -223,11 +223,13 @@ class Engine:
             return self._sessions[key]
 
     def warm_up(self) -> None:
-        """Load every generator, encoder and ONNX classifier, and run each once."""
+        """Open every ONNX classifier's session and load every generator and encoder, running each once."""
+        for art in self.registry.artifacts.values():
+            if art.kind == "classifier" and "onnx" in art.files:
+                x = torch.full((1, *self.registry.spec(art.dataset).shape), 0.5)
+                self.onnx(art.dataset, art.key.split("/", 1)[1]).logits(x.numpy())
         for ds in self.registry.datasets():
             x = torch.full((1, *self.registry.spec(ds).shape), 0.5)
-            for name in self.registry.classifiers(ds):
-                self.onnx(ds, name).logits(x.numpy())
             self.purify(x, ds, ProjectionConfig(steps=1, restarts=1), seed=0)
             if self.registry.encoder(ds, self.device) is not None:
                 self.purify(x, ds, ProjectionConfig(steps=1, restarts=1, init="encoder"), seed=0)

@@ -40,10 +40,9 @@ import numpy.lib.format as npformat
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from service.datasets import DatasetSpec, gray28
+from service.datasets import MNIST, DatasetSpec
 from service.errors import ServiceError
 
-MNIST = gray28("mnist")  # the default spec of the tensor helpers
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # an 8-bit image wider or taller than this is box-reduced before the float conversion, keeping ≥ 112 pixels on its
 # long side: enough for the largest model side (64) too

@@ -23,10 +23,9 @@ import torch
 
 from service import oip
 from service.config import ProxySettings, Upstream
-from service.datasets import DatasetSpec, gray28
+from service.datasets import MNIST, DatasetSpec
 from service.errors import ServiceError
 
-MNIST = gray28("mnist")
 FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
 Purify = Callable[[torch.Tensor, str], Awaitable[torch.Tensor]]  # (N×C×H×W in [0, 1], dataset) → purified
 

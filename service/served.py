@@ -257,8 +257,10 @@ class ProxiedModel(Model):
                       caller: Caller | None = None) -> Proxied:  # fmt: skip
         result: list[PurifyResult] = []
 
+        spec = self.batcher.engine.registry.spec(self.upstream.dataset)
+
         async def purify(x: torch.Tensor, dataset: str) -> torch.Tensor:
-            check_count(x.shape[0], self.settings, self.batcher.engine.registry.spec(dataset))
+            check_count(x.shape[0], self.settings, spec)
             await admit(self.gate(), caller, x)
             if p.cfg is None:  # defense "none": forwarded as it came
                 return x
@@ -266,7 +268,6 @@ class ProxiedModel(Model):
             result.append(r)
             return r.images
 
-        spec = self.batcher.engine.registry.spec(self.upstream.dataset)
         fwd = await purify_and_forward(self.proxy, self.name, self.upstream, req, purify, spec, headers)
         return fwd.response, (result[0] if result else None), fwd.images
 

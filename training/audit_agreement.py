@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from service.attacks.query import AddressBook, Client
+from service.audit.spec import RANDOMIZED
 from training import data
 from training.blackbox import Attack, Budget, Pipeline, run_attack, start_upstream, summarize
 from training.common import MODELS_DIR, ROOT, command_line, git_commit
@@ -72,7 +73,7 @@ def compare(report: dict, url: str) -> list[dict]:
     spec, ours, rows = report["info"]["spec"], audit_runs(report), []
     sets = sample_sets(spec)
     for variant, params, b in variants(spec):
-        randomized = params["defense"] in ("defense-gan",)
+        randomized = params["defense"] in RANDOMIZED
         p = Pipeline("audit", variant, "user-model", {}, True, randomized, "fast")
         budget = Budget(n=b["n"], full_n=b["n"], square=b["queries"], seeds=spec["seeds"], rounds=b["rounds"])
         for threat in spec["threats"]:

@@ -4,6 +4,7 @@ each filling `Evaluation.results` as it measures."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -15,6 +16,16 @@ from training.eval_protocol import ATTACK_NAMES, CLASSIFIERS, COLUMNS, EPS, PAIR
 
 class Evaluation(Measurements):
     """Holds the models, the images, the caches and the results of one run."""
+
+    def row(self, arch: str, key: tuple, cell: Callable[[str], object]) -> dict:
+        """One table row: per column why it is unavailable, else the previous run's cell where this run leaves the
+        column out (`key` names it), else `cell(col)` measured now."""
+        out: dict = {}
+        for col in COLUMNS:
+            why = self.unavailable(arch, col)
+            skip = why or col not in self.columns
+            out[col] = (why or self.reused(key, arch, col)) if skip else cell(col)
+        return out
 
     def run_clean(self) -> None:
         print("== clean accuracy (no attack)", flush=True)
@@ -32,20 +43,19 @@ class Evaluation(Measurements):
         for attack in ("fgsm", "rand-fgsm", "cw"):
             print(f"== white-box {ATTACK_NAMES[attack]} (oblivious)", flush=True)
             for arch in CLASSIFIERS:
-                row: dict = {}
-                for col in COLUMNS:
-                    why = self.unavailable(arch, col)
-                    if why or col not in self.columns:
-                        row[col] = why or self.reused(("whitebox", attack, arch), arch, col)
-                        continue
-                    t0 = time.time()
-                    adv = self.whitebox_adv(attack, self.attack_model_key(arch, col), self.x, self.y)
-                    row[col] = self.measure(arch, col, adv, self.y, f"{ATTACK_NAMES[attack]} {arch}")
-                    if attack == "cw":
-                        l2 = (adv - self.x).flatten(1).norm(dim=1)
-                        row[col]["mean_l2"] = float(l2.mean())
-                    row[col]["attack_seconds"] = round(time.time() - t0, 1)
+                row = self.row(
+                    arch, ("whitebox", attack, arch), lambda col, a=attack, c=arch: self.whitebox_cell(a, c, col)
+                )
                 self.results["whitebox"].setdefault(attack, {})[arch] = row
+
+    def whitebox_cell(self, attack: str, arch: str, col: str) -> dict:
+        t0 = time.time()
+        adv = self.whitebox_adv(attack, self.attack_model_key(arch, col), self.x, self.y)
+        out = self.measure(arch, col, adv, self.y, f"{ATTACK_NAMES[attack]} {arch}")
+        if attack == "cw":
+            out["mean_l2"] = float((adv - self.x).flatten(1).norm(dim=1).mean())
+        out["attack_seconds"] = round(time.time() - t0, 1)
+        return out
 
     def run_blackbox(self) -> None:
         if self.holdout is None:
@@ -53,15 +63,12 @@ class Evaluation(Measurements):
             return
         print(f"== black-box substitute FGSM ε={EPS} (Papernot et al.; {len(self.holdout)} held-out seeds)")
         for arch, sub in PAIRS:
-            row: dict = {}
-            for col in COLUMNS:
-                why = self.unavailable(arch, col)
-                if why or col not in self.columns:
-                    row[col] = why or self.reused(("blackbox", f"{arch}/{sub}"), arch, col)
-                    continue
+
+            def cell(col: str, arch: str = arch, sub: str = sub) -> dict:
                 adv = self.substitute_adv(self.attack_model_key(arch, col), sub)
-                row[col] = self.measure(arch, col, adv, self.y, f"substitute {arch}/{sub}")
-            self.results["blackbox"][f"{arch}/{sub}"] = row
+                return self.measure(arch, col, adv, self.y, f"substitute {arch}/{sub}")
+
+            self.results["blackbox"][f"{arch}/{sub}"] = self.row(arch, ("blackbox", f"{arch}/{sub}"), cell)
 
     def attacker_pipeline(self, arch: str, col: str) -> Defended:
         cfg = self.projection(col)
@@ -106,21 +113,19 @@ class Evaluation(Measurements):
         for attack in ("eot", "latent"):
             print(f"== adaptive {ATTACK_NAMES[attack]} (n={n})", flush=True)
             for arch in self.s.adaptive_classifiers:
-                row: dict = {}
-                for col in COLUMNS:
-                    why = self.unavailable(arch, col)
-                    if why or col not in self.columns:
-                        row[col] = why or self.reused(("adaptive", attack, arch), arch, col)
-                        continue
-                    t0 = time.time()
-                    if self.projection(col) is None and attack == "latent":
-                        row[col] = "n/a"
-                        continue
-                    adv = self.adaptive_adv(attack, arch, col, x, y)
-                    row[col] = self.measure(arch, col, adv, y, f"{ATTACK_NAMES[attack]} {arch}")
-                    row[col]["attack_seconds"] = round(time.time() - t0, 1)
-                    self.adv_cache[("adaptive", attack, arch, col)] = adv
+                row = self.row(arch, ("adaptive", attack, arch),
+                               lambda col, a=attack, c=arch: self.adaptive_cell(a, c, col, x, y))  # fmt: skip
                 self.results["adaptive"].setdefault(attack, {})[arch] = row
+
+    def adaptive_cell(self, attack: str, arch: str, col: str, x: torch.Tensor, y: torch.Tensor) -> dict | str:
+        if self.projection(col) is None and attack == "latent":
+            return "n/a"
+        t0 = time.time()
+        adv = self.adaptive_adv(attack, arch, col, x, y)
+        out = self.measure(arch, col, adv, y, f"{ATTACK_NAMES[attack]} {arch}")
+        out["attack_seconds"] = round(time.time() - t0, 1)
+        self.adv_cache[("adaptive", attack, arch, col)] = adv
+        return out
 
     def run_detector(self) -> None:
         """ROC AUC of the reconstruction MSE, clean (negatives) vs attacked (positives), per attack and column."""

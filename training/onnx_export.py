@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from service import nets
-from service.datasets import DatasetSpec, gray28
+from service.registry import Registry
 from training import data
 from training.common import MODELS_DIR, command_line, eval_slice, update_manifest
 
@@ -83,22 +83,17 @@ def onnx_max_diff(model: nn.Module, path: Path, x: np.ndarray) -> float:
     return float(np.abs(got - ref).max())
 
 
-def dataset_spec(manifest: dict, dataset: str) -> DatasetSpec:
-    """A dataset's image format as the manifest records it (`datasets`), else MNIST's (as the registry has it)."""
-    doc = manifest.get("datasets", {}).get(dataset)
-    return DatasetSpec.from_json(dataset, doc) if doc is not None else gray28(dataset)
-
-
 def reexport(models_dir: Path = MODELS_DIR) -> list[str]:
     """Re-export the ONNX graph of every classifier in the manifest from its safetensors; return their keys."""
     man = json.loads((Path(models_dir) / "manifest.json").read_text())
+    specs = Registry(models_dir, verify=False)  # each dataset's image format, as the service reads it
     done = []
     for key, entry in man["artifacts"].items():
         if entry["kind"] != "classifier" or "onnx" not in entry["files"]:
             continue
         weights = Path(models_dir) / entry["files"]["weights"]["path"]
         onnx_path = Path(models_dir) / entry["files"]["onnx"]["path"]
-        spec = dataset_spec(man, entry["dataset"])
+        spec = specs.spec(entry["dataset"])
         model = nets.build("classifier", entry["arch"], shape=spec.shape, classes=spec.num_classes)
         model.load_state_dict(load_file(str(weights)))
         export_onnx(model, onnx_path, weights, spec.shape)

@@ -134,10 +134,6 @@ class EdgeMiddleware:
 def _warm(app: FastAPI) -> None:
     """Open every ONNX session and run every generator/encoder once (on the engine worker)."""
     engine: Engine = app.state.engine
-    for art in engine.registry.artifacts.values():
-        if art.kind == "classifier" and "onnx" in art.files:
-            x = torch.full((1, *engine.registry.spec(art.dataset).shape), 0.5)
-            engine.onnx(art.dataset, art.key.split("/", 1)[1]).logits(x)
     engine.warm_up()
 
 
