@@ -36,6 +36,9 @@ RUN --mount=type=secret,id=pip_cert { [ ! -s /run/secrets/pip_cert ] || export P
     && python scripts/requirements.py --gpu | pip install --no-cache-dir -r /dev/stdin
 COPY models/ models/
 COPY service/ service/
+# the query-attack detector's kernels (numba) compiled at build time; the cache stays writable (numba checks that)
+ENV NUMBA_CACHE_DIR=/app/.numba
+RUN python -c "from service.guard import kernels; kernels.warm()" && chmod -R a+rwX /app/.numba
 ENV MG_HOST=0.0.0.0 MG_PORT=8000 MG_DEVICE=cuda MG_MODELS_DIR=/app/models
 EXPOSE 8000
 USER 10001:10001
@@ -66,6 +69,9 @@ RUN --mount=type=secret,id=pip_cert { [ ! -s /run/secrets/pip_cert ] || export P
     && python scripts/requirements.py | pip install --no-cache-dir -r /dev/stdin
 COPY models/ models/
 COPY service/ service/
+# the query-attack detector's kernels (numba) compiled at build time; the cache stays writable (numba checks that)
+ENV NUMBA_CACHE_DIR=/app/.numba
+RUN python -c "from service.guard import kernels; kernels.warm()" && chmod -R a+rwX /app/.numba
 ENV MG_HOST=0.0.0.0 MG_PORT=8000 MG_DEVICE=cpu MG_MODELS_DIR=/app/models
 EXPOSE 8000
 USER 10001:10001

@@ -142,6 +142,66 @@ def test_fingerprints_of_any_shape_keyed_and_exact_repeats_identical(mnist: np.n
     assert len(np.intersect1d(other[0], h1[0])) < 5  # another key: unrelated hashes
 
 
+def numpy_fingerprints(fp: Fingerprinter, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fingerprint as `service.guard.kernels.fingerprints` states it, written with numpy calls."""
+    cfg, u64 = fp.cfg, np.uint64
+    n = len(x)
+    v = np.ascontiguousarray(np.moveaxis(x, 1, -1), dtype=np.float32).reshape(n, -1)
+    u = ((np.clip(v, 0, 1) * np.float32(255 / cfg.quant_step)) + fp.salt(v.shape[1])).astype(u64)
+    up, down = fp.powers(v.shape[1])
+    prefix = np.concatenate([np.zeros((n, 1), u64), np.cumsum(u * up, axis=1, dtype=u64)], axis=1)
+    w = min(cfg.window, v.shape[1])
+    m = v.shape[1] - w + 1
+    h = splitmix((((prefix[:, w:] - prefix[:, :m]) * down[:m])[:, :: cfg.stride]) ^ fp.seed)
+    t = np.zeros((n, cfg.top_k), u64)
+    for i, row in enumerate(h):
+        top = np.unique(row)[-cfg.top_k :]
+        t[i, cfg.top_k - len(top) :] = top
+    out = (t >> u64(32)).astype(np.uint32)
+    out[(t != 0) & (out == 0)] = 1
+    return out, splitmix((out.astype(u64) * fp.digest_mult).sum(axis=1, dtype=u64) ^ fp.seed)
+
+
+def splitmix(z: np.ndarray) -> np.ndarray:
+    from service.guard.kernels import SPLITMIX
+
+    z = z + SPLITMIX[0]
+    z = (z ^ (z >> np.uint64(30))) * SPLITMIX[1]
+    z = (z ^ (z >> np.uint64(27))) * SPLITMIX[2]
+    return z ^ (z >> np.uint64(31))
+
+
+def test_compiled_kernels_compute_what_their_numpy_expressions_state(mnist: np.ndarray) -> None:
+    from service.guard import kernels
+
+    rng = np.random.default_rng(1)
+    fp = Fingerprinter(BlacklightConfig(), b"k" * 32)
+    few_distinct = np.zeros((2, 1, 28, 28), np.float32)  # blank: fewer distinct windows than top_k
+    few_distinct[1, 0, 10:12, 3:20] = 1
+    for x in (
+        mnist[:300],
+        few_distinct,
+        rng.random((6, 3, 32, 32), dtype=np.float32),
+        rng.random((3, 3, 5, 4), dtype=np.float32),
+        (rng.random((4, 1, 28, 28)) * 1.4 - 0.2).astype(np.float32),
+    ):
+        got, want = fp(x), numpy_fingerprints(fp, x)
+        assert (got[0] == want[0]).all() and (got[1] == want[1]).all(), x.shape
+    rows, _ = fp(mnist[:40])
+    rows[5, :20] = 0  # a padded row
+    for q in rows[:10]:
+        want = np.array([np.isin(r[r != 0], q[q != 0]).sum() for r in rows])
+        got = np.array([kernels.shared(r, q) for r in rows])
+        assert (got == want).all()
+    digests = np.arange(40, dtype=np.uint64)
+    for j, digest in ((3, 99), (3, 3), (7, 7), (5, 5)):  # digest 99: row 3 itself under another digest matches
+        q = rows[j]
+        counts = np.array([np.isin(r[r != 0], q[q != 0]).sum() for r in rows])
+        want = bool(((counts > 25) & (digests != digest)).any())
+        assert kernels.any_match(rows, digests, q, np.uint64(digest), 25) == want
+    assert kernels.any_match(rows, digests, rows[3], np.uint64(99), 25)
+
+
 def test_square_attack_is_stopped_within_a_few_dozen_queries(mnist: np.ndarray,
                                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     metrics = Metrics()

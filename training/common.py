@@ -112,6 +112,7 @@ def save_weights(module: torch.nn.Module, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(path))
+    path.chmod(0o644)  # safetensors writes 0600: the container image's non-root server could not read it
     return sha256_file(path)
 
 

@@ -13,10 +13,10 @@ spread through the carry-over and peer rules below); at window 50 none matched a
 
 Deviations, each for a stated reason:
 - the window hash is a keyed rolling 64-bit polynomial (a secret odd base) with a splitmix64 finaliser, computed for
-  all windows at once from one prefix sum in numpy, instead of SHA-256 per window in Python (735 windows per 28×28
-  image: ≈ 1 ms, the whole budget, against ≈ 0.03 ms here); the base, the finaliser's key and the salt derive from a
-  secret (per process, or shared through the Redis state), so an attacker can neither compute a fingerprint nor
-  precompute collisions;
+  all windows from one prefix sum (service.guard.kernels, compiled), instead of SHA-256 per window in Python (735
+  windows per 28×28 image: ≈ 1 ms, the whole budget, against ≈ 0.015 ms here); the base, the finaliser's key and
+  the salt derive from a secret (per process, or shared through the Redis state), so an attacker can neither compute
+  a fingerprint nor precompute collisions;
 - the salt shifts each pixel's quantization grid by a random fraction of a step with no wrap-around: the authors'
   `(x·255 + salt) % 255` puts black (0) and white (255) in the same bin, which on MNIST (black background, white
   strokes) hides most of the digit;
@@ -53,9 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.config import ClientSettings
-
-U64 = np.uint64
-SPLITMIX = (U64(0x9E3779B97F4A7C15), U64(0xBF58476D1CE4E5B9), U64(0x94D049BB133111EB))
+from service.guard import kernels
+from service.guard.kernels import U64
 
 
 @dataclass(frozen=True)
@@ -78,14 +77,6 @@ class Verdict:
     reason: str | None = None  # "matches" (its score reached K) | "peer" (matched a detected client's query)
     score: int = 0  # the client's matched queries (own + carried) after this request
     matched: int = 0  # this request's images that matched a stored query
-
-
-def splitmix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
-    z = z + SPLITMIX[0]
-    z = (z ^ (z >> U64(30))) * SPLITMIX[1]
-    z = (z ^ (z >> U64(27))) * SPLITMIX[2]
-    return z ^ (z >> U64(31))
 
 
 class Fingerprinter:
@@ -117,18 +108,14 @@ class Fingerprinter:
         return s
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h = self.window_hashes(self.quantize(x))
-        return self.top(h)
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """N×C×H×W in [0, 1] → N × (H·W·C) uint64 bin numbers (0 … 255 / quant_step)."""
-        n = x.shape[0]
+        """N×C×H×W in [0, 1] → (N × top_k uint32 hashes, N digests): the rows flattened channels last, then
+        `kernels.fingerprints` (quantized with step quant_step after the salt's shift, windows hashed, top_k kept)."""
+        n, cfg = x.shape[0], self.cfg
         v = x if x.shape[1] == 1 else np.moveaxis(x, 1, -1)  # channels last (one channel: already)
         v = np.ascontiguousarray(v, dtype=np.float32).reshape(n, -1)
-        scaled = np.clip(v, 0.0, 1.0)
-        scaled *= np.float32(255.0 / self.cfg.quant_step)
-        scaled += self.salt(v.shape[1])
-        return scaled.astype(U64)
+        up, down = self.powers(v.shape[1])
+        return kernels.fingerprints(v, self.salt(v.shape[1]), np.float32(255.0 / cfg.quant_step), up, down,
+                                    self.seed, cfg.window, cfg.stride, cfg.top_k, self.digest_mult)  # fmt: skip
 
     def powers(self, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(b^t, b^−t) mod 2⁶⁴ for t < length: the rolling hash's weights for a flattened image; cached."""
@@ -146,45 +133,10 @@ class Fingerprinter:
                     self.pows.popitem(last=False)
         return cached
 
-    def window_hashes(self, u: np.ndarray) -> np.ndarray:
-        """Keyed hash of every window, Σ_j u[i+j]·b^j (mod 2⁶⁴) with a secret odd base b, then splitmix64: a
-        rolling polynomial hash from one prefix sum (O(H·W·C) per image, not O(windows × window))."""
-        w, s = min(self.cfg.window, u.shape[1]), self.cfg.stride
-        up, down = self.powers(u.shape[1])
-        prefix = np.zeros((u.shape[0], u.shape[1] + 1), U64)
-        np.cumsum(u * up, axis=1, dtype=U64, out=prefix[:, 1:])
-        m = u.shape[1] - w + 1
-        h = (prefix[:, w:] - prefix[:, :m]) * down[:m]
-        return splitmix64(h[:, ::s] ^ self.seed)
-
-    def top(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The top_k largest distinct hashes per row (their top 32 bits; 0 pads a row with fewer), and digests."""
-        k = self.cfg.top_k
-        h.sort(axis=1)
-        t = np.zeros((len(h), k), U64)
-        for i, row in enumerate(h):
-            tail = row[-2 * k :]  # distinct values are the rule: the top k are almost always among the last 2k
-            top = tail[np.append(tail[1:] != tail[:-1], True)][-k:]  # the last of each run of equal values
-            if len(top) < k and len(tail) < len(row):
-                top = row[np.append(row[1:] != row[:-1], True)][-k:]
-            t[i, k - len(top) :] = top
-        fp = (t >> U64(32)).astype(np.uint32)
-        fp[(t != 0) & (fp == 0)] = 1  # 0 means "no hash"
-        digest = splitmix64((fp.astype(U64) * self.digest_mult).sum(axis=1, dtype=U64) ^ self.seed)
-        return fp, digest
-
 
 def buckets(n: float) -> int:
     """The power of two ≥ n, at least 1,024: a hash index's bucket count."""
     return 1 << max(int(np.ceil(np.log2(max(n, 1024)))), 10)
-
-
-def shared(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """How many of q's hashes (ascending, distinct, nonzero) each row of `rows` holds."""
-    if len(q) == 0 or rows.size == 0:
-        return np.zeros(len(rows), dtype=np.int64)
-    i = np.minimum(np.searchsorted(q, rows), len(q) - 1)
-    return (q[i] == rows).sum(axis=1)
 
 
 class History:
@@ -205,8 +157,7 @@ class History:
 
     def matches(self, q: np.ndarray, digest: np.uint64, threshold: int) -> bool:
         m = min(self.n, self.size)
-        counts = shared(self.fps[:m], q)
-        return bool(((counts > threshold) & (self.digests[:m] != digest)).any())
+        return kernels.any_match(self.fps[:m], self.digests[:m], q, digest, threshold)
 
     def push(self, fp: np.ndarray, digest: np.uint64, matched: bool) -> None:
         if self.n < self.size and self.n == len(self.fps):  # grow ×2 up to size
@@ -244,21 +195,10 @@ class StreamIndex:
         slots that last wrote at least half as many of q's buckets are counted exactly (a stored query sharing
         more than `threshold` hashes wrote that many buckets; later writers may have pushed some of its entries
         out, not most of them while it is recent)."""
-        found = self.table[q & self.mask].ravel()
-        found = np.sort(found[found >= 0])
-        if len(found) == 0:
-            return found
-        starts = np.flatnonzero(np.append(True, found[1:] != found[:-1]))  # runs of one slot
-        hits = np.diff(np.append(starts, len(found)))
-        slots = found[starts[hits > threshold // 2]]
-        counts = shared(self.fps[slots], q)
-        return slots[(counts > threshold) & (self.digests[slots] != digest)]
+        return kernels.stream_matches(self.table, self.mask, self.fps, self.digests, q, digest, threshold)
 
     def add(self, fp: np.ndarray, digest: np.uint64, owner: str) -> None:
         slot = self.n % self.size
         self.n += 1
         self.fps[slot], self.digests[slot], self.owners[slot] = fp, digest, owner
-        b = fp[fp != 0] & self.mask  # distinct hashes rarely share a bucket; if they do, one slot is spent twice
-        c = self.cursor[b]
-        self.table[b, c % self.depth] = slot
-        self.cursor[b] = (c + 1) % self.depth
+        kernels.index_add(self.table, self.cursor, self.mask, fp, slot)

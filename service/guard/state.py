@@ -76,15 +76,14 @@ class MemoryState:
         h = st.history = st.history or History(self.settings.history, cfg.top_k)
         matched_n = 0
         for fp, digest in zip(fps, digests, strict=True):
-            q = fp[fp != 0]
-            slots = self.stream.matches(q, digest, cfg.threshold)
+            slots = self.stream.matches(fp, digest, cfg.threshold)
             peer = False
             for owner in {self.stream.owners[s] for s in slots} - {client, None}:
                 other = self.clients.get(owner)  # type: ignore[arg-type]  # no LRU touch
                 if other is not None and other.history is not None:
                     h.carried = max(h.carried, other.history.score)
                     peer |= other.detected_until > now
-            matched = len(slots) > 0 or h.matches(q, digest, cfg.threshold)
+            matched = len(slots) > 0 or h.matches(fp, digest, cfg.threshold)
             h.push(fp, digest, matched)
             self.stream.add(fp, digest, client)
             matched_n += matched
