@@ -4,12 +4,15 @@ classifier A and a real `python -m service` under the public profile, attacked o
 - more queries never raise the figure (and the budget matters at all);
 - a client-fixed seed (inspect scope) reproduces the same answers, so the same figure, twice;
 - label-only answers under HopSkipJump do no better than scores under Square beyond what sampling explains;
-- the accounting itself (rows mapped to their images, first success, identities rotated, the stop) on a fake API.
+- the accounting itself (rows mapped to their images, first success, identities rotated, the stop) on a fake API;
+- the colour set `shapes` end to end: its pipelines and threats, 3×32×32 queries within its per-request cap, Square,
+  HopSkipJump and transfer judged, and its page.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +33,26 @@ from service.attacks.query import (  # noqa: E402
     Stopped,
     square,
 )
+from service.datasets import MNIST  # noqa: E402
+from service.registry import Registry  # noqa: E402
 from training import data  # noqa: E402
 from training.blackbox import (  # noqa: E402
     INSPECT_KEY,
     Attack,
     Budget,
+    Deployment,
     Pipeline,
+    attacks_for,
     label_verdict,
+    page_path,
+    pipelines_for,
+    render,
     run_attack,
     start_service,
     start_upstream,
     summarize,
 )
+from training.robustness_protocol import THREATS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -57,7 +68,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     logs = tmp_path_factory.mktemp("blackbox-logs")
     upstream = start_upstream(MODELS / "mnist" / "classifier_A.onnx", logs / "upstream.log")
     try:
-        mg = start_service([SCORES, LABELS, DGAN], False, upstream.url, MODELS, logs / "service.log", warm_up=False)
+        site = Deployment(MNIST, MODELS, upstream.url)
+        mg = start_service([SCORES, LABELS, DGAN], False, site, logs / "service.log", warm_up=False)
         try:
             yield mg.url
         finally:
@@ -156,3 +168,87 @@ def test_accounting_maps_rows_rotates_identities_and_records_the_stop() -> None:
     ledger = Ledger(x[:1], y[:1], "linf", 0.3)
     adv = square(Oracle(FakeApi(allow=10**6), Identities(["2001:db8::1"]), ledger), x[:1], y[:1], "linf", 0.3, 50)
     assert np.abs(adv - x[:1]).max() <= 0.3 + 1e-6 and ledger.queries[0] <= 50
+
+
+# -- a colour dataset ----------------------------------------------------------------------------------------------
+SHAPES_RUNS = (("a", Attack("square", "linf", 8 / 255)), ("a", Attack("hsj", "l2", 0.5)),
+               ("a", Attack("transfer", "linf", 8 / 255)), ("s", Attack("square", "l2", 0.5)))  # fmt: skip
+
+
+class Recorder(Client):
+    """A public caller that keeps the shape of every request it sends."""
+
+    def __init__(self, url: str, name: str, max_rows: int) -> None:
+        super().__init__(url, name, max_rows=max_rows)
+        self.sent: list[tuple[int, ...]] = []
+
+    def infer(self, x: np.ndarray, address: str | None = None) -> Answer:
+        self.sent.append(x.shape)
+        return super().infer(x, address)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, str, dict[str, Pipeline]]]:
+    """The shapes job's deployment, and one public service (detector off; its URL) serving its pipelines A (scores,
+    proxied to the upstream's `shapes-nchw`) and its default "s"."""
+    logs, reg = tmp_path_factory.mktemp("blackbox-shapes"), Registry(MODELS, verify=False)
+    pipelines = {p.id: p for p in pipelines_for(reg, "shapes")}
+    served = {"a": pipelines["a"], "s": pipelines["s"]}
+    upstream = start_upstream(reg.get("shapes/classifier_A").path(MODELS, "onnx"), logs / "upstream.log", "shapes")
+    try:
+        site = Deployment(reg.spec("shapes"), MODELS, upstream.url)
+        mg = start_service(list(served.values()), False, site, logs / "service.log", warm_up=False)
+        try:
+            yield site, mg.url, served
+        finally:
+            mg.stop()
+    finally:
+        upstream.stop()
+
+
+def test_shapes_pipelines_and_threats_follow_the_dataset() -> None:
+    pipelines = pipelines_for(Registry(MODELS, verify=False), "shapes")
+    assert [p.id for p in pipelines] == ["a", "a-label", "a-dgan50", "a-dgan100", "a-invert", "s"]
+    s = pipelines[-1]  # its default is classifier A bare: the service's own model, not the proxy
+    assert s.key == "A (classifier_A, the default)" and s.served == "shapes-classifier_A" and not s.proxied
+    assert THREATS["shapes"] == (("linf", 8 / 255), ("l2", 0.5))
+    runs = {(a.name, a.norm, a.eps) for a in attacks_for(pipelines[0], False, THREATS["shapes"])}
+    assert runs == {("square", "linf", 8 / 255), ("hsj", "linf", 8 / 255), ("square", "l2", 0.5), ("hsj", "l2", 0.5),
+                    ("transfer", "linf", 8 / 255)}  # fmt: skip
+
+
+def test_shapes_is_attacked_in_its_own_shape_and_judged(shapes: tuple[Deployment, str, dict[str, Pipeline]]) -> None:
+    site, url, pipelines = shapes
+    xs, ys = data.load_slice("shapes")  # the committed slice: data/ is not there in CI
+    sets = {"x": data.to_float(xs[:20]), "y": ys[:20].astype(np.int64), "seeds": data.to_float(xs[900:916])}
+    assert sets["x"].shape[1:] == site.spec.shape == (3, 32, 32) and site.rows == 16  # 64 gray images' worth
+    b = Budget(n=20, full_n=20, square=40, hsj_n=2, hsj=150, seeds=16, rounds=2)
+    runs = []
+    for pid, attack in SHAPES_RUNS:
+        client = Recorder(url, pipelines[pid].served, site.rows)
+        r = run_attack(attack, pipelines[pid], b, False, client, client, sets, AddressBook(), 0, classes=10)
+        runs.append(r | {"summary": summarize(r)})
+        assert {x[1:] for x in client.sent} == {(3, 32, 32)} and max(x[0] for x in client.sent) == site.rows, pid
+        q, first, correct = (np.array(r["images"][k]) for k in ("queries", "first_success", "correct"))
+        if attack.name != "transfer":  # within the budget, every image attacked
+            assert (q <= r["queries_cap"]).all() and (q > 0).all() and (first <= q).all(), pid
+            # resubmitted to a deterministic pipeline: wrong exactly where the attack saw its first success
+            assert correct.tolist() == (first < 0).tolist(), (pid, first, correct)
+    square, hsj, transfer, _ = runs
+    assert square["summary"]["defended"] < square["n"]  # Square on the proxied scores breaks colour images
+    assert hsj["n"] == 2 and min(hsj["images"]["queries"]) > 50  # HopSkipJump ran on the labels of 3×32×32 images
+    assert transfer["substitute"]["training_points"] == 32 == transfer["substitute_queries"]  # 16 seeds, 2 rounds
+    own = Client(url, pipelines["s"].served, max_rows=site.rows).infer(sets["x"][:16])
+    proxied = Client(url, pipelines["a"].served, max_rows=site.rows).infer(sets["x"][:16])
+    assert own.policy == "top1" and proxied.probabilities is not None and proxied.probabilities.shape == (16, 10)
+    assert (own.labels == proxied.labels).mean() >= 0.9  # classifier A twice: the service's own and the upstream's
+    a = pipelines["a"]  # its cell: a run at each threat
+    cells = [{"pipeline": a.key, "profile": a.profile, "detector": False, "benign": None, "budget": asdict(b),
+              "runs": runs[:3]}]  # fmt: skip
+    info = {"command": "test", "date": "today", "commit": "x", "dataset": "shapes",
+            "images": {"pool": "the slice", "benign": "none"}}  # fmt: skip
+    page = render({"info": info, "cells": cells})
+    assert page.startswith("# Black-box evaluation through the API (shapes)\n") and "| L∞ 8/255: every attack" in page
+    assert "## L∞ ε = 8/255" in page and "## L2 ε = 0.5" in page and "ε = 0.3" not in page and "ε = 2" not in page
+    assert page_path(Path("docs"), "shapes").name == "blackbox-shapes.md"
+    assert page_path(Path("docs"), "mnist").name == "blackbox.md"

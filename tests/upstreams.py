@@ -1,13 +1,15 @@
 """Real upstream servers for the proxy's end-to-end tests, each run as its own process on a loopback port.
 
     python tests/upstreams.py kserve --port P --onnx classifier_A.onnx [--rgb-onnx rgb.onnx]   # KServe ModelServer
+    python tests/upstreams.py kserve --port P --onnx shapes/classifier_A.onnx --dataset shapes  # another dataset's
     python tests/upstreams.py faulty --port P                            # a V2 look-alike that is slow or broken
     python tests/upstreams.py raw --port P --onnx classifier_A.onnx      # TorchServe-style POST /predictions/{m}
 
 `kserve` serves the ONNX classifier with the `kserve` package's ModelServer (the server KServe runs in its
 predictor pods) under two names with two input contracts: `mnist-nchw` (FP32 N×1×28×28 in [0, 1]) and
-`mnist-nhwc-u8` (UINT8 N×28×28×1 in [0, 255]). Each answers `logits` (FP32 N×10) and `label` (INT64 N); the
-classifier is the same, so the two must agree exactly on the same image. With `--rgb-onnx`, a third,
+`mnist-nhwc-u8` (UINT8 N×28×28×1 in [0, 255]); with `--dataset D` (a classifier of D's images, C×H×W) they are
+`D-nchw` (FP32 N×C×H×W) and `D-nhwc-u8` (UINT8 N×H×W×C). Each answers `logits` (FP32 N×K) and `label` (INT64 N);
+the classifier is the same, so the two must agree exactly on the same image. With `--rgb-onnx`, a third,
 `rgb-nhwc-u8` (UINT8 N×32×32×3, a colour classifier), also answers `received`: the image tensor as it arrived.
 `faulty`: /v2/models/slow/infer sleeps `--sleep` seconds then answers; /v2/models/garbage/infer answers 200 with
 non-JSON; /v2/models/badshape/infer answers JSON whose data does not match its shape.
@@ -36,13 +38,13 @@ def _session(path: str):  # noqa: ANN202
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def serve_kserve(port: int, onnx: str, rgb_onnx: str | None = None) -> None:
+def serve_kserve(port: int, onnx: str, rgb_onnx: str | None = None, dataset: str = "mnist") -> None:
     sys.argv = sys.argv[:1]  # kserve parses the command line at import time
     import kserve
     from kserve import InferOutput, InferRequest, InferResponse
 
     class OnnxClassifier(kserve.Model):
-        """An ONNX MNIST classifier behind one input contract (layout, datatype, range)."""
+        """An ONNX classifier behind one input contract (layout, datatype, range)."""
 
         def __init__(self, name: str, layout: str, datatype: str, value_range: float, path: str = onnx,
                      echo: bool = False) -> None:  # fmt: skip
@@ -75,8 +77,8 @@ def serve_kserve(port: int, onnx: str, rgb_onnx: str | None = None) -> None:
             return InferResponse(payload.id or str(uuid.uuid4()), self.name, outputs, use_binary_outputs=binary,
                                  parameters={"upstream": "kserve"})  # fmt: skip
 
-    models = [OnnxClassifier("mnist-nchw", "NCHW", "FP32", 1.0),
-              OnnxClassifier("mnist-nhwc-u8", "NHWC", "UINT8", 255.0)]  # fmt: skip
+    models = [OnnxClassifier(f"{dataset}-nchw", "NCHW", "FP32", 1.0),
+              OnnxClassifier(f"{dataset}-nhwc-u8", "NHWC", "UINT8", 255.0)]  # fmt: skip
     if rgb_onnx:
         models.append(OnnxClassifier("rgb-nhwc-u8", "NHWC", "UINT8", 255.0, rgb_onnx, echo=True))
     kserve.ModelServer(http_port=port, grpc_port=0, enable_grpc=False, workers=1).start(models)
@@ -142,11 +144,12 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--onnx")
     p.add_argument("--rgb-onnx")
+    p.add_argument("--dataset", default="mnist", help="kserve: the --onnx classifier's dataset, its models' prefix")
     p.add_argument("--sleep", type=float, default=30.0)
     a = p.parse_args()
     print(json.dumps({"started": a.kind, "port": a.port, "t": time.time()}), flush=True)
     if a.kind == "kserve":
-        serve_kserve(a.port, a.onnx, a.rgb_onnx)
+        serve_kserve(a.port, a.onnx, a.rgb_onnx, a.dataset)
     elif a.kind == "faulty":
         serve_faulty(a.port, a.sleep)
     else:

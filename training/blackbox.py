@@ -4,21 +4,26 @@ public profile, on loopback, one server per pipeline configuration.
     python -m training.blackbox --dataset mnist                 # the recorded run (--n 100, --queries 10000)
     python -m training.blackbox --dataset mnist --quick         # everything at tiny n and queries (a few minutes)
     python -m training.blackbox --dataset mnist --only s a      # these pipelines again; the others stay on the page
+    python -m training.blackbox --dataset shapes                # any dataset that ships classifier A
 
 The threat: a client that only sends HTTP requests and reads answers. The job starts the upstream (KServe's
-ModelServer with classifier A, `tests/upstreams.py`: a user's non-robust model) and, per pipeline, `python -m
-service` with MG_PUBLIC=true and that pipeline fixed in MG_PROFILE__PIPELINES, the clients' rate and budget limits
-out of reach (they are not what is measured) and the stateful detector off or on (MG_CLIENTS__DETECTOR). With the
-detector on, each attack run (and the benign stream) gets a fresh server, so no run inherits another's history.
-Pipelines (`PIPELINES`): A bare (scores; and label-only), A behind Defense-GAN at two costs, A behind
-invert-and-classify, and the default robust model S with its default pipeline.
+ModelServer with the dataset's classifier A, `tests/upstreams.py`: a user's non-robust model, FP32 N×C×H×W) and,
+per pipeline, `python -m service` with MG_PUBLIC=true and that pipeline fixed in MG_PROFILE__PIPELINES, the clients'
+rate and budget limits out of reach (they are not what is measured) and the stateful detector off or on
+(MG_CLIENTS__DETECTOR). With the detector on, each attack run (and the benign stream) gets a fresh server, so no run
+inherits another's history. Pipelines (`pipelines_for`): A bare (scores; and label-only); where the dataset ships
+the models they need (`service.engine.offered_defenses`), A behind Defense-GAN at two costs and behind
+invert-and-classify; and the dataset's default pipeline ("s": the registry's `defaults`, the service's own model
+answering a caller who names none; for MNIST the robust model S).
 
-Attacks (`attacks_for`), independent reference implementations driven through `service.attacks.query`:
-- Square (torchattacks 3.5.1; L∞ 0.3 and L2 2.0) on the log-scores the output policy gives (`top1`: p on the label
-  and (1 − p)/9 elsewhere);
-- HopSkipJump (ART; decision-based, on the labels alone; L∞ and L2), the attack of the label-only pipeline;
+Images and threats follow the dataset: its spec (`service.datasets.DatasetSpec`: C×H×W, classes) and its threats
+(`training.robustness_protocol.THREATS`, e.g. MNIST's L∞ 0.3 and L2 2.0, shapes' L∞ 8/255 and L2 0.5). Attacks
+(`attacks_for`), independent reference implementations driven through `service.attacks.query`:
+- Square (torchattacks 3.5.1; every threat) on the log-scores the output policy gives (`top1`: p on the label and
+  (1 − p)/(K − 1) elsewhere);
+- HopSkipJump (ART; decision-based, on the labels alone; every threat), the attack of the label-only pipeline;
 - transfer: a Papernot substitute trained on the API's labels (held-out seed images, Jacobian augmentation), FGSM
-  and PGD-40 on it at L∞ 0.3;
+  and PGD-40 on it at each L∞ threat;
 - adaptive versions: EOT against the random restarts (k copies of each query in one request, which get independent
   random starts, averaged; k× the queries); against the detector, 100 client identities (X-Forwarded-For from a
   trusted proxy) rotated at each 429, the attack ending when all are refused, with and without OARS-style random
@@ -34,12 +39,15 @@ of its images (the same again, JPEG quality 75, cropped 1–2 px and resized bac
 clients ever refused, accuracy (a refused image counts as an error), images per second.
 
 Images: test images outside the committed slice (test[:1000]) and the last 500 (training monitors them): a seeded
-permutation of test[1000:9500]; its first 2,000 are the benign stream, the next 150 the substitute's seeds, the rest
-the attacked images (the first n of them in every cell). Budgets per pipeline cost and detector (`BUDGETS`) fit the
-job in about 40 min of one CPU core: the runs the detector stops early use the headline n, the runs that go the
-distance (detector off, or OARS) and the projection pipelines use fewer images and queries, shown on the page.
-Writes docs/blackbox-<dataset>.json (per-image results) and docs/blackbox.md; --quick writes under runs/blackbox/
-and shares one detector server per cell (later runs there inherit earlier ones' history: a smoke run, no figures).
+permutation of test[1000:N − 500] (MNIST's: test[1000:9500]); its first 2,000 are the benign stream, the next 150
+the substitute's seeds, the rest the attacked images (the first n of them in every cell). Budgets per pipeline cost
+and detector (`BUDGETS`), the same for every dataset: the classifiers served bare get the issue's 10,000 queries per
+image and n = 100 (HopSkipJump: 100 images behind the detector, which stops it early, 10 without); the projection
+pipelines get fewer images and queries, sized to about 40 min of one CPU core (on MNIST); every cell's budget is
+shown on the page.
+Writes docs/blackbox-<dataset>.json (per-image results) and its page (`page_path`: docs/blackbox.md for MNIST,
+docs/blackbox-<dataset>.md for any other); --quick writes under runs/blackbox/ and shares one detector server per
+cell (later runs there inherit earlier ones' history: a smoke run, no figures).
 """
 
 from __future__ import annotations
@@ -72,18 +80,34 @@ from service.attacks.query import (
     square,
     transfer,
 )
+from service.config import Settings
+from service.datasets import MNIST, DatasetSpec
+from service.engine import default_classifier, default_defense, offered_defenses
+from service.registry import Registry
+from service.request import image_cap
 from service.stats import wilson
 from training import data
 from training.common import MODELS_DIR, ROOT, command_line, git_commit
 from training.processes import Server, free_port
+from training.robustness_protocol import THREATS, threat_key
+from training.train_robust import MONITOR
 
 DOCS = ROOT / "docs"
 LOGS = ROOT / "runs" / "blackbox"
-THREATS = (("linf", 0.3), ("l2", 2.0))
-TRANSFER_EPS = 0.3
 INSPECT_KEY = "blackbox-inspect"  # the inspect scope's key on these loopback servers (tests: a fixed seed)
-POOL = (1000, 9500)  # test indices outside the committed slice and the last 500
 BENIGN, SEEDS = 2000, 150
+FIRST_PAGE = MNIST.name  # its page is docs/blackbox.md, titled without its name (other files link to it)
+UPSTREAM_MODEL = "{}-nchw"  # tests/upstreams.py's name for a dataset's classifier A: FP32 N×C×H×W in [0, 1]
+Threats = tuple[tuple[str, float], ...]  # (norm, ε) pairs
+
+
+def pool_of(test_size: int) -> tuple[int, int]:
+    """The test indices the job draws from: after the committed slice (test[:SLICE_SIZE]) and before the last
+    MONITOR (training monitors them)."""
+    return data.SLICE_SIZE, test_size - MONITOR
+
+
+POOL = pool_of(10_000)  # a 10,000-image test split's, MNIST's: test[1000:9500] (training.detectors draws from it)
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,7 @@ class Pipeline:
     detector: tuple[bool, ...] = (False, True)
 
 
-PIPELINES = (
+A_PIPELINES = (  # classifier A behind the proxy: bare, and behind the projections (where the dataset ships them)
     Pipeline("a", "A", "user-model", {"defense": "none", "output": "probabilities"}, True, False, "fast"),
     Pipeline("a-label", "A, label only", "user-model", {"defense": "none", "output": "label"}, True, False, "fast",
              (False,)),
@@ -110,9 +134,29 @@ PIPELINES = (
              {"defense": "defense-gan", "steps": 100, "restarts": 4, "output": "probabilities"}, True, True, "slower"),
     Pipeline("a-invert", "A + invert-classify", "user-model",
              {"defense": "invert-classify", "output": "probabilities"}, True, False, "medium"),
-    Pipeline("s", "S (classifier_S_trades0.3_enhanced)", "mnist-classifier_S_trades0.3_enhanced", {"output": "top1"},
-             False, False, "fast"),
 )  # fmt: skip
+PIPELINE_IDS = (*(p.id for p in A_PIPELINES), "s")
+# the default pipeline's cost by its defense: as the A pipeline of that defense (Defense-GAN: the server's L=200 R=10)
+DEFAULT_COST = {"none": "fast", "magnet": "fast", "invert-classify": "medium", "enhanced-invert-classify": "medium",
+                "defense-gan": "slower"}  # fmt: skip
+
+
+def pipelines_for(reg: Registry, dataset: str) -> list[Pipeline]:
+    """The dataset's pipelines: the A pipelines whose defense its shipped models offer, then its default ("s")."""
+    offered = offered_defenses(reg, dataset)
+    return [p for p in A_PIPELINES if p.profile["defense"] in offered] + [default_pipeline(reg, dataset)]
+
+
+def default_pipeline(reg: Registry, dataset: str) -> Pipeline:
+    """Pipeline "s": what the service answers a caller who names no pipeline (`service.engine`'s default classifier
+    and defense for the dataset), with top-1 answers. It is the service's own model, not the proxy, also where the
+    default is classifier A; the page names it by architecture and classifier, e.g. "S (classifier_S_…, the default)".
+    """
+    clf = default_classifier(reg, dataset)
+    defense = default_defense(reg, dataset, clf)
+    name = clf if defense == "none" else f"{clf} + {defense}"
+    return Pipeline("s", f"{reg.get(f'{dataset}/{clf}').arch} ({name}, the default)", f"{dataset}-{clf}",
+                    {"output": "top1"}, False, defense == "defense-gan", DEFAULT_COST[defense])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -130,11 +174,11 @@ class Budget:
     benign: int = BENIGN  # benign stream images (detector on)
 
 
-# (cost, detector) → budget, sized so the whole job fits about 40 min of one CPU core (per-image cost of a query:
+# (cost, detector) → budget; the projection pipelines' sized to about 40 min of one CPU core (per-image cost of a query:
 # fast ≈ 0.5 ms in batches, invert-classify ≈ 30 ms, Defense-GAN L=50 R=2 ≈ 100 ms, L=100 R=4 ≈ 400 ms)
 BUDGETS = {
-    ("fast", False): Budget(n=100, full_n=100, square=1_000, hsj_n=10, hsj=4_000),
-    ("fast", True): Budget(n=100, full_n=100, square=1_000, hsj_n=10, hsj=4_000),
+    ("fast", False): Budget(n=100, full_n=100, square=10_000, hsj_n=10, hsj=10_000),
+    ("fast", True): Budget(n=100, full_n=100, square=10_000, hsj_n=100, hsj=10_000),
     ("medium", False): Budget(n=20, full_n=20, square=100, hsj_n=2, hsj=200, rounds=3),
     ("medium", True): Budget(n=50, full_n=20, square=100, hsj_n=2, hsj=200, rounds=3, benign=1000),
     ("slow", False): Budget(n=6, full_n=6, square=40, hsj_n=1, hsj=100, eot=2, seeds=50, rounds=2),
@@ -148,7 +192,7 @@ QUICK = {
     "slow": Budget(n=4, full_n=2, square=8, hsj_n=1, hsj=12, eot=2, seeds=10, rounds=1, benign=10),
     "slower": Budget(n=2, full_n=1, square=4, hsj_n=1, hsj=8, eot=2, seeds=6, rounds=1, benign=6),
 }
-RUN_LIMIT_S = 300.0  # a run still going after this stops (recorded as out of time): a safety net, not a budget
+RUN_LIMIT_S = 1800.0  # a run still going after this stops (recorded as out of time): a safety net, not a budget
 
 
 @dataclass(frozen=True)
@@ -168,11 +212,12 @@ class Attack:
                 "transfer": "transfer (FGSM, PGD-40)"}[self.name] + extra  # fmt: skip
 
 
-def attacks_for(p: Pipeline, detector: bool) -> list[Attack]:
-    """The runs of one cell: every attack once; behind the detector also over 100 identities, and Square (and its
-    EOT version) over 100 identities with OARS transforms, the strongest evasion here."""
+def attacks_for(p: Pipeline, detector: bool, threats: Threats) -> list[Attack]:
+    """The runs of one cell at the dataset's `threats`: every attack once (transfer at each L∞ threat); behind the
+    detector also over 100 identities, and Square (and its EOT version) over 100 identities with OARS transforms,
+    the strongest evasion here."""
     out: list[Attack] = []
-    for norm, eps in THREATS:
+    for norm, eps in threats:
         if p.profile.get("output") == "label":  # labels only: the decision-based attack's cell (Square: one-hot)
             out.append(Attack("hsj", norm, eps))
             continue
@@ -184,9 +229,10 @@ def attacks_for(p: Pipeline, detector: bool) -> list[Attack]:
                 Attack("square", norm, eps, 100, oars=True)]  # fmt: skip
         out += [Attack("square-eot", norm, eps, 100, oars=True)] if p.randomized else []
         out += [Attack("hsj", norm, eps), Attack("hsj", norm, eps, 100)]
-    out.append(Attack("transfer", "linf", TRANSFER_EPS))
-    if detector:
-        out.append(Attack("transfer", "linf", TRANSFER_EPS, identities=100))
+    for eps in [e for norm, e in threats if norm == "linf"]:
+        out.append(Attack("transfer", "linf", eps))
+        if detector:
+            out.append(Attack("transfer", "linf", eps, identities=100))
     return out
 
 
@@ -206,49 +252,75 @@ def images_for(a: Attack, b: Budget, detector: bool) -> int:
 
 
 # -- servers on loopback -------------------------------------------------------------------------------------------
-def start_upstream(onnx: Path, log: Path) -> Server:
+@dataclass(frozen=True)
+class Deployment:
+    """What the job's services serve: a dataset (its spec), its models, and the upstream serving its classifier A."""
+
+    spec: DatasetSpec
+    models_dir: Path
+    upstream: str  # the upstream's base URL
+
+    @property
+    def dataset(self) -> str:
+        return self.spec.name
+
+    @property
+    def rows(self) -> int:
+        """Images per request its services take: their cap for the dataset (MG_MAX_BATCH_IMAGES gray 28×28 images'
+        worth), the environment they inherit being this one's."""
+        return image_cap(Settings(), self.spec)
+
+
+def start_upstream(onnx: Path, log: Path, dataset: str = MNIST.name) -> Server:
+    """tests/upstreams.py's KServe ModelServer serving `onnx`, `dataset`'s classifier A, as UPSTREAM_MODEL."""
     port = free_port()
-    args = [sys.executable, "tests/upstreams.py", "kserve", "--port", str(port), "--onnx", str(onnx)]
+    args = [sys.executable, "tests/upstreams.py", "kserve", "--port", str(port), "--onnx", str(onnx),
+            "--dataset", dataset]  # fmt: skip
     return Server(args, log, {"OMP_NUM_THREADS": "1"}, "/v2/health/ready", port)
 
 
-def service_env(pipelines: list[Pipeline], detector: bool, upstream: str, models_dir: Path) -> dict[str, str]:
+def service_env(pipelines: list[Pipeline], detector: bool, site: Deployment) -> dict[str, str]:
     """The environment of one `python -m service` under the public profile serving `pipelines` (each under its own
-    name; the job serves one per process), the clients' limits out of reach."""
+    name; the job serves one per process), the clients' limits out of reach; the proxied ones forward to the
+    upstream's classifier A, purified with the dataset's models."""
     env = {
-        "MG_MODELS_DIR": str(models_dir), "MG_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MG_PUBLIC": "true",
+        "MG_MODELS_DIR": str(site.models_dir), "MG_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MG_PUBLIC": "true",
         "MG_PROFILE__PIPELINES": json.dumps({p.served: p.profile for p in pipelines}),
         "MG_PROFILE__INSPECT_KEYS": json.dumps([INSPECT_KEY]),
         "MG_CLIENTS__TRUSTED_PROXIES": json.dumps(["127.0.0.1"]), "MG_CLIENTS__DETECTOR": str(detector).lower(),
         "MG_CLIENTS__RATE_PER_S": "1000000", "MG_CLIENTS__BURST": "1000000", "MG_CLIENTS__BUDGET": "1000000000",
         "MG_REQUEST_TIMEOUT_S": "900",
     }  # fmt: skip
-    up = {"url": upstream, "model": "mnist-nchw", "dataset": "mnist", "timeout_s": 60.0}
+    up = {"url": site.upstream, "model": UPSTREAM_MODEL.format(site.dataset), "dataset": site.dataset,
+          "timeout_s": 60.0}  # fmt: skip
     proxied = {p.served: up for p in pipelines if p.proxied}
     if proxied:
         env["MG_PROXY__UPSTREAMS"] = json.dumps(proxied)
     return env
 
 
-def start_service(pipelines: list[Pipeline], detector: bool, upstream: str, models_dir: Path, log: Path,
+def start_service(pipelines: list[Pipeline], detector: bool, site: Deployment, log: Path,
                   warm_up: bool = True) -> Server:  # fmt: skip
     port = free_port()
-    env = service_env(pipelines, detector, upstream, models_dir) | {"MG_PORT": str(port), "MG_HOST": "127.0.0.1",
-                                                             "MG_WARM_UP": str(warm_up).lower()}  # fmt: skip
+    env = service_env(pipelines, detector, site) | {"MG_PORT": str(port), "MG_HOST": "127.0.0.1",
+                                                    "MG_WARM_UP": str(warm_up).lower()}  # fmt: skip
     return Server([sys.executable, "-m", "service", "--log-level", "warning"], log, env, "/readyz", port)
 
 
 # -- one attack run, judged ----------------------------------------------------------------------------------------
 def run_attack(a: Attack, p: Pipeline, b: Budget, detector: bool, attacker: Client, referee: Client,
-               sets: dict[str, np.ndarray], book: AddressBook, seed: int, quick: bool = False) -> dict:  # fmt: skip
-    """One attack run on the first n images; per image its queries, first success, refusals and verdict."""
+               sets: dict[str, np.ndarray], book: AddressBook, seed: int, quick: bool = False,
+               classes: int = MNIST.num_classes) -> dict:  # fmt: skip
+    """One attack run on the first n images (of any C×H×W; labels among `classes`, the dataset's); per image its
+    queries, first success, refusals and verdict."""
     n = images_for(a, b, detector)
     x, y = sets["x"][:n], sets["y"][:n]
     ledger = Ledger(x, y, a.norm, a.eps)
     ids = Identities(book.take(a.identities))
     eot = b.eot if a.name == "square-eot" else 1
     transform = oars(a.norm, a.eps) if a.oars else None
-    oracle = Oracle(attacker, ids, None if a.name == "transfer" else ledger, eot, transform, seed)
+    oracle = Oracle(attacker, ids, None if a.name == "transfer" else ledger, eot, transform, seed, classes,
+                    attacker.max_rows)  # fmt: skip
     oracle.deadline = time.monotonic() + RUN_LIMIT_S
     cap = b.hsj if a.name == "hsj" else b.square
     t0, outputs, info, ended = time.time(), {}, {}, "finished"
@@ -271,7 +343,7 @@ def run_attack(a: Attack, p: Pipeline, b: Budget, detector: bool, attacker: Clie
     stopped = ledger.stopped_before_success()
     repeats = (3 if quick else 10) if p.randomized else 1
     pairs = [(i, r) for i, r in candidates(ledger, outputs, ended == "finished") if not stopped[i]]
-    correct = judge(referee, pairs, y, repeats, "2001:db8:ffff::1")  # a stopped image needs no verdict
+    correct = judge(referee, pairs, y, repeats, "2001:db8:ffff::1", referee.max_rows)  # stopped: no verdict needed
     return {"attack": asdict(a), "label": a.label, "n": n, "queries_cap": cap, "eot": eot, "repeats": repeats,
             "ended": ended, "attack_s": round(attack_s, 1), "judge_s": round(time.time() - t0 - attack_s, 1),
             "identities_refused": len(ids.refusals), "refusal": ids.refusals[0] if ids.refusals else None,
@@ -283,13 +355,14 @@ def run_attack(a: Attack, p: Pipeline, b: Budget, detector: bool, attacker: Clie
 
 
 # -- one pipeline: its servers, its cells --------------------------------------------------------------------------
-def evaluate_pipeline(p: Pipeline, args: argparse.Namespace, upstream: str, sets: dict[str, np.ndarray]) -> list[dict]:
+def evaluate_pipeline(p: Pipeline, args: argparse.Namespace, site: Deployment,
+                      sets: dict[str, np.ndarray]) -> list[dict]:  # fmt: skip
     """The pipeline's cells. Detector off: one server for every run, which is also the referee that judges the
     attackers' candidates. Detector on: a fresh server (fresh detector state) for the benign stream and for each
     attack run, so no run inherits another's history (--quick: one server for all)."""
-    logs = args.logs / p.id
-    off = start_service([p], False, upstream, args.models_dir, logs / "detector-off.log", warm_up=not args.quick)
-    referee, cells = client_for(p, off.url, args), []
+    logs, threats = args.logs / p.id, THREATS[site.dataset]
+    off = start_service([p], False, site, logs / "detector-off.log", warm_up=not args.quick)
+    referee, cells = client_for(p, off.url, args, site.rows), []
     try:
         for detector in p.detector:
             b = budget_for(p, detector, args)
@@ -298,22 +371,22 @@ def evaluate_pipeline(p: Pipeline, args: argparse.Namespace, upstream: str, sets
                   f"substitute {b.seeds} seeds × {b.rounds} rounds", flush=True)  # fmt: skip
             cell = {"pipeline": p.key, "served": p.served, "profile": p.profile, "detector": detector,
                     "budget": asdict(b), "runs": [], "benign": None}  # fmt: skip
-            with Servers(p, detector, off, upstream, args, logs) as servers:
+            with Servers(p, detector, off, site, args, logs) as servers:
                 if detector:
                     with servers.fresh() as server:
                         xb, yb = sets["benign_x"][: b.benign], sets["benign_y"][: b.benign]
                         cell["benign"] = benign_stream(server.url, p.served, xb, yb, AddressBook(), args.seed)
                     print(f"   benign: {benign_text(cell['benign'])}", flush=True)
-                for a in attacks_for(p, detector):
+                for a in attacks_for(p, detector, threats):
                     with servers.fresh() as server:
-                        attacker = client_for(p, server.url, args)
+                        attacker = client_for(p, server.url, args, site.rows)
                         r = run_attack(a, p, b, detector, attacker, referee, sets, AddressBook(), args.seed,
-                                       args.quick)  # fmt: skip
+                                       args.quick, site.spec.num_classes)  # fmt: skip
                     r["summary"] = summarize(r)
                     cell["runs"].append(r)
                     print_run(r)
-            for norm, eps in THREATS:
-                w = worst_case(cell["runs"], norm)
+            for norm, eps in threats:
+                w = worst_case(cell["runs"], norm, eps)
                 print(f"   worst case {threat_key(norm, eps)}: every attack {cell_text(w['all'])}; every attack but "
                       f"HopSkipJump {cell_text(w['broad'])}", flush=True)  # fmt: skip
             cells.append(cell)
@@ -326,9 +399,9 @@ class Servers:
     """The servers of one cell: the detector-off server itself, or detector-on servers started per unit of work
     (one shared by all under --quick)."""
 
-    def __init__(self, p: Pipeline, detector: bool, off: Server, upstream: str, args: argparse.Namespace,
+    def __init__(self, p: Pipeline, detector: bool, off: Server, site: Deployment, args: argparse.Namespace,
                  logs: Path) -> None:  # fmt: skip
-        self.p, self.detector, self.off, self.upstream, self.args, self.logs = p, detector, off, upstream, args, logs
+        self.p, self.detector, self.off, self.site, self.args, self.logs = p, detector, off, site, args, logs
         self.shared: Server | None = None
         self.count = 0
 
@@ -357,7 +430,7 @@ class Servers:
     def _start(self) -> Server:
         self.count += 1
         log = self.logs / f"detector-on-{self.count}.log"
-        return start_service([self.p], True, self.upstream, self.args.models_dir, log, warm_up=False)
+        return start_service([self.p], True, self.site, log, warm_up=False)
 
 
 def benign_text(b: dict) -> str:
@@ -366,16 +439,13 @@ def benign_text(b: dict) -> str:
             f"accuracy {b['accuracy']:.3f}, {b['images_per_s']:.1f} images/s")  # fmt: skip
 
 
-def client_for(p: Pipeline, url: str, args: argparse.Namespace) -> Client:
-    """A public caller; with --inspect-seed a caller of the inspect scope that fixes the pipeline and the seed."""
+def client_for(p: Pipeline, url: str, args: argparse.Namespace, rows: int) -> Client:
+    """A public caller sending ≤ `rows` images per request; with --inspect-seed a caller of the inspect scope that
+    fixes the pipeline and the seed."""
     if args.inspect_seed is None:
-        return Client(url, p.served)
+        return Client(url, p.served, max_rows=rows)
     params = {k: v for k, v in p.profile.items() if k in ("defense", "steps", "restarts")}
-    return Client(url, p.served, api_key=INSPECT_KEY, params=params | {"seed": args.inspect_seed})
-
-
-def threat_key(norm: str, eps: float) -> str:
-    return f"{norm}:{eps:g}"
+    return Client(url, p.served, api_key=INSPECT_KEY, params=params | {"seed": args.inspect_seed}, max_rows=rows)
 
 
 def summarize(r: dict) -> dict:
@@ -395,10 +465,10 @@ def median(values: list[int]) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def worst_case(runs: list[dict], norm: str) -> dict:
-    """Per image, defended against every run at this threat (transfer belongs to L∞) on the images all of them
-    attacked: `all` over every run (HopSkipJump's few images), `broad` over every run but HopSkipJump."""
-    mine = [r for r in runs if r["attack"]["norm"] == norm]
+def worst_case(runs: list[dict], norm: str, eps: float) -> dict:
+    """Per image, defended against every run at this threat (transfer belongs to its L∞ one) on the images all of
+    them attacked: `all` over every run (HopSkipJump's few images), `broad` over every run but HopSkipJump."""
+    mine = [r for r in runs if (r["attack"]["norm"], r["attack"]["eps"]) == (norm, eps)]
     out = {}
     for key, chosen in (("all", mine), ("broad", [r for r in mine if r["attack"]["name"] != "hsj"] or mine)):
         n = min(r["n"] for r in chosen)
@@ -426,63 +496,78 @@ def print_run(r: dict) -> None:
 
 
 # -- images --------------------------------------------------------------------------------------------------------
-def image_sets(dataset: str, seed: int, n: int) -> dict[str, np.ndarray]:
-    """A seeded permutation of test[1000:9500] (outside the committed slice and the last 500): the benign stream,
-    the substitute's seeds, then the attacked images."""
-    arr = data.load(dataset)
-    order = np.random.default_rng(seed).permutation(np.arange(*POOL))
-    ben, sub, att = order[:BENIGN], order[BENIGN : BENIGN + SEEDS], order[BENIGN + SEEDS : BENIGN + SEEDS + n]
+def image_sets(spec: DatasetSpec, seed: int, n: int) -> dict[str, np.ndarray]:
+    """A seeded permutation of the dataset's pool (`pool_of`: outside the committed slice and the last 500 test
+    images): the benign stream, the substitute's seeds, then the attacked images, float32 N×C×H×W of `spec`."""
+    arr = data.load(spec.name)
     xt, yt = arr["x_test"], arr["y_test"].astype(np.int64)
-    return {"x": data.to_float(xt[att]), "y": yt[att], "seeds": data.to_float(xt[sub]), "benign_x": xt[ben],
-            "benign_y": yt[ben], "attack_idx": att, "seed_idx": sub, "benign_idx": ben}  # fmt: skip
+    lo, hi = pool_of(len(xt))
+    if hi - lo < BENIGN + SEEDS + n:
+        raise SystemExit(f"{spec.name}: its pool test[{lo}:{hi}] holds {max(hi - lo, 0)} images; the job needs "
+                         f"{BENIGN + SEEDS + n} ({BENIGN} benign, {SEEDS} seeds, --n {n} attacked)")  # fmt: skip
+    if (shape := data.to_float(xt[:1]).shape[1:]) != spec.shape:
+        raise SystemExit(f"{spec.name}: its test images are {list(shape)}, its spec says {list(spec.shape)}")
+    order = np.random.default_rng(seed).permutation(np.arange(lo, hi))
+    ben, sub, att = order[:BENIGN], order[BENIGN : BENIGN + SEEDS], order[BENIGN + SEEDS : BENIGN + SEEDS + n]
+    return {"x": data.to_float(xt[att]), "y": yt[att], "seeds": data.to_float(xt[sub]),
+            "benign_x": data.to_float(xt[ben]), "benign_y": yt[ben], "attack_idx": att, "seed_idx": sub,
+            "benign_idx": ben, "pool": np.array([lo, hi])}  # fmt: skip
 
 
 # -- the job -------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    sets = image_sets(args.dataset, args.seed, args.n)
-    chosen = [p for p in PIPELINES if not args.only or p.id in args.only]
+    reg = Registry(args.models_dir, verify=False)  # each service verifies the files it serves
+    spec, pipelines = reg.spec(args.dataset), pipelines_for(reg, args.dataset)
+    sets = image_sets(spec, args.seed, args.n)
+    chosen = [p for p in pipelines if not args.only or p.id in args.only]
+    lo, hi = sets["pool"]
     info = {"command": command_line(), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
             "dataset": args.dataset, "seed": args.seed, "quick": args.quick,
-            "images": {"pool": f"test[{POOL[0]}:{POOL[1]}], permuted with seed {args.seed}",
+            "images": {"pool": f"test[{lo}:{hi}], permuted with seed {args.seed}",
                        "attacked": sets["attack_idx"].tolist(), "substitute_seeds": sets["seed_idx"].tolist(),
                        "benign": f"the first {args.benign} of the permutation (indices in 'benign_indices')"},
             "benign_indices": sets["benign_idx"][: args.benign].tolist()}  # fmt: skip
     print(f"blackbox: {len(chosen)} pipelines, attacked images test{sets['attack_idx'][:5].tolist()}…, "
           f"logs in {args.logs}", flush=True)  # fmt: skip
-    upstream = start_upstream(args.models_dir / args.dataset / "classifier_A.onnx", args.logs / "upstream.log")
-    cells: list[dict] = []
+    onnx = reg.get(f"{args.dataset}/classifier_A").path(args.models_dir, "onnx")
+    upstream = start_upstream(onnx, args.logs / "upstream.log", args.dataset)
+    site, cells = Deployment(spec, args.models_dir, upstream.url), []
     try:
         for p in chosen:
-            cells += evaluate_pipeline(p, args, upstream.url, sets)
+            cells += evaluate_pipeline(p, args, site, sets)
             info["minutes"] = round((time.time() - t0) / 60, 1)
-            publish(args, info, cells, [p.key for p in chosen])
+            publish(args, info, cells, [p.key for p in chosen], [p.key for p in pipelines])
     finally:
         upstream.stop()
     print(f"blackbox: done in {(time.time() - t0) / 60:.1f} min; wrote {args.out}", flush=True)
     return {"info": info, "cells": cells}
 
 
-def publish(args: argparse.Namespace, info: dict, cells: list[dict], keys: list[str]) -> None:
-    """docs/blackbox-<dataset>.json and docs/blackbox.md; with --only the other pipelines' cells (and the runs that
-    measured them) stay."""
+def publish(args: argparse.Namespace, info: dict, cells: list[dict], keys: list[str], order: list[str]) -> None:
+    """docs/blackbox-<dataset>.json and its page; with --only the other pipelines' cells (and the runs that measured
+    them) stay. `order`: every pipeline's page name, in the page's order."""
     path = args.out / f"blackbox-{args.dataset}.json"
     old = json.loads(path.read_text()) if path.exists() and args.only else None
-    doc = merge(old, {"info": info, "cells": cells}, keys)
+    doc = merge(old, {"info": info, "cells": cells}, keys, order)
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    (args.out / "blackbox.md").write_text(render(doc))
+    page_path(args.out, args.dataset).write_text(render(doc))
 
 
-def merge(old: dict | None, new: dict, keys: list[str]) -> dict:
-    """`new`'s cells in place of `old`'s for the pipelines `keys`; `runs` lists each run that measured a cell kept
-    (its command, date, commit and minutes)."""
+def page_path(out: Path, dataset: str) -> Path:
+    """A dataset's page: blackbox.md for the first (MNIST's), blackbox-<dataset>.md for any other."""
+    return out / ("blackbox.md" if dataset == FIRST_PAGE else f"blackbox-{dataset}.md")
+
+
+def merge(old: dict | None, new: dict, keys: list[str], order: list[str]) -> dict:
+    """`new`'s cells in place of `old`'s for the pipelines `keys`, sorted by `order`; `runs` lists each run that
+    measured a cell kept (its command, date, commit and minutes)."""
     info = new["info"]
     for c in new["cells"]:
         c.setdefault("run", info["command"])
     kept = [c for c in (old or {}).get("cells", []) if c["pipeline"] not in keys]
-    order = [p.key for p in PIPELINES]
     cells = sorted(kept + new["cells"], key=lambda c: (order.index(c["pipeline"]) if c["pipeline"] in order else 99,
                                                        c["detector"]))  # fmt: skip
     brief = ("command", "date", "commit", "minutes")
@@ -497,10 +582,12 @@ NAMES = {"linf": "L∞", "l2": "L2"}
 
 
 def render(doc: dict) -> str:
-    """docs/blackbox.md from the JSON: the worst case per pipeline, a table per threat, the benign stream."""
+    """The page from the JSON: the worst case per pipeline, a table per threat (the threats its runs attacked), the
+    benign stream."""
     info, cells = doc["info"], doc["cells"]
+    threats = threats_of(cells)
     lines = [
-        "# Black-box evaluation through the API",
+        "# Black-box evaluation through the API" + ("" if info["dataset"] == FIRST_PAGE else f" ({info['dataset']})"),
         "",
         "Generated by `python -m training.blackbox` (module docstring: pipelines, attacks, judging, budgets). The",
         "attacker only sends HTTP requests to a real `python -m service` under the public profile (MG_PUBLIC=true)",
@@ -523,26 +610,41 @@ def render(doc: dict) -> str:
         "Per image over the runs of a threat, on the images all of them attacked: *every attack* (HopSkipJump",
         "attacks the fewest) and *every attack but HopSkipJump* (its own rows below give the rest).",
         "",
-        "| pipeline | profile | detector | " + " | ".join(f"{NAMES[n]} {e:g}: every attack | {NAMES[n]} {e:g}: all "
-                                                        "but HopSkipJump" for n, e in THREATS) + " | budget |",
-        "|---|---|---|" + "---|---|" * len(THREATS) + "---|",
+        "| pipeline | profile | detector | " + " | ".join(f"{threat_text(*t)}: every attack | {threat_text(*t)}: all "
+                                                        "but HopSkipJump" for t in threats) + " | budget |",
+        "|---|---|---|" + "---|---|" * len(threats) + "---|",
     ]  # fmt: skip
     for c in cells:
-        worst = [worst_case(c["runs"], n) for n, _ in THREATS]
+        worst = [worst_case(c["runs"], *t) for t in threats]
         lines.append(f"| {c['pipeline']} | {profile_text(c['profile'])} | {'on' if c['detector'] else 'off'} | "
                      + " | ".join(f"{cell_text(w['all'])} | {cell_text(w['broad'])}" for w in worst)
                      + f" | {budget_text(c)} |")  # fmt: skip
-    for norm, eps in THREATS:
-        lines += ["", f"## {NAMES[norm]} ε = {eps:g}", "",
+    for norm, eps in threats:
+        lines += ["", f"## {NAMES[norm]} ε = {eps_text(eps)}", "",
                   "| pipeline | detector | attack | identities | defended | queries per image (cap) | median query "
                   "of the first success (images broken) | stopped before a success (median query) | identities "
                   "refused |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in cells:
             for r in c["runs"]:
-                if r["attack"]["norm"] == norm:
+                if (r["attack"]["norm"], r["attack"]["eps"]) == (norm, eps):
                     lines.append(run_row(c, r))
-    lines += benign_table(cells) + comparison(cells) + notes(cells)
+    lines += benign_table(cells) + comparison(cells, threats) + notes(cells)
     return "\n".join(lines) + "\n"
+
+
+def threats_of(cells: list[dict]) -> Threats:
+    """The threats the cells' runs attacked, in the order they were first run."""
+    return tuple(dict.fromkeys((r["attack"]["norm"], r["attack"]["eps"]) for c in cells for r in c["runs"]))
+
+
+def eps_text(eps: float) -> str:
+    """ε as the page writes it: 0.3, 2; a multiple of 1/255 without a short decimal as such (8/255)."""
+    short, k = f"{eps:g}", eps * 255
+    return f"{round(k)}/255" if len(short) > 5 and abs(k - round(k)) < 1e-6 else short
+
+
+def threat_text(norm: str, eps: float) -> str:
+    return f"{NAMES[norm]} {eps_text(eps)}"
 
 
 def runs_lines(doc: dict) -> list[str]:
@@ -599,19 +701,20 @@ def benign_table(cells: list[dict]) -> list[str]:
     return out
 
 
-def comparison(cells: list[dict]) -> list[str]:
+def comparison(cells: list[dict], threats: Threats) -> list[str]:
     """Label-only answers against HopSkipJump beside scores against Square (the same model, detector off)."""
     label = next((c for c in cells if c["pipeline"] == "A, label only" and not c["detector"]), None)
     scores = next((c for c in cells if c["pipeline"] == "A" and not c["detector"]), None)
     if label is None or scores is None:
         return []
     out = ["", "## Label-only answers against scores (classifier A bare, detector off)", ""]
-    for norm, eps in THREATS:
+    for norm, eps in threats:
         hsj = next(r["summary"] for r in label["runs"] if r["attack"] == asdict(Attack("hsj", norm, eps)))
         sq = next(r["summary"] for r in scores["runs"] if r["attack"] == asdict(Attack("square", norm, eps)))
         caps = (label["budget"]["hsj"], scores["budget"]["square"])
-        out.append(f"- {NAMES[norm]} {eps:g}: label-only under HopSkipJump (≤ {caps[0]:,} queries) {cell_text(hsj)}; "
-                   f"scores under Square (≤ {caps[1]:,}) {cell_text(sq)}: {label_verdict(hsj, sq)}")  # fmt: skip
+        out.append(f"- {threat_text(norm, eps)}: label-only under HopSkipJump (≤ {caps[0]:,} queries) "
+                   f"{cell_text(hsj)}; scores under Square (≤ {caps[1]:,}) {cell_text(sq)}: "
+                   f"{label_verdict(hsj, sq)}")  # fmt: skip
     return out
 
 
@@ -649,12 +752,12 @@ def notes(cells: list[dict]) -> list[str]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["mnist"], required=True)
+    p.add_argument("--dataset", required=True, help="a dataset that ships classifier_A (models/manifest.json)")
     p.add_argument("--n", type=int, default=100, help="attacked images per cell (a cell's budget may use fewer)")
     p.add_argument("--queries", type=int, default=10_000, help="the most queries per image of any attack")
     p.add_argument("--benign", type=int, default=BENIGN, help="images of the benign stream (a cell may use fewer)")
     p.add_argument("--quick", action="store_true", help="everything at tiny n and queries; writes under runs/")
-    p.add_argument("--only", nargs="*", choices=[q.id for q in PIPELINES],
+    p.add_argument("--only", nargs="*", choices=PIPELINE_IDS,
                    help="these pipelines only (their cells replace theirs on the page, the others stay)")  # fmt: skip
     p.add_argument("--inspect-seed", type=int, help="attack as the inspect scope with this fixed seed (tests)")
     p.add_argument("--seed", type=int, default=0)
@@ -665,12 +768,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rerender", action="store_true", help="only redraw the page from the JSON")
     a = p.parse_args(argv)
     a.out = a.out or (LOGS / "quick" if a.quick else DOCS)
+    check_choices(p, a)
     return a
+
+
+def check_choices(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--dataset must ship classifier A (the upstream's ONNX model) and --only name pipelines its models offer."""
+    reg = Registry(a.models_dir, verify=False)
+    shipped = sorted(art.dataset for art in reg.artifacts.values()
+                     if art.key == f"{art.dataset}/classifier_A" and "onnx" in art.files)  # fmt: skip
+    if a.dataset not in shipped:
+        p.error(f"--dataset {a.dataset}: {a.models_dir / 'manifest.json'} ships no {a.dataset}/classifier_A with its "
+                f"ONNX model; datasets that do: {', '.join(shipped)}")  # fmt: skip
+    offered = [q.id for q in pipelines_for(reg, a.dataset)]
+    if missing := sorted(set(a.only or ()) - set(offered)):
+        p.error(f"--only {' '.join(missing)}: not offered for {a.dataset}; its models make {', '.join(offered)}")
 
 
 def rerender(args: argparse.Namespace) -> None:
     doc = json.loads((args.out / f"blackbox-{args.dataset}.json").read_text())
-    (args.out / "blackbox.md").write_text(render(doc))
+    page_path(args.out, args.dataset).write_text(render(doc))
 
 
 if __name__ == "__main__":

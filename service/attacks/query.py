@@ -2,9 +2,9 @@
 query accounting, the reference attacks driven through it, the judge) and the benign stream. Used by
 `training.blackbox` (attacks over HTTP) and `service.audit` (any allow-listed model server, bare and guarded).
 
-    client = Client(url, "user-model")                       # POST /v2/models/{name}/infer, binary FP32 inputs
+    client = Client(url, "user-model")                       # POST /v2/models/{name}/infer, binary FP32 N×C×H×W
     ledger = Ledger(x, y, "linf", 0.3)                       # per image: queries, first success, refusals
-    oracle = Oracle(client, Identities(book.take(100)), ledger, eot=4, transform=oars("linf", 0.3))
+    oracle = Oracle(client, Identities(book.take(100)), ledger, eot=4, transform=oars("linf", 0.3), classes=10)
     x_adv = square(oracle, x, y, "linf", 0.3, queries=10_000)   # torchattacks.Square through an nn.Module wrapper
     x_adv = hop_skip_jump(oracle, x, y, "l2", 2.0, queries=10_000)  # ART's HopSkipJump on the labels alone
     adv, info = transfer(oracle, seeds, x, y, 0.3, rounds=6) # Papernot et al.'s substitute, labelled over HTTP
@@ -17,7 +17,8 @@ norm: each row Square sends lies within ε of exactly one; HopSkipJump attacks o
 counted, and checked: its first *success* is the first query whose row lies inside the threat ball and was answered
 with a wrong label. A 429 rotates to the next identity (the first refusal is recorded per image); when every identity
 is refused the attack stops (`Stopped`) and each image keeps the query count at which that happened. Everything the
-attacker learns comes from HTTP answers.
+attacker learns comes from HTTP answers. Images are float32 N×C×H×W in [0, 1] of any dataset's shape (its
+`service.datasets.DatasetSpec`): the attacks follow the images they are given and the `classes` the oracle is told.
 """
 
 from __future__ import annotations
@@ -38,18 +39,14 @@ from service import oip
 from service.attacks.fgsm import fgsm
 from service.attacks.pgd import pgd, pgd_l2
 from service.attacks.substitute import Substitute, train_substitute
+from service.datasets import MNIST
 from service.guard.streams import RESEND_KINDS, resend
 from service.stats import wilson
 
 ABSTAIN = -1  # the label of an abstained answer
-MAX_ROWS = 64  # images per request (the service's max_batch_images)
+MAX_ROWS = 64  # images per request (the service's max_batch_images: 28×28 gray images; fewer of larger ones)
 EPS_SLACK = 1e-4  # float32 rounding at the ball's edge
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
-
-
-def to_float(x: np.ndarray) -> np.ndarray:
-    """uint8 N×28×28 → float32 N×1×28×28 in [0, 1]."""
-    return (x.astype(np.float32) / 255.0)[:, None]
 
 
 class Stopped(Exception):
@@ -84,7 +81,7 @@ class Answer:
     def policy(self) -> str:
         return "probabilities" if self.probabilities is not None else "top1" if self.top1 is not None else "label"
 
-    def log_scores(self, y_fallback: np.ndarray, classes: int = 10) -> np.ndarray:
+    def log_scores(self, y_fallback: np.ndarray, classes: int = MNIST.num_classes) -> np.ndarray:
         """N×K log-scores for a score-based attack: log p (all probabilities); under `top1` p on the label and
         (1 − p)/(K − 1) elsewhere; under `label` a one-hot. An abstained row scores as its true label (the attacker
         learns nothing from it), which Square reads as "not fooled"."""
@@ -116,17 +113,20 @@ def parse_answer(resp: oip.InferResponse) -> Answer:
 
 class Client:
     """POST /v2/models/{name}/infer with binary FP32 inputs; one caller, an identity per request (X-Forwarded-For,
-    believed by the service from a trusted proxy). `api_key` and `params` are the inspect scope's."""
+    believed by the service from a trusted proxy). `api_key` and `params` are the inspect scope's; `max_rows`: the
+    images one request may hold (the service's cap for the model's dataset, `service.request.image_cap`)."""
+
+    max_rows: int = MAX_ROWS
 
     def __init__(self, url: str, name: str, api_key: str | None = None, params: dict | None = None,
-                 timeout_s: float = 900.0) -> None:  # fmt: skip
-        self.url, self.name, self.params = url.rstrip("/"), name, dict(params or {})
+                 timeout_s: float = 900.0, max_rows: int = MAX_ROWS) -> None:  # fmt: skip
+        self.url, self.name, self.params, self.max_rows = url.rstrip("/"), name, dict(params or {}), max_rows
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx_client(timeout_s)
         self.requests = 0
 
     def infer(self, x: np.ndarray, address: str | None = None) -> Answer:
-        """One request of ≤ 64 rows (N×1×28×28 in [0, 1]); `Refused` on 429, RuntimeError on any other error."""
+        """One request of ≤ max_rows rows (N×C×H×W in [0, 1]); `Refused` on 429, RuntimeError on any other error."""
         req = oip.InferRequest([oip.Tensor.from_numpy("input", np.ascontiguousarray(x, dtype=np.float32))],
                                parameters=self.params)  # fmt: skip
         body, headers = oip.encode_request(req, binary_inputs=True)
@@ -209,7 +209,7 @@ class Ledger:
 
     def owners(self, rows: np.ndarray) -> np.ndarray:
         """The image each row attacks: the named one, else the nearest original in the threat's norm (a row inside
-        exactly one original's ball is nearest to that one; in L2 two similar digits can swap)."""
+        exactly one original's ball is nearest to that one; in L2 two similar images can swap)."""
         if self.owner is not None:
             return np.full(len(rows), self.owner)
         p = float("inf") if self.norm == "linf" else 2.0
@@ -265,8 +265,9 @@ def project(rows: np.ndarray, x0: np.ndarray, norm: str, eps: float) -> np.ndarr
 
 def oars(norm: str, eps: float, shift: int = 1, brightness: float = 0.1, noise: float = 0.03) -> Transform:
     """A small random transform of each query, as OARS (Feng et al., CCS 2023) samples queries so a stateful
-    detector's similarity hashes stop matching: translate by up to `shift` px, scale brightness by 1 ± `brightness`,
-    add N(0, `noise`²) pixel noise; then back into the threat ball (every query stays a valid candidate)."""
+    detector's similarity hashes stop matching: translate by up to `shift` px (every channel alike), scale brightness
+    by 1 ± `brightness` (per image), add N(0, `noise`²) noise to every value (each channel its own); then back into
+    the threat ball (every query stays a valid candidate). Rows of any C×H×W."""
 
     def transform(rows: np.ndarray, x0: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = np.empty_like(rows)
@@ -282,12 +283,15 @@ def oars(norm: str, eps: float, shift: int = 1, brightness: float = 0.1, noise: 
 
 class Oracle:
     """The attacker's view of the API: rows in, answers out, over rotating identities; EOT sends `eot` copies of each
-    row in the same request (independent random starts) and averages them; `transform` randomizes each copy."""
+    row in the same request (independent random starts) and averages them; `transform` randomizes each copy.
+    `classes`: how many the API answers (the dataset's; what label-only and top-1 answers are spread over); `rows`:
+    rows per request (an HTTP `Client`'s max_rows; a client that splits its requests itself, the audit's, keeps 64)."""
 
     def __init__(self, client: Client, identities: Identities, ledger: Ledger | None, eot: int = 1,
-                 transform: Transform | None = None, seed: int = 0) -> None:  # fmt: skip
+                 transform: Transform | None = None, seed: int = 0, classes: int = MNIST.num_classes,
+                 rows: int = MAX_ROWS) -> None:  # fmt: skip
         self.client, self.ids, self.ledger = client, identities, ledger
-        self.eot, self.transform = eot, transform
+        self.eot, self.transform, self.classes, self.rows = eot, transform, classes, rows
         self.rng = np.random.default_rng(seed)
         self.budget: int | None = None  # per-image query cap of an attack that names its image
         self.unowned = 0  # queries not attributed to an attacked image (a substitute's training set)
@@ -301,8 +305,8 @@ class Oracle:
         sent_owners = np.repeat(owners, self.eot)
         if self.transform is not None and self.ledger is not None:
             sent = self.transform(sent, self.ledger.x[sent_owners], self.rng)
-        parts = [self._send(sent[i : i + MAX_ROWS], sent_owners[i : i + MAX_ROWS])
-                 for i in range(0, len(sent), MAX_ROWS)]  # fmt: skip
+        parts = [self._send(sent[i : i + self.rows], sent_owners[i : i + self.rows])
+                 for i in range(0, len(sent), self.rows)]  # fmt: skip
         return _average(parts, len(rows), self.eot), owners
 
     def _check_budget(self, rows: int) -> None:
@@ -339,7 +343,7 @@ class Oracle:
         rows = x.detach().cpu().numpy().astype(np.float32)
         a, owners = self.ask(rows)
         y = self.ledger.y[owners] if self.ledger is not None else np.zeros(len(rows), np.int64)
-        return torch.from_numpy(a.log_scores(y)).to(x.device)
+        return torch.from_numpy(a.log_scores(y, self.classes)).to(x.device)
 
     def labels(self, rows: np.ndarray) -> np.ndarray:
         a, owners = self.ask(rows.astype(np.float32))
@@ -350,7 +354,7 @@ class Oracle:
 def _average(parts: list[Answer], n: int, k: int) -> Answer:
     """One answer per row from its k copies: mean probabilities / top-1, the most frequent label."""
     labels = np.concatenate([p.labels for p in parts]).reshape(n, k)
-    voted = np.array([np.bincount(r[r >= 0], minlength=10).argmax() if (r >= 0).any() else ABSTAIN for r in labels])
+    voted = np.array([np.bincount(r[r >= 0]).argmax() if (r >= 0).any() else ABSTAIN for r in labels])
     probs = [p.probabilities for p in parts]
     tops = [p.top1 for p in parts]
     mean_p = np.concatenate(probs).reshape(n, k, -1).mean(1) if all(p is not None for p in probs) else None
@@ -401,14 +405,14 @@ def hop_skip_jump(oracle: Oracle, x: np.ndarray, y: np.ndarray, norm: str, eps: 
     """ART's HopSkipJump (Chen et al. 2020), untargeted, on the labels alone, one image at a time with a budget of
     `queries` per image (ART's defaults otherwise: 100 initial gradient evaluations, up to 10,000). It minimizes the
     distance with no ε: an image is broken at the first query inside the ball answered wrongly, where its attack
-    ends (the attacker has what it came for)."""
+    ends (the attacker has what it came for). Images of `x`'s C×H×W, labels among the oracle's classes."""
     from art.attacks.evasion import HopSkipJump
     from art.estimators.classification import BlackBoxClassifier
 
     def predict(rows: np.ndarray) -> np.ndarray:
-        return np.eye(10, dtype=np.float32)[oracle.labels(rows.astype(np.float32))]
+        return np.eye(oracle.classes, dtype=np.float32)[oracle.labels(rows.astype(np.float32))]
 
-    clf = BlackBoxClassifier(predict, input_shape=(1, 28, 28), nb_classes=10, clip_values=(0.0, 1.0))
+    clf = BlackBoxClassifier(predict, input_shape=x.shape[1:], nb_classes=oracle.classes, clip_values=(0.0, 1.0))
     atk = HopSkipJump(clf, norm=2 if norm == "l2" else np.inf, max_iter=max_iter, verbose=False, batch_size=MAX_ROWS)
     out = x.copy()
     ledger = oracle.ledger
@@ -448,8 +452,9 @@ def transfer(oracle: Oracle, seeds: np.ndarray, x: np.ndarray, y: np.ndarray, ep
 
 
 def train_on_answers(oracle: Oracle, seeds: np.ndarray, rounds: int, seed: int = 0) -> tuple[Substitute, dict]:
-    """The substitute of `transfer`, trained on the oracle's labels (each distinct row asked once), and what it
-    cost. `Stopped` before the seeds were labelled propagates; stopped later, it keeps the rounds it completed."""
+    """The substitute of `transfer` (built for the seeds' C×H×W and the oracle's classes), trained on the oracle's
+    labels (each distinct row asked once), and what it cost. `Stopped` before the seeds were labelled propagates;
+    stopped later, it keeps the rounds it completed."""
     labelled: dict[bytes, int] = {}
 
     def ask(rows: torch.Tensor) -> torch.Tensor:
@@ -463,7 +468,7 @@ def train_on_answers(oracle: Oracle, seeds: np.ndarray, rounds: int, seed: int =
 
     for r in range(rounds, 0, -1):  # each retry relabels nothing: training is deterministic for a seed
         try:
-            sub = train_substitute(ask, torch.from_numpy(seeds), arch="E", rounds=r, seed=seed)
+            sub = train_substitute(ask, torch.from_numpy(seeds), arch="E", rounds=r, seed=seed, classes=oracle.classes)
             break
         except Stopped:
             continue
@@ -485,17 +490,17 @@ def transfer_from(sub: Substitute, x: np.ndarray, y: np.ndarray, norm: str, eps:
             "pgd": pgd(sub.model, xt, yt, eps=eps, generator=gen).numpy()}  # fmt: skip
 
 
-def judge(client: Client, pairs: list[tuple[int, np.ndarray]], y: np.ndarray, repeats: int,
-          address: str) -> np.ndarray:  # fmt: skip
+def judge(client: Client, pairs: list[tuple[int, np.ndarray]], y: np.ndarray, repeats: int, address: str,
+          rows: int = MAX_ROWS) -> np.ndarray:  # fmt: skip
     """Per image: every one of `repeats` answers to each of its candidate rows (image index, row) is its true label
-    or an abstention (worst of `repeats`: a randomized pipeline must hold on every try)."""
+    or an abstention (worst of `repeats`: a randomized pipeline must hold on every try); `rows` per request."""
     ok = np.ones(len(y), bool)
     if not pairs:
         return ok
     owners = np.repeat([i for i, _ in pairs], repeats)
-    rows = np.repeat(np.stack([r for _, r in pairs]), repeats, axis=0)
-    labels = np.concatenate([client.infer(rows[k : k + MAX_ROWS], address).labels
-                             for k in range(0, len(rows), MAX_ROWS)])  # fmt: skip
+    sent = np.repeat(np.stack([r for _, r in pairs]), repeats, axis=0)
+    labels = np.concatenate([client.infer(sent[k : k + rows], address).labels
+                             for k in range(0, len(sent), rows)])  # fmt: skip
     wrong = (labels != y[owners]) & (labels != ABSTAIN)
     np.logical_and.at(ok, owners, ~wrong)
     return ok
@@ -535,9 +540,9 @@ def benign_plans(n: int, clients: int, resend_fraction: float, seed: int) -> lis
 
 def benign_stream(url: str, served: str, x: np.ndarray, y: np.ndarray, book: AddressBook, seed: int,
                   clients: int = 200, resend_fraction: float = 0.3, workers: int = 8) -> dict:  # fmt: skip
-    """`clients` clients share the images; each sends its own one per request, re-sending about `resend_fraction`
-    of them (a random variant each) at random places in its sequence. Requests of different clients run
-    concurrently."""
+    """`clients` clients share the images (float32 N×C×H×W in [0, 1]); each sends its own one per request, re-sending
+    about `resend_fraction` of them (a random variant each: `service.guard.streams.resend`, gray or colour) at random
+    places in its sequence. Requests of different clients run concurrently."""
     plans = benign_plans(len(x), clients, resend_fraction, seed)
     clients = len(plans)
     addresses = book.take(clients)
@@ -548,8 +553,7 @@ def benign_stream(url: str, served: str, x: np.ndarray, y: np.ndarray, book: Add
             local.client = Client(url, served)
         crng, got, refused = np.random.default_rng(seed + 1 + k), [], False
         for i, kind in plans[k]:
-            img = to_float(x[i : i + 1])
-            img = img if kind == "original" else resend(img[0], kind, crng)[None]
+            img = x[i : i + 1] if kind == "original" else resend(x[i], kind, crng)[None]
             try:
                 label = int(local.client.infer(img, addresses[k]).labels[0])
             except Refused:
