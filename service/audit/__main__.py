@@ -2,10 +2,12 @@
 
     MG_PROXY__UPSTREAMS='{"user-model": {"url": "http://127.0.0.1:9100", "model": "mnist-nchw"}}' \\
     python -m service.audit --target user-model --n 100 --out docs/audit-example
+    python -m service.audit --target colour-model --sample shapes    # an upstream of "dataset": "shapes"
 
 The allow-list is the service's (MG_AUDIT__TARGETS, default every proxied upstream in MG_PROXY__UPSTREAMS); the
 guarded pipelines run in this process through the service's own proxy. Writes report.md, report.json and the SVG
-plots to --out, printing a progress bar as it goes.
+plots to --out, printing a progress bar as it goes. The sample must hold images of the target's dataset (its
+upstream's `dataset`, e.g. the shipped `shapes` slice for a 3×32×32 colour upstream).
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.audit.spec import AuditError, AuditSpec, PipelineSpec, Threat, check_caps
+from service.audit.spec import SHIPPED, AuditError, AuditSpec, PipelineSpec, Threat, check_caps, check_threats
+from service.config import Settings
+from service.datasets import DatasetSpec
+
+if TYPE_CHECKING:
+    from service.audit.data import Sample
 
 BAR = 30
 
@@ -25,7 +33,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (the spec's fields as flags)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="an allow-listed model name (required unless --rerender)")
-    p.add_argument("--sample", default="mnist", help="mnist | fmnist (shipped slices), an .npz, or a class folder")
+    p.add_argument("--sample", default="mnist", help=f"{' | '.join(SHIPPED)} (shipped slices, of the target's "
+                   "dataset), an .npz, or a class folder")  # fmt: skip
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--linf", type=float, nargs="*", default=[0.3], help="L∞ budgets ε (none: no L∞ threat)")
     p.add_argument("--l2", type=float, nargs="*", default=[2.0], help="L2 budgets ε (none: no L2 threat)")
@@ -51,7 +60,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def spec_of(a: argparse.Namespace) -> AuditSpec:
     threats = [Threat(norm=n, eps=e) for n, e in (("linf", a.linf), ("l2", a.l2)) if e]
     pipelines = [_pipeline(p) for p in (a.pipeline or ["defense-gan:50:2"])]
-    sample = a.sample if a.sample in ("mnist", "fmnist") else "upload"
+    sample = a.sample if a.sample in SHIPPED else "upload"
     return AuditSpec(target=a.target, sample=sample, n=a.n, threats=threats, attacks=a.attacks, queries=a.queries,
                      hsj_n=a.hsj_n, hsj_queries=a.hsj_queries, seeds=a.seeds, rounds=a.rounds, pipelines=pipelines,
                      repeats=a.repeats, max_queries=a.max_queries, timing_images=a.timing_images,
@@ -66,6 +75,18 @@ def _pipeline(text: str) -> PipelineSpec:
     return PipelineSpec(defense=parts[0], **values)  # type: ignore[arg-type]
 
 
+def sample_of(a: argparse.Namespace, spec: AuditSpec, s: Settings, ds: DatasetSpec) -> Sample:
+    """--sample: a shipped slice, a class folder, or an .npz or .zip file, as images of `ds` (the target's)."""
+    from service.audit.data import from_folder, load_sample
+
+    path = Path(a.sample)
+    if spec.sample != "upload":
+        return load_sample(a.sample, s, ds=ds)
+    if path.is_dir():
+        return from_folder(path, s, ds)
+    return load_sample("upload", s, path.read_bytes(), "zip" if path.suffix == ".zip" else "npz", ds)
+
+
 def bar(done: int, total: int, step: str, started: float) -> None:
     k = int(BAR * done / max(total, 1))
     line = f"\r[{'#' * k}{'.' * (BAR - k)}] {done}/{total} {time.time() - started:6.0f} s  {step[:70]:<70}"
@@ -78,11 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from service.audit.data import from_folder, load_sample
     from service.audit.host import in_process
     from service.audit.report import write_report
     from service.audit.runner import Progress, new_doc, run_audit
-    from service.audit.target import Meter
+    from service.audit.target import Meter, target_spec
     from service.config import get_settings
 
     a = parse(argv)
@@ -97,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     s = get_settings()
     spec = spec_of(a)
     check_caps(spec, s)
-    path = Path(a.sample)
-    sample = (load_sample(a.sample, s) if spec.sample != "upload" else from_folder(path, s) if path.is_dir()
-              else load_sample("upload", s, path.read_bytes(), "zip" if path.suffix == ".zip" else "npz"))  # fmt: skip
     started, progress, meter = time.time(), Progress(), Meter(spec.max_queries)
-    doc = new_doc(spec, sample, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    doc["info"]["command"] = "python -m service.audit " + shlex.join(sys.argv[1:] if argv is None else argv)
     done = threading.Event()
 
     def show() -> None:  # on each change, and every 30 s
@@ -115,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=show, daemon=True).start()
     with in_process(s) as host:
+        ds = target_spec(spec.target, host)  # the sample's images must be of the target's dataset
+        check_threats(spec, ds)
+        sample = sample_of(a, spec, s, ds)
+        doc = new_doc(spec, sample, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        doc["info"]["command"] = "python -m service.audit " + shlex.join(sys.argv[1:] if argv is None else argv)
         run_audit(spec, sample, host, meter, progress, doc)
     done.set()
     bar(progress.total, progress.total, "done", started)

@@ -1,12 +1,14 @@
 """An audit's labelled images: the shipped test slices, an `.npz` of images and labels, or an image folder (or a
 `.zip` of one) with one subfolder per class. Never unpickled (`np.load(allow_pickle=False)`), sizes capped.
 
-    sample = load_sample("mnist", settings)                     # models/mnist/test_slice.npz
-    sample = from_npz(data, settings) / from_zip(data, settings) / from_folder(path, settings)
+    sample = load_sample("mnist", settings, ds=spec)            # models/mnist/test_slice.npz
+    sample = from_npz(data, settings, spec) / from_zip(data, settings, spec) / from_folder(path, settings, spec)
     x, y, seeds = sample.split(n, n_seeds)                      # attacked images, then the substitute's seeds
 
-Images come out as float32 N×1×28×28 in [0, 1] (other sizes resized by `service.imaging`'s policy); labels as
-int64 class indices (a folder's classes: its subfolders' names, integers when all are, else sorted).
+`spec` is the target's dataset (`service.datasets.DatasetSpec`, default MNIST's). Images come out as float32
+N×C×H×W of it in [0, 1] (a folder's images of other sizes resized by `service.imaging`'s policy for it); labels as
+int64 class indices below its class count (a folder's classes: its subfolders' names, integers when all are, else
+sorted; a shipped slice's: the dataset's names).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from service import imaging
-from service.audit.spec import AuditError
+from service.audit.spec import SHIPPED, AuditError
 from service.config import Settings
+from service.datasets import MNIST, DatasetSpec
 
-SHIPPED = ("mnist", "fmnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_FILES = 20_000  # images in a folder or zip
 MAX_IMAGE_BYTES = 1024 * 1024
@@ -32,7 +34,7 @@ MAX_IMAGE_BYTES = 1024 * 1024
 class Sample:
     """Labelled images and where they came from."""
 
-    x: np.ndarray  # N×1×28×28 float32 in [0, 1]
+    x: np.ndarray  # N×C×H×W float32 in [0, 1] (the target's dataset)
     y: np.ndarray  # N int64
     source: str
     classes: list[str]
@@ -45,34 +47,33 @@ class Sample:
         return self.x[:n], self.y[:n], held[len(held) - min(seeds, len(held)) :]
 
 
-def load_sample(name: str, s: Settings, data: bytes | None = None, fmt: str | None = None) -> Sample:
-    """A shipped slice by name, or the uploaded bytes (`fmt` npz or zip)."""
+def load_sample(name: str, s: Settings, data: bytes | None = None, fmt: str | None = None,
+                ds: DatasetSpec = MNIST) -> Sample:  # fmt: skip
+    """A shipped slice by name (its images must be `ds`'s: 422 otherwise), or the uploaded bytes (`fmt` npz or
+    zip)."""
     if name in SHIPPED:
         path = s.models_dir / name / "test_slice.npz"
         if not path.exists():
             raise AuditError(f"the shipped {name} slice is missing ({path.name})", 404)
         with np.load(path, allow_pickle=False) as f:
-            return Sample(imaging_float(f["x"]), f["y"].astype(np.int64), f"{name} test slice", _digits(10))
+            sample = _checked(f["x"], f["y"], s, f"{name} test slice", ds)
+        sample.classes = list(ds.classes)
+        return sample
     if name != "upload" or data is None:
         raise AuditError(f"sample must be one of {list(SHIPPED)} or 'upload' with a sample_file, got {name!r}")
     if len(data) > s.audit.max_sample_bytes:
         raise AuditError(f"the sample is {len(data)} bytes; the cap is {s.audit.max_sample_bytes} "
                          "(MG_AUDIT__MAX_SAMPLE_BYTES)", 413)  # fmt: skip
-    return from_zip(data, s) if fmt == "zip" else from_npz(data, s)
-
-
-def imaging_float(x: np.ndarray) -> np.ndarray:
-    """uint8 N×28×28 → float32 N×1×28×28 in [0, 1]."""
-    return (x.astype(np.float32) / 255.0)[:, None]
+    return from_zip(data, s, ds) if fmt == "zip" else from_npz(data, s, ds)
 
 
 def _digits(k: int) -> list[str]:
     return [str(i) for i in range(k)]
 
 
-def from_npz(data: bytes, s: Settings) -> Sample:
-    """An .npz with images (`x` or `images`: N×28×28, N×1×28×28 or N×28×28×1; uint8 or floats in [0, 1]) and
-    labels (`y` or `labels`: N integers ≥ 0)."""
+def from_npz(data: bytes, s: Settings, ds: DatasetSpec = MNIST) -> Sample:
+    """An .npz with images (`x` or `images`: N×C×H×W or N×H×W×C of `ds`, or N×H×W for one channel; uint8 or floats
+    in [0, 1]) and labels (`y` or `labels`: N class indices)."""
     if data[:4] != b"PK\x03\x04":
         raise AuditError("not an .npz (a zip archive of .npy arrays x and y); pickles are never loaded")
     try:
@@ -87,31 +88,51 @@ def from_npz(data: bytes, s: Settings) -> Sample:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise AuditError(f"not a readable .npz (no pickles accepted): {exc}") from None
-    return _checked(x, y, s, "uploaded .npz")
+    return _checked(x, y, s, "uploaded .npz", ds)
 
 
-def _checked(x: np.ndarray, y: np.ndarray, s: Settings, source: str) -> Sample:
+def _nchw(x: np.ndarray, ds: DatasetSpec) -> np.ndarray | None:
+    """`x` as N×C×H×W of `ds` (from N×C×H×W, N×H×W×C or, for one channel, N×H×W); None for another shape."""
+    c, h, w = ds.shape
+    if x.ndim == 3 and c == 1:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[1:] == (h, w, c) and x.shape[1:] != ds.shape:
+        x = x.transpose(0, 3, 1, 2)
+    return x if x.ndim == 4 and x.shape[1:] == ds.shape else None
+
+
+def _forms(ds: DatasetSpec) -> str:
+    """The image shapes `_nchw` takes, e.g. "N×28×28 (or N×1×28×28, N×28×28×1)"."""
+    c, h, w = ds.shape
+    forms = [f"N×{h}×{w}"] * (c == 1) + [f"N×{c}×{h}×{w}", f"N×{h}×{w}×{c}"]
+    return f"{forms[0]} (or {', '.join(forms[1:])})"
+
+
+def _checked(x: np.ndarray, y: np.ndarray, s: Settings, source: str, ds: DatasetSpec) -> Sample:
+    """Images of `ds` as float32 N×C×H×W in [0, 1] and their labels, checked (shape, count, range, classes)."""
     if x.dtype.kind not in "uif" or y.dtype.kind not in "ui" or y.ndim != 1:
         raise AuditError(f"{source}: images must be numeric and labels a 1-D integer array")
-    if x.ndim == 4 and x.shape[-1] == 1:
-        x = x[..., 0]
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) != len(y) or len(x) == 0:
-        raise AuditError(f"{source}: images must be N×28×28 (or N×1×28×28, N×28×28×1) with N labels, got "
-                         f"{list(x.shape)} and {list(y.shape)}")  # fmt: skip
+    nchw = _nchw(x, ds)
+    if nchw is None or len(x) != len(y) or len(x) == 0:
+        raise AuditError(f"{source}: images must be {_forms(ds)} with N labels for the target's dataset {ds.name}, "
+                         f"got {list(x.shape)} and {list(y.shape)}")  # fmt: skip
     if len(x) > s.audit.max_images + 1000:
         raise AuditError(f"{source}: {len(x)} images; the cap is {s.audit.max_images + 1000}")
     top = 255.0 if x.dtype == np.uint8 else 1.0
-    xf = x.astype(np.float32) / np.float32(top)
+    xf = np.ascontiguousarray(nchw.astype(np.float32) / np.float32(top))
     if not np.isfinite(xf).all() or xf.min() < 0 or xf.max() > 1:
         raise AuditError(f"{source}: image values must lie in [0, 1] (floats) or [0, 255] (uint8)")
-    if y.min() < 0:
-        raise AuditError(f"{source}: labels must be class indices ≥ 0")
-    return Sample(xf[:, None], y.astype(np.int64), source, _digits(int(y.max()) + 1))
+    _check_labels(y, ds, source)
+    return Sample(xf, y.astype(np.int64), source, _digits(int(y.max()) + 1))
 
 
-def from_zip(data: bytes, s: Settings) -> Sample:
+def _check_labels(y: np.ndarray, ds: DatasetSpec, source: str) -> None:
+    """Labels are class indices of the target's dataset (the oracle and the substitute answer among its classes)."""
+    if y.min() < 0 or y.max() >= ds.num_classes:
+        raise AuditError(f"{source}: labels must be class indices in [0, {ds.num_classes}) of {ds.name}")
+
+
+def from_zip(data: bytes, s: Settings, ds: DatasetSpec = MNIST) -> Sample:
     """A .zip of an image folder: `<class>/<image>` (optionally under one top folder)."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
@@ -124,10 +145,10 @@ def from_zip(data: bytes, s: Settings) -> Sample:
                 files.append((Path(i.filename).parts, z.read(i)))
     except zipfile.BadZipFile as exc:
         raise AuditError(f"not a readable .zip: {exc}") from None
-    return _from_files(files, s, "uploaded .zip")
+    return _from_files(files, s, "uploaded .zip", ds)
 
 
-def from_folder(root: Path, s: Settings) -> Sample:
+def from_folder(root: Path, s: Settings, ds: DatasetSpec = MNIST) -> Sample:
     """An image folder with one subfolder per class."""
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     _check_count(len(paths))
@@ -135,7 +156,7 @@ def from_folder(root: Path, s: Settings) -> Sample:
     if big is not None:
         raise AuditError(f"{big}: {big.stat().st_size} bytes, over {MAX_IMAGE_BYTES} per image")
     files = [(p.relative_to(root).parts, p.read_bytes()) for p in paths]
-    return _from_files([(("root", *parts), b) for parts, b in files], s, str(root))
+    return _from_files([(("root", *parts), b) for parts, b in files], s, str(root), ds)
 
 
 def _check_count(n: int) -> None:
@@ -145,8 +166,9 @@ def _check_count(n: int) -> None:
         raise AuditError(f"the folder holds {n} images; the cap is {MAX_FILES}")
 
 
-def _from_files(files: list[tuple[tuple[str, ...], bytes]], s: Settings, source: str) -> Sample:
-    """Images labelled by their parent folder's name (one level of class folders, under at most one top folder)."""
+def _from_files(files: list[tuple[tuple[str, ...], bytes]], s: Settings, source: str, ds: DatasetSpec) -> Sample:
+    """Images labelled by their parent folder's name (one level of class folders, under at most one top folder),
+    fitted to `ds`'s C×H×W."""
     parents = {parts[:-1] for parts, _ in files}
     depth = {len(p) for p in parents}
     if len(depth) != 1 or depth.pop() not in (1, 2):
@@ -162,8 +184,9 @@ def _from_files(files: list[tuple[tuple[str, ...], bytes]], s: Settings, source:
             image = imaging.decode_image(blob, s.max_image_pixels)
         except imaging.ImageError as exc:
             raise AuditError(f"{source}: {'/'.join(parts)}: {exc}") from None
-        xs.append(imaging.to_model_size(image))  # MNIST's format: 1×28×28
+        xs.append(imaging.to_model_size(image, ds))
         ys.append(index[parts[-2]])
-    x = np.stack(xs).astype(np.float32)
+    x, y = np.stack(xs).astype(np.float32), np.array(ys, np.int64)
+    _check_labels(y, ds, source)
     order = np.random.default_rng(0).permutation(len(x))  # classes interleaved: the first n hold every class
-    return Sample(x[order], np.array(ys, np.int64)[order], source, [str(c) for c in classes])
+    return Sample(x[order], y[order], source, [str(c) for c in classes])

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.audit.data import Sample
-from service.audit.spec import AuditError, AuditSpec, check_caps
+from service.audit.spec import AuditError, AuditSpec, check_caps, check_threats
 from service.audit.target import Cancelled, Host, Meter
 from service.config import Settings
 from service.errors import ServiceError
@@ -98,16 +98,19 @@ class AuditJobs:
         return out
 
     def prepare(self, fields: dict, sample_file: str | None, fmt: str) -> tuple[AuditSpec, Sample]:
-        """An audit request checked before it is queued: the allow-list first (404), the caps (422), the sample
-        (422, 413), n within it, the target's metadata against its contract (422, 502)."""
+        """An audit request checked before it is queued: the allow-list first (404), the caps (422), each ε within
+        the target's images, the sample (of the target's dataset; 422, 413), n within it, the target's metadata
+        against its contract (422, 502)."""
         from service.audit.data import load_sample
-        from service.audit.target import allowed_targets, resolve_target
+        from service.audit.target import allowed_targets, resolve_target, target_spec
 
         allowed = allowed_targets(self.settings)
         if fields.get("target") not in allowed:
             raise AuditError(f"unknown target {fields.get('target')!r}; this server audits {allowed}", 404)
         spec = AuditSpec.model_validate(fields)
         check_caps(spec, self.settings)
+        ds = target_spec(spec.target, self.host)
+        check_threats(spec, ds)
         raw = None
         if spec.sample == "upload":
             if not sample_file:
@@ -116,7 +119,7 @@ class AuditJobs:
                 raw = base64.b64decode(sample_file, validate=True)
             except (binascii.Error, ValueError):
                 raise AuditError("sample_file is not valid base64") from None
-        sample = load_sample(spec.sample, self.settings, raw, fmt)
+        sample = load_sample(spec.sample, self.settings, raw, fmt, ds)
         sample.split(spec.n, spec.seeds)
         resolve_target(spec.target, self.host, spec.input)
         return spec, sample

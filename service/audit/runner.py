@@ -3,6 +3,8 @@ each guarded pipeline; the guard's gain and its cost in latency and throughput; 
 
     doc = run_audit(spec, sample, host, meter, progress)    # the report's JSON (service.audit.report renders it)
 
+Images are the target's dataset's (N×C×H×W, its classes: `TargetInfo.spec`); the sample must be of it.
+
 What runs (`attack_names`): Square (torchattacks; score-based) when the target returns scores, HopSkipJump (ART;
 decision-based) when it returns labels only (or when asked for), and transfer from a Papernot substitute trained
 on the variant's own labels (Jacobian augmentation from held-out seed images), each through
@@ -138,13 +140,19 @@ def summarize(images: dict, n: int) -> dict:
             "median_queries": float(np.median(q)) if len(q) else 0.0}  # fmt: skip
 
 
+def oracle_of(client: TargetClient, ledger: Ledger | None, seed: int) -> Oracle:
+    """The attacker's view of the variant: one identity, no EOT, answers among the target dataset's classes (the
+    client splits its requests to the server's caps itself)."""
+    return Oracle(client, Identities(["audit"]), ledger, 1, None, seed, client.info.spec.num_classes)
+
+
 def attack_run(name: str, client: TargetClient, x: np.ndarray, y: np.ndarray, norm: str, eps: float,
                b: dict[str, int], spec: AuditSpec, sub: object | None = None) -> dict:  # fmt: skip
     """One attack on the variant's first images, judged: per image its queries, first success and verdict."""
     n, cap = (b["hsj_n"], b["hsj"]) if name == "hsj" else (b["n"], b["square"])
     x, y = x[:n], y[:n]
     ledger = Ledger(x, y, norm, eps)
-    oracle = Oracle(client, Identities(["audit"]), None if name == "transfer" else ledger, 1, None, spec.seed)
+    oracle = oracle_of(client, None if name == "transfer" else ledger, spec.seed)
     meter, t0, ended = client.meter, time.time(), "finished"
     meter.phase = "attack"
     try:
@@ -291,7 +299,7 @@ def run_variant(client: TargetClient, plan: Plan, spec: AuditSpec, images: tuple
     if "transfer" in plan.attacks and b["rounds"] >= 1:
         progress.step = f"{key}: training the substitute on its answers"
         client.meter.phase = "attack"
-        oracle = Oracle(client, Identities(["audit"]), None, 1, None, spec.seed)
+        oracle = oracle_of(client, None, spec.seed)
         try:
             sub, doc["substitutes"][key] = train_on_answers(oracle, seeds, b["rounds"], spec.seed)
         except Stopped as exc:

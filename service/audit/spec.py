@@ -2,6 +2,7 @@
 
     spec = AuditSpec.model_validate(body)      # pydantic: types and ranges
     check_caps(spec, settings)                 # the operator's caps (AuditError 422 past one, never trimmed)
+    check_threats(spec, dataset_spec)          # every ε within √(C·H·W) of the target's images
     variants(spec)                             # [bare, each guarded pipeline]
 
 The defaults are `training.blackbox`'s budgets for a fast pipeline (its reference evaluation of the same suite).
@@ -9,17 +10,29 @@ The defaults are `training.blackbox`'s budgets for a fast pipeline (its referenc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.config import Defense, Settings
+from service.datasets import SIDES, DatasetSpec
 from service.errors import ServiceError
 
 Norm = Literal["linf", "l2"]
 AttackName = Literal["square", "hsj", "transfer"]
 RANDOMIZED = ("defense-gan", "magnet")  # random restarts: the judge resubmits `repeats` times
+SHIPPED = ("mnist", "fmnist", "shapes")  # the shipped test slices a sample may name (models/<name>/test_slice.npz)
+
+
+def eps_cap(shape: tuple[int, ...]) -> float:
+    """The largest ε an audit takes for images of `shape` (C×H×W): √(C·H·W), the L2 diameter of [0, 1]^(C·H·W)
+    (28 for 1×28×28)."""
+    return math.sqrt(math.prod(shape))
+
+
+EPS_MAX = eps_cap((3, max(SIDES), max(SIDES)))  # the largest images served; the target's own cap: `check_threats`
 
 
 class AuditError(ServiceError):
@@ -38,8 +51,8 @@ class Threat(BaseModel):
     @field_validator("eps")
     @classmethod
     def _positive(cls, v: list[float]) -> list[float]:
-        if any(not 0 < e <= 28 for e in v):
-            raise ValueError("each ε must lie in (0, 28]")
+        if any(not 0 < e <= EPS_MAX for e in v):
+            raise ValueError(f"each ε must lie in (0, √(C·H·W)] of the target's images, at most {EPS_MAX:.4g}")
         return sorted(set(v))
 
 
@@ -69,7 +82,7 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
     datatype: str | None = None
-    shape: list[int] | None = None  # without the batch dimension, e.g. [1, 28, 28]
+    shape: list[int] | None = None  # without the batch dimension, e.g. [1, 28, 28] or [3, 32, 32]
     layout: Literal["NCHW", "NHWC"] | None = None
 
 
@@ -83,7 +96,10 @@ class AuditSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     target: str = Field(description="an allow-listed model name (GET /v1/audits/targets)")
-    sample: str = Field("mnist", description="mnist | fmnist (the shipped test slices) | upload (sample_file)")
+    sample: str = Field(
+        "mnist",
+        description="mnist | fmnist | shapes (the shipped test slices, of the target's dataset) | upload (sample_file)",
+    )
     n: int = Field(100, ge=1, description="images attacked (the first n of the sample)")
     threats: list[Threat] = Field(default_factory=lambda: default_threats(), min_length=1, max_length=2)
     attacks: list[AttackName] | None = Field(None, description="None: Square with scores, HopSkipJump with labels "
@@ -168,3 +184,12 @@ def check_caps(spec: AuditSpec, s: Settings) -> None:
         if (p.steps or 0) > s.max_steps or (p.restarts or 0) > s.max_restarts:
             raise AuditError(f"{p.label}: steps ≤ {s.max_steps} and restarts ≤ {s.max_restarts} (MG_MAX_STEPS, "
                              "MG_MAX_RESTARTS)")  # fmt: skip
+
+
+def check_threats(spec: AuditSpec, ds: DatasetSpec) -> None:
+    """Refuse (422) an ε over `eps_cap` of the target's images (the validator knows only the largest served)."""
+    cap = eps_cap(ds.shape)
+    over = [e for t in spec.threats for e in t.eps if e > cap]
+    if over:
+        c, h, w = ds.shape
+        raise AuditError(f"ε = {over[0]:g} is over √(C·H·W) = {cap:.4g} of the target's {c}×{h}×{w} {ds.name} images")

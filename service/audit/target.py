@@ -1,9 +1,10 @@
 """The audited model: an allow-listed name, checked against its metadata, called in-process bare or guarded.
 
     host = Host(settings, models, proxy, loop)              # the app's model repository and proxy, on its loop
+    spec = target_spec("user-model", host)                  # its dataset's C×H×W and classes (no request sent)
     info = resolve_target("user-model", host, contract)     # AuditError 404 for a name not on the allow-list
     client = TargetClient(host, info, variant, meter)       # `service.attacks.query.Client`'s interface
-    answer = client.infer(x)                                # N×1×28×28 in [0, 1] → labels (and scores)
+    answer = client.infer(x)                                # N×C×H×W in [0, 1] of `info.spec` → labels (and scores)
 
 The bare target is called through the proxy's upstream client (the request in the upstream's own input format, no
 purification; our own models with defense "none"); a guarded variant through the model the proxy serves under the
@@ -28,8 +29,10 @@ from service.attacks.query import MAX_ROWS, Answer, Stopped
 from service.audit.spec import AuditError, Contract, Variant
 from service.batcher import NotRunning
 from service.config import Settings, Upstream
+from service.datasets import DatasetSpec
 from service.errors import ServiceError
 from service.proxy import ProxyClient, from_unit
+from service.request import image_cap
 from service.served import ModelRepository, OwnModel, ProxiedModel, upstream_probabilities
 
 WARM_STARTS = ("invert-classify", "enhanced-invert-classify")
@@ -94,6 +97,7 @@ class TargetInfo:
     metadata: dict
     repository: list[str] | None  # the server's model list (POST /v2/repository/index), where it offers one
     notes: list[str]
+    spec: DatasetSpec  # the dataset's images (C×H×W) and classes: what the audit sends, attacks and judges
 
     def public(self) -> dict:
         up = self.upstream
@@ -109,23 +113,41 @@ def allowed_targets(s: Settings) -> list[str]:
     return [n for n, u in s.proxy.upstreams.items() if u.protocol == "v2"]
 
 
-def resolve_target(name: str, host: Host, stated: Contract | None) -> TargetInfo:
-    """The allow-listed target `name`, its metadata read and checked against its contract and what the caller
-    states (AuditError 404 unknown, 422 mismatched, 502 unreadable)."""
+def _model(name: str, host: Host) -> OwnModel | ProxiedModel:
+    """The allow-listed model `name` (AuditError 404 off the list, or not an Open Inference Protocol model)."""
     allowed = allowed_targets(host.settings)
     if name not in allowed:
         raise AuditError(f"unknown target {name!r}; this server audits {allowed} (MG_AUDIT__TARGETS)", 404)
     model = host.models.get(name)
     if not isinstance(model, OwnModel | ProxiedModel):
         raise AuditError(f"target {name!r} is not served here as an Open Inference Protocol model", 404)
+    return model
+
+
+def _spec(model: OwnModel | ProxiedModel) -> DatasetSpec:
+    """The model's dataset spec: our model's dataset, or the one its upstream's allow-list entry names."""
+    dataset = model.dataset if isinstance(model, OwnModel) else model.upstream.dataset
+    return model.batcher.engine.registry.spec(dataset)
+
+
+def target_spec(name: str, host: Host) -> DatasetSpec:
+    """The allow-listed target's dataset spec, read without a request (AuditError 404 as `resolve_target`)."""
+    return _spec(_model(name, host))
+
+
+def resolve_target(name: str, host: Host, stated: Contract | None) -> TargetInfo:
+    """The allow-listed target `name`, its metadata read and checked against its contract and what the caller
+    states (AuditError 404 unknown, 422 mismatched, 502 unreadable)."""
+    model = _model(name, host)
     try:
         meta = host.call(model.metadata(), 30.0)
     except ServiceError as exc:
         raise AuditError(f"could not read the metadata of {name!r}: {exc}", 502) from None
+    spec = _spec(model)
     if isinstance(model, OwnModel):
-        info = TargetInfo(name, "own", None, model.dataset, meta, sorted(host.models.own), [])
+        info = TargetInfo(name, "own", None, model.dataset, meta, sorted(host.models.own), [], spec)
     else:
-        info = TargetInfo(name, "proxied", model.upstream, model.upstream.dataset, meta, None, [])
+        info = TargetInfo(name, "proxied", model.upstream, model.upstream.dataset, meta, None, [], spec)
         info.repository = _repository(model.upstream, info.notes)
     _check_contract(info, stated)
     return info
@@ -178,8 +200,10 @@ def _check_contract(info: TargetInfo, stated: Contract | None) -> None:
 
 
 class TargetClient:
-    """`service.attacks.query.Client`'s interface over the in-process target: rows in, an `Answer` out, every row
-    metered (phase, seconds, budget) and the cancel flag checked before each request."""
+    """`service.attacks.query.Client`'s interface over the in-process target: rows in (N×C×H×W of the target's
+    dataset), an `Answer` out, every row metered (phase, seconds, budget) and the cancel flag checked before each
+    request. Requests hold at most `max_rows` images: the service's images-per-request cap for the dataset
+    (`image_cap`) and, through a pipeline, its cost cap (generator passes, × `DatasetSpec.cost` per image)."""
 
     def __init__(self, host: Host, info: TargetInfo, variant: Variant, meter: Meter) -> None:
         self.host, self.info, self.variant, self.meter = host, info, variant, meter
@@ -188,7 +212,8 @@ class TargetClient:
         warm = p is not None and p.defense in WARM_STARTS  # the encoder's start: its own default L and R
         steps = None if p is None else p.steps or (s.encoder_steps if warm else s.default_steps)
         cost = 1 if p is None else steps * (p.restarts or (s.encoder_restarts if warm else s.default_restarts))
-        self.max_rows = max(1, min(MAX_ROWS, s.max_batch_images, s.max_request_cost // cost))
+        by_cost = int(s.max_request_cost // (cost * info.spec.cost))  # as the batcher costs a request
+        self.max_rows = max(1, min(MAX_ROWS, image_cap(s, info.spec), by_cost))
         up = info.upstream
         self.timeout_s = s.request_timeout_s + (up.timeout_s or s.proxy.timeout_s if up else 0) + 30
         self.scores: bool | None = None  # whether the target returns scores (learned from its first answer)
@@ -224,11 +249,12 @@ class TargetClient:
         model = self.host.models.get(self.info.name)
         assert model is not None
         up = self.info.upstream
-        if up is None:  # our own model: FP32 N×1×28×28, the variant's defense
+        if up is None:  # our own model: FP32 N×C×H×W, the variant's defense
             req = oip.InferRequest([oip.Tensor.from_numpy("input", np.ascontiguousarray(x, np.float32))],
                                    parameters=dict(self.variant.params))  # fmt: skip
             return model.infer(req, {})
-        req = oip.InferRequest([oip.Tensor.from_numpy(up.input_name, from_unit(torch.from_numpy(x), up))])
+        x_up = from_unit(torch.from_numpy(x), up, self.info.spec.channels)  # the upstream's layout, type, range
+        req = oip.InferRequest([oip.Tensor.from_numpy(up.input_name, x_up)])
         if self.variant.pipeline is None:  # bare: straight to the upstream
             return self.host.proxy.infer(self.info.name, req, None, up)
         req.parameters = dict(self.variant.params)
