@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 Resize = Literal["fit", "fill"]
 RESIZE_POLICIES: tuple[str, ...] = ("fit", "fill")
 REFERENCE_PIXELS = 28 * 28  # the cost unit: one 28×28 gray image (MNIST's), to which the caps were set
@@ -51,6 +53,15 @@ class DatasetSpec:
     def shape(self) -> tuple[int, int, int]:
         """C×H×W of one model input."""
         return (self.channels, self.height, self.width)
+
+    def as_nchw(self, a: np.ndarray) -> np.ndarray | None:
+        """`a` (N×C×H×W, N×H×W×C, or N×H×W for one channel) as N×C×H×W of this spec; None for any other shape."""
+        c, h, w = self.shape
+        if a.ndim == 3 and c == 1:
+            a = a[:, None]
+        elif a.ndim == 4 and tuple(a.shape[1:]) == (h, w, c) and tuple(a.shape[1:]) != self.shape:
+            a = a.transpose(0, 3, 1, 2)
+        return a if a.ndim == 4 and tuple(a.shape[1:]) == self.shape else None
 
     @property
     def side(self) -> int:

@@ -140,15 +140,11 @@ def _public_outputs(req: oip.InferRequest) -> None:
 def own_images(t: oip.Tensor, s: Settings, spec: DatasetSpec) -> torch.Tensor:
     """Our models' input for a dataset of C×H×W images: N×C×H×W, N×H×W×C (or N×H×W for one channel); FP16/32/64
     in [0, 1] or UINT8 in [0, 255]."""
-    a = t.data
     if t.datatype not in ("FP16", "FP32", "FP64", "UINT8"):
         raise oip.OIPError(f"input {t.name!r} must be FP32, FP64, FP16 or UINT8, got {t.datatype}")
     c, h, w = spec.shape
-    if a.ndim == 3 and c == 1:
-        a = a[:, None]
-    elif a.ndim == 4 and tuple(a.shape[1:]) == (h, w, c) and tuple(a.shape[1:]) != spec.shape:
-        a = a.transpose(0, 3, 1, 2)
-    if a.ndim != 4 or tuple(a.shape[1:]) != spec.shape or a.shape[0] == 0:
+    a = spec.as_nchw(t.data)
+    if a is None or a.shape[0] == 0:
         forms = f"N×{c}×{h}×{w}, N×{h}×{w}×{c}" + (f" or N×{h}×{w}" if c == 1 else "")
         raise oip.OIPError(f"input {t.name!r} must have shape {forms}, got {t.shape}")
     check_count(a.shape[0], s, spec)

@@ -91,18 +91,8 @@ def from_npz(data: bytes, s: Settings, ds: DatasetSpec = MNIST) -> Sample:
     return _checked(x, y, s, "uploaded .npz", ds)
 
 
-def _nchw(x: np.ndarray, ds: DatasetSpec) -> np.ndarray | None:
-    """`x` as N×C×H×W of `ds` (from N×C×H×W, N×H×W×C or, for one channel, N×H×W); None for another shape."""
-    c, h, w = ds.shape
-    if x.ndim == 3 and c == 1:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[1:] == (h, w, c) and x.shape[1:] != ds.shape:
-        x = x.transpose(0, 3, 1, 2)
-    return x if x.ndim == 4 and x.shape[1:] == ds.shape else None
-
-
 def _forms(ds: DatasetSpec) -> str:
-    """The image shapes `_nchw` takes, e.g. "N×28×28 (or N×1×28×28, N×28×28×1)"."""
+    """The image shapes `DatasetSpec.as_nchw` takes, e.g. "N×28×28 (or N×1×28×28, N×28×28×1)"."""
     c, h, w = ds.shape
     forms = [f"N×{h}×{w}"] * (c == 1) + [f"N×{c}×{h}×{w}", f"N×{h}×{w}×{c}"]
     return f"{forms[0]} (or {', '.join(forms[1:])})"
@@ -112,7 +102,7 @@ def _checked(x: np.ndarray, y: np.ndarray, s: Settings, source: str, ds: Dataset
     """Images of `ds` as float32 N×C×H×W in [0, 1] and their labels, checked (shape, count, range, classes)."""
     if x.dtype.kind not in "uif" or y.dtype.kind not in "ui" or y.ndim != 1:
         raise AuditError(f"{source}: images must be numeric and labels a 1-D integer array")
-    nchw = _nchw(x, ds)
+    nchw = ds.as_nchw(x)
     if nchw is None or len(x) != len(y) or len(x) == 0:
         raise AuditError(f"{source}: images must be {_forms(ds)} with N labels for the target's dataset {ds.name}, "
                          f"got {list(x.shape)} and {list(y.shape)}")  # fmt: skip
