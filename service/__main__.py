@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        Registry(s.models_dir)  # fail fast, with the full list of problems, before binding the port
+        # fail fast, with the full list of problems, before binding the port
+        Registry(s.models_dir, ranking=s.default_ranking)
     except ManifestError as exc:
         print(f"manifold-guard: refusing to start: {exc}", file=sys.stderr)
         return 2

@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     # defaults of a defended call, and their caps
     default_dataset: str = "mnist"
     default_classifier: str | None = None  # None: the manifest's `defaults` (its most robust pipeline)
+    # which measured default a call naming no pipeline gets: the most robust at the dataset's standard threat, or
+    # under the union of its L∞ and L2 threats where that was measured (models/measured.json, training.robustness)
+    default_ranking: Literal["standard", "union"] = "standard"
     default_steps: int = 200
     default_restarts: int = 10
     encoder_steps: int = WARM_START.steps

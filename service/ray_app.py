@@ -110,7 +110,7 @@ class EngineDeployment:
         s = Settings(**overrides)
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        self.engine = Engine.from_settings(Registry(s.models_dir), s)
+        self.engine = Engine.from_settings(Registry(s.models_dir, ranking=s.default_ranking), s)
         if s.warm_up:
             self.engine.warm_up()  # before the replica takes requests: Ray waits for the constructor
         self.wait_s = {"fast": s.fast_wait_ms / 1e3, "slow": s.max_wait_ms / 1e3}

@@ -130,26 +130,32 @@ def check_entry(key: str, e: dict) -> None:
 @dataclass(frozen=True)
 class Measured:
     """What `models/measured.json` (built by `python -m training.report` from the results tree) holds: per artifact
-    its newest measured figures, and per dataset the pipeline measured most robust and the threat it was ranked at."""
+    its newest measured figures, and per dataset the pipeline measured most robust and the threat it was ranked at:
+    at the dataset's standard threat (`defaults`) and under the union of its L∞ and L2 threats (`union_defaults`)."""
 
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    union_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> Measured:
         if not path.exists():
             return cls()
         doc = json.loads(path.read_text())
-        if not isinstance(doc.get("artifacts", {}), dict) or not isinstance(doc.get("defaults", {}), dict):
-            raise ManifestError(f"{path} is malformed: artifacts and defaults must be objects")
-        return cls(doc.get("artifacts", {}), doc.get("defaults", {}))
+        if not all(isinstance(doc.get(k, {}), dict) for k in ("artifacts", "defaults", "union_defaults")):
+            raise ManifestError(f"{path} is malformed: artifacts, defaults and union_defaults must be objects")
+        return cls(doc.get("artifacts", {}), doc.get("defaults", {}), doc.get("union_defaults", {}))
 
 
 class Registry:
     """Loads what `models/manifest.json` lists (its schema checked); `verify()` checks every file against its
-    sha256. An artifact's `metrics`: the manifest's training-time figures, then `models/measured.json`'s."""
+    sha256. An artifact's `metrics`: the manifest's training-time figures, then `models/measured.json`'s.
 
-    def __init__(self, root: Path = DEFAULT_ROOT, verify: bool = True) -> None:
+    `defaults` (per dataset, the pipeline served when a call names none): the manifest's own (a test's fixture) else
+    the measured choice at the dataset's standard threat; with `ranking="union"`, the pipeline measured best under
+    the union of its L∞ and L2 threats where one was measured (MG_DEFAULT_RANKING)."""
+
+    def __init__(self, root: Path = DEFAULT_ROOT, verify: bool = True, ranking: str = "standard") -> None:
         self.root = Path(root)
         manifest = self.root / "manifest.json"
         if not manifest.exists():
@@ -164,9 +170,14 @@ class Registry:
                               metrics={**e.get("metrics", {}), **measured.artifacts.get(key, {})}, raw=e)
                 for key, e in doc["artifacts"].items()
             }  # fmt: skip
-            # the manifest's own `defaults` (a test's fixture) else the measured choice
-            defaults = doc.get("defaults") or {ds: d for ds, d in measured.defaults.items()
-                                                if d.get("classifier") in doc["artifacts"]}  # fmt: skip
+
+            def listed(chosen: dict[str, dict]) -> dict[str, dict]:
+                return {ds: d for ds, d in chosen.items() if d.get("classifier") in doc["artifacts"]}
+
+            self.raw_union_defaults: dict[str, dict[str, Any]] = doc.get("union_defaults") or listed(
+                measured.union_defaults)  # fmt: skip
+            self.standard_defaults: dict[str, dict[str, Any]] = doc.get("defaults") or listed(measured.defaults)
+            defaults = self.standard_defaults | (self.raw_union_defaults if ranking == "union" else {})
             self.raw_defaults: dict[str, dict[str, Any]] = dict(defaults)
             self.specs = {ds: DatasetSpec.from_json(ds, d) for ds, d in doc.get("datasets", {}).items()}
             self.defaults = {ds: Pipeline(d["classifier"].split("/", 1)[1], d["defense"])
@@ -177,6 +188,10 @@ class Registry:
         for ds, d in self.defaults.items():
             if f"{ds}/{d.classifier}" not in self.artifacts:
                 raise ManifestError(f"{manifest}: defaults[{ds!r}] names {ds}/{d.classifier}, which it does not list")
+        for ds, d in self.raw_union_defaults.items():
+            if d.get("classifier") not in self.artifacts:
+                raise ManifestError(f"{manifest}: union_defaults[{ds!r}] names {d.get('classifier')}, which it does "
+                                    "not list")  # fmt: skip
         self._cache: dict[str, nn.Module] = {}
         self._calibrations: dict[str, list[dict]] = {}
         self._lock = threading.Lock()
@@ -231,14 +246,17 @@ class Registry:
         return key in self.artifacts
 
     def best_defense(self, dataset: str, classifier: str) -> str | None:
-        """The defense under which `classifier` measured most robust (worst case at the dataset's default threat,
-        `training.robustness`), or None when it was not evaluated."""
+        """The defense under which `classifier` measured most robust (worst case at the threat the served default was
+        ranked at, else at the standard threat; `training.robustness`), or None when it was not evaluated."""
         if not self.has(f"{dataset}/{classifier}"):
             return None
         rob = self.get(f"{dataset}/{classifier}").metrics.get("robustness", {})
-        threat = self.raw_defaults.get(dataset, {}).get("threat")
-        scored = [(cells[threat]["accuracy"], d) for d, cells in rob.items() if threat in cells]
-        return max(scored)[1] if scored else None
+        for ranked in (self.raw_defaults, self.standard_defaults):  # the served ranking's threat, else the standard
+            threat = ranked.get(dataset, {}).get("threat")
+            scored = [(cells[threat]["accuracy"], d) for d, cells in rob.items() if threat in cells]
+            if scored:
+                return max(scored)[1]
+        return None
 
     # -- loading ------------------------------------------------------------------------------------
     def read(self, key: str, role: str = "weights") -> bytes:

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.engine import default_classifier, default_defense
 from service.purify import ProjectionConfig, freeze
 from service.registry import ManifestError, Registry
-from training import data, report, results, robustness, robustness_attacks, train_robust
+from training import data, report, results, robustness, robustness_attacks, robustness_page, train_robust
 
 EPS = 0.3
 
@@ -209,9 +209,39 @@ def test_choose_default_compares_pipelines_on_the_images_they_share() -> None:
     assert robustness.choose_default(results, "mnist") == {"classifier": "mnist/big", "defense": "none"}
 
 
+def test_the_union_counts_an_image_only_where_every_attack_of_both_norms_failed() -> None:
+    from training.robustness_protocol import union_cell, union_key
+
+    linf = {"robust_flags": [True, True, False, True, True, False]}  # the standard threat: more images
+    l2 = {"robust_flags": [True, False, True, True]}
+    cell = union_cell({"linf:0.3": linf, "l2:2": l2}, "mnist")
+    assert union_key("mnist") == "linf:0.3+l2:2" and union_key("fmnist") == "linf:0.1+l2:1.5"
+    assert cell is not None and cell["robust_flags"] == [True, False, False, True] and cell["n"] == 4
+    assert cell["accuracy"] == 0.5 and cell["ci"][0] < 0.5 < cell["ci"][1]
+    assert union_cell({"linf:0.3": linf, "l2:2": {"accuracy": 0.9}}, "mnist") is None, "no flags, no union"
+    assert union_cell({"linf:0.3": linf}, "mnist") is None
+
+
+def test_the_union_default_is_ranked_on_the_union_not_the_standard_threat() -> None:
+    def r(clf: str, inf: list[bool], l2: list[bool]) -> dict:
+        cells = {"linf:0.3": {"accuracy": sum(inf) / len(inf), "n": len(inf), "robust_flags": inf},
+                 "l2:2": {"accuracy": sum(l2) / len(l2), "n": len(l2), "robust_flags": l2}}  # fmt: skip
+        u = robustness.union_cell(cells, "mnist")
+        return {"classifier": clf, "defense": "none", "clean": {"accuracy": 0.99},
+                "threats": cells | {"linf:0.3+l2:2": u}}  # fmt: skip
+
+    rows = [r("linf_only", [True] * 4, [False, False, False, True]), r("both", [True, True, False, True], [True] * 4)]
+    assert robustness.choose_default(rows, "mnist")["classifier"] == "mnist/linf_only"
+    assert robustness.choose_default(rows, "mnist", "linf:0.3+l2:2")["classifier"] == "mnist/both"
+    packed = [robustness_page.pack_flags(x) for x in rows]
+    assert packed[1]["threats"]["l2:2"]["robust_bits"] == "1111" and "robust_flags" not in packed[1]["threats"]["l2:2"]
+    assert [robustness_page.unpack_flags(x) for x in packed] == rows, "every cell's flags survive the results tree"
+
+
 # -- the defaults served --------------------------------------------------------------------------------------------
-def models_with_defaults(root: Path, default: dict | None) -> Path:
-    """Tiny models plus a second classifier (S), its measured robustness, and the manifest's defaults."""
+def models_with_defaults(root: Path, default: dict | None, union: dict | None = None) -> Path:
+    """Tiny models plus a second classifier (S), its measured robustness, and the manifest's defaults (`union`: its
+    best pipeline under both threats at once)."""
     write_tiny_models(root)
     man = json.loads((root / "manifest.json").read_text())
     a = man["artifacts"]["mnist/classifier_A"]
@@ -222,6 +252,8 @@ def models_with_defaults(root: Path, default: dict | None) -> Path:
         "none": {"linf:0.3": {"accuracy": 0.0}}, "invert-classify": {"linf:0.3": {"accuracy": 0.02}}}}  # fmt: skip
     if default is not None:
         man["defaults"] = {"mnist": default}
+    if union is not None:
+        man["union_defaults"] = {"mnist": union}
     (root / "manifest.json").write_text(json.dumps(man))
     return root
 
@@ -267,6 +299,39 @@ def test_v1_v2_and_models_serve_the_default_pipeline(tmp_path: Path) -> None:
         assert r["parameters"]["defense"] == "none" and r["parameters"]["purified"] is False
 
 
+UNION_A = {"classifier": "mnist/classifier_A", "defense": "invert-classify", "threat": "linf:0.3+l2:2"}
+STANDARD_S = {"classifier": "mnist/classifier_S", "defense": "none", "threat": "linf:0.3"}
+
+
+def test_operators_serve_the_union_default_by_name(tmp_path: Path) -> None:
+    """MG_DEFAULT_RANKING=union serves the pipeline measured best under both threats at once; /v1/models names it
+    whichever ranking is served."""
+    root = models_with_defaults(tmp_path / "m", STANDARD_S, UNION_A)
+    img = np.full((28, 28), 0.5).tolist()
+    for ranking, served in (("standard", ("mnist/classifier_S", "none")),
+                            ("union", ("mnist/classifier_A", "invert-classify"))):  # fmt: skip
+        s = Settings(models_dir=root, device="cpu", default_steps=2, default_restarts=1, encoder_steps=2,
+                     max_wait_ms=1.0, default_ranking=ranking)  # fmt: skip
+        with TestClient(create_app(s)) as c:
+            wait_ready(c)
+            body = c.post("/v1/classify", json={"array": img}).json()
+            assert (body["model"], body["defense"]) == served
+            d = c.get("/v1/models").json()["defaults"]
+            assert d["union"] == {"mnist": {"classifier": "mnist/classifier_A", "defense": "invert-classify"}}
+            assert d["ranking"] == ranking and d["pipelines"]["mnist"] == dict(
+                zip(("classifier", "defense"), served, strict=True)
+            )
+    assert default_defense(Registry(root, ranking="union"), "mnist", "classifier_S") == "none", (
+        "another classifier keeps its own most robust defense"
+    )
+
+
+def test_a_union_default_naming_a_missing_classifier_is_refused(tmp_path: Path) -> None:
+    root = models_with_defaults(tmp_path / "m", STANDARD_S, UNION_A | {"classifier": "mnist/classifier_Q"})
+    with pytest.raises(ManifestError, match="union_defaults.*classifier_Q"):
+        Registry(root)
+
+
 def test_shipped_defaults_meet_their_clean_bars(registry: Registry) -> None:
     """Every measured default (models/measured.json, from the results tree) names a shipped classifier whose
     recorded clean accuracy meets the dataset's bar (published, or within 5 points of its best bare classifier)."""
@@ -279,23 +344,25 @@ def test_shipped_defaults_meet_their_clean_bars(registry: Registry) -> None:
         rows = [{"defense": defense, "clean": cells["clean"]} for c in registry.classifiers(ds)
                 for defense, cells in registry.get(f"{ds}/{c}").metrics.get("robustness", {}).items()]  # fmt: skip
         assert cell["clean"]["accuracy"] >= clean_bar(ds, rows)
-        assert entry.raw["training"]["method"] in ("pgd", "trades", "enhanced-inc", "standard", "fgsm")
+        assert entry.raw["training"]["method"] in ("pgd", "trades", "max", "enhanced-inc", "standard", "fgsm")
         assert cell[d["threat"]]["n"] >= 100 and "apgd-ce" in " ".join(cell[d["threat"]]["attacks"])
 
 
-def test_default_pipeline_through_a_real_server(tmp_path: Path) -> None:
-    """`python -m service` (uvicorn, loopback) serves the manifest's default when a call names no model or defense."""
+@pytest.mark.parametrize("ranking", ["standard", "union"])
+def test_default_pipeline_through_a_real_server(ranking: str, tmp_path: Path) -> None:
+    """`python -m service` (uvicorn, loopback) serves the manifest's default when a call names no model or defense:
+    the standard threat's, or with MG_DEFAULT_RANKING=union the union's."""
     from test_e2e_http import Server
 
-    root = models_with_defaults(tmp_path / "m", {"classifier": "mnist/classifier_S", "defense": "none",
-                                                 "threat": "linf:0.3"})  # fmt: skip
-    srv = Server(root, real=False)
+    root = models_with_defaults(tmp_path / "m", STANDARD_S, UNION_A)
+    want = ("mnist/classifier_S", "none") if ranking == "standard" else ("mnist/classifier_A", "invert-classify")
+    srv = Server(root, real=False, MG_DEFAULT_RANKING=ranking)
     try:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             body = c.post("/v1/classify", json={"array": np.full((28, 28), 0.5).tolist()}).json()
-            assert (body["model"], body["defense"]) == ("mnist/classifier_S", "none")
-            assert c.get("/v1/models").json()["defaults"]["model"] == "mnist/classifier_S"
+            assert (body["model"], body["defense"]) == want
+            assert c.get("/v1/models").json()["defaults"]["model"] == want[0]
     finally:
         srv.stop()
 
@@ -325,11 +392,16 @@ def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path: Path, mo
     new_run = old_run | {"command": "python -m training.robustness --dataset mnist --only classifier_S",
                          "date": "2026-12-01"}  # fmt: skip
 
-    def row(clf: str, flags: list[bool], info: dict) -> dict:
-        cell = {"accuracy": sum(flags) / len(flags), "ci": [0.0, 1.0], "n": len(flags), "robust_flags": flags,
-                "robust": sum(flags), "after": {"apgd-ce": sum(flags)}, "clean_correct": len(flags)}  # fmt: skip
+    def row(clf: str, flags: list[bool], info: dict, l2: list[bool] | None = None) -> dict:
+        def cell(f: list[bool]) -> dict:
+            return {"accuracy": sum(f) / len(f), "ci": [0.0, 1.0], "n": len(f), "robust_flags": f, "robust": sum(f),
+                    "after": {"apgd-ce": sum(f)}, "clean_correct": len(f)}  # fmt: skip
+
+        threats = {"linf:0.3": cell(flags)} | ({"l2:2": cell(l2)} if l2 else {})
+        union = robustness.union_cell(threats, "mnist")
         return {"classifier": clf, "defense": "none", "method": "trades", "clean": {"accuracy": 0.99, "n": 10000},
-                "attacks": ["apgd-ce"], "threats": {"linf:0.3": cell}, "evaluation": info}  # fmt: skip
+                "attacks": ["apgd-ce"], "threats": threats | ({"linf:0.3+l2:2": union} if union else {}),
+                "evaluation": info}  # fmt: skip
 
     first = [row("classifier_A", [True, False, True, False], old_run), row("classifier_S", [False] * 4, old_run)]
     args = robustness.parse(["--dataset", "mnist", "--models-dir", str(root)])
@@ -337,7 +409,8 @@ def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path: Path, mo
     assert doc["default"]["classifier"] == "mnist/classifier_A" and doc["results"][0]["threats"]["linf:0.3"][
         "robust_bits"] == "1010"  # fmt: skip
 
-    doc = robustness.publish(args, reg, [row("classifier_S", [True, True, True, False], new_run)], True, new_run, {})
+    new = row("classifier_S", [True, True, True, False], new_run, l2=[True, False, True, False])
+    doc = robustness.publish(args, reg, [new], True, new_run, {})
     runs = sorted((root / "results" / "robustness" / "mnist").iterdir())
     assert len(runs) == 2 and len(results.rows(runs[1])) == 1, "each run its own folder, with the rows it measured"
     assert [r["classifier"] for r in doc["results"]] == ["classifier_A", "classifier_S"]
@@ -345,6 +418,16 @@ def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path: Path, mo
     assert doc["default"]["classifier"] == "mnist/classifier_S", "chosen again over the kept and the new rows"
     page = (tmp_path / "docs" / "robustness.md").read_text()
     assert "Rows recorded by these runs" in page and "--only classifier_S" in page and "| 2 |" in page
+    assert "- linf:0.3+l2:2 (both at once): `classifier_S` + `none`, 0.500" in page, "measured at both: the union"
     measured = json.loads((root / "measured.json").read_text())  # what /v1/models shows
     assert measured["defaults"]["mnist"]["classifier"] == "mnist/classifier_S"
     assert measured["artifacts"]["mnist/classifier_S"]["robustness"]["none"]["linf:0.3"]["accuracy"] == 0.75
+    assert measured["artifacts"]["mnist/classifier_S"]["robustness"]["none"]["linf:0.3+l2:2"]["accuracy"] == 0.5
+    assert measured["union_defaults"] == {
+        "mnist": {
+            "classifier": "mnist/classifier_S",
+            "defense": "none",
+            "threat": "linf:0.3+l2:2",
+            "command": new_run["command"],
+        }
+    }

@@ -22,6 +22,7 @@ from training import eval_advgan, eval_store, evaluate, results
 from training import robustness as rob
 from training.common import MODELS_DIR, ROOT, results_dir, tidy_manifest
 from training.data import DATASETS
+from training.robustness_protocol import ROBUST_METHODS
 
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -45,6 +46,10 @@ def _how(t: dict) -> str:
         beta = f" β={t['beta']:g}" if method == "trades" else ""
         init = f" from {t['init'].split('/')[-1]}" if t.get("init") else ""
         return f"{t.get('epochs')} epochs{init}, {method.upper()} ε={eps:g}{beta}, {t['steps']} steps"
+    if method == "max":
+        init = f" from {t['init'].split('/')[-1]}" if t.get("init") else ""
+        return (f"{t.get('epochs')} epochs{init}, worst of L∞ ε={eps:g} and L2 ε={t['threat']['eps_l2']:g} PGD, "
+                f"{t['steps']} steps")  # fmt: skip
     if method == "reconstructions":
         rc = t["reconstructions"]
         return (f"{t.get('epochs')} epochs on G(z*) of {rc['images']:,} training images (warm start L={rc['steps']}, "
@@ -56,7 +61,6 @@ def _how(t: dict) -> str:
 
 
 BASELINES = ("classifier_A", "classifier_A_adv0.3", "classifier_A_enhanced")
-ROBUST = ("pgd", "trades", "enhanced-inc")
 
 
 def artifact_rows(root: Path, manifest: dict) -> dict[str, dict]:
@@ -123,15 +127,17 @@ def measured(models_dir: Path, root: Path, quick: bool = False) -> dict:
         page = eval_advgan.page_from_tree(ds, root)
         for key, metrics in (eval_advgan.measured(page, ds) if page else {}).items():
             arts.setdefault(key, {}).update(metrics)
-    defaults = {}
+    defaults, union = {}, {}
     for doc in robustness_docs(reg, root):
-        figures, default = rob.measured(doc)
+        figures, default, best_union = rob.measured(doc)
         for key, metrics in figures.items():
             arts.setdefault(key, {}).update(metrics)
         if default is not None:
             defaults[doc["dataset"]] = default
+        if best_union is not None:
+            union[doc["dataset"]] = best_union
     return {"artifacts": {k: v for k, v in sorted(arts.items()) if k in manifest["artifacts"]},
-            "defaults": defaults}  # fmt: skip
+            "defaults": defaults, "union_defaults": union}  # fmt: skip
 
 
 def write_measured(models_dir: Path = MODELS_DIR, root: Path | None = None, quick: bool = False) -> Path:
@@ -195,7 +201,7 @@ def robustness_table(docs: list[dict]) -> list[str]:
     ]
     for doc in sorted(docs, key=lambda d: d["dataset"]):
         for r in doc["results"]:
-            if not (r["classifier"] in BASELINES or r["method"] in ROBUST or r["defense"] != "none"):
+            if not (r["classifier"] in BASELINES or r["method"] in ROBUST_METHODS or r["defense"] != "none"):
                 continue
             c = r["clean"]
             cells = "; ".join(f"{t}: {v['accuracy']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] (n={v['n']})"

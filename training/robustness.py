@@ -72,14 +72,18 @@ from training.robustness_protocol import (
     BARE_ATTACKS,
     CHEAP,
     CLEAN_BAR,
+    ROBUST_METHODS,
     STANDARD,
     THREATS,
+    UNION,
     Budget,
     attacks_for,
     choose_default,
     detect_attacks_for,
     pipelines,
     threat_key,
+    union_cell,
+    union_key,
 )
 
 __all__ = ["CLEAN_BAR", "JOB", "OrtForward", "measured", "render"]
@@ -88,36 +92,39 @@ log = logging.getLogger("robustness")
 
 def evaluate_pipeline(reg: Registry, dataset: str, classifier: str, defense: str, x: torch.Tensor,
                       y: torch.Tensor, args: argparse.Namespace, budget: Budget) -> dict:  # fmt: skip
-    """Clean accuracy and the per-image worst case under every threat of the dataset."""
+    """Clean accuracy and the per-image worst case under every threat of the dataset and under the union; behind a
+    detector, correct-or-flagged under detector-aware attacks at each threat of the union and the union."""
     p = Pipeline(reg, dataset, classifier, defense, args.device)
     method = reg.get(f"{dataset}/{classifier}").raw.get("training", {}).get("method", "standard")
-    robust_trained = method in ("pgd", "trades", "enhanced-inc")
     attacks = attacks_for(defense, tuple(args.bare_attacks), p.classes)
     clean = clean_accuracy(p, dataset, 10000 if defense in CHEAP else args.clean_n, reg)
-    candidate = robust_trained and clean["accuracy"] >= (CLEAN_BAR[dataset] or 0.0)  # could be the default
-    threats = {}
-    for norm, eps in THREATS[dataset]:
-        if defense == "magnet":
-            n = args.n_baseline
-        elif defense != "none":
-            n = args.defended_n if (norm, eps) == STANDARD[dataset] else args.defended_n_other
-        elif not candidate:
-            n = args.n_baseline
-        elif (norm, eps) == STANDARD[dataset]:
-            n = args.n
-        else:
-            n = args.n_other
-        n = min(n, len(x))
-        threats[threat_key(norm, eps)] = worst_case(p, x[:n], y[:n], norm, eps, attacks, args.seed, budget)
+    candidate = method in ROBUST_METHODS and clean["accuracy"] >= (CLEAN_BAR[dataset] or 0.0)  # could be a default
+
+    def cells(threats: tuple[tuple[str, float], ...], names: tuple[str, ...], judge: str = "correct") -> dict:
+        out = {}
+        for norm, eps in threats:
+            n = min(images(args, dataset, defense, candidate, norm, eps), len(x))
+            out[threat_key(norm, eps)] = worst_case(p, x[:n], y[:n], norm, eps, names, args.seed, budget, judge)
+        union = union_cell(out, dataset)
+        return out | ({union_key(dataset): union} if union else {})
+
     out = {"classifier": classifier, "defense": defense, "method": method, "clean": clean, "attacks": attacks,
-           "threats": threats}  # fmt: skip
+           "threats": cells(THREATS[dataset], attacks)}  # fmt: skip
     if defense != "none" and p.threshold is not None:
-        norm, eps = STANDARD[dataset]
-        n = min(args.defended_n, len(x))
         detect = detect_attacks_for(defense)
-        cell = worst_case(p, x[:n], y[:n], norm, eps, detect, args.seed, budget, "correct-or-flagged")
-        out["detect_or_correct"] = {threat_key(norm, eps): cell, "threshold": p.threshold, "attacks": detect}
+        out["detect_or_correct"] = cells(UNION[dataset], detect, "correct-or-flagged") | {
+            "threshold": p.threshold, "attacks": detect}  # fmt: skip
     return out
+
+
+def images(args: argparse.Namespace, dataset: str, defense: str, candidate: bool, norm: str, eps: float) -> int:
+    """How many images of the slice a pipeline is attacked on at a threat (the module docstring's n)."""
+    standard = (norm, eps) == STANDARD[dataset]
+    if defense == "magnet" or (defense == "none" and not candidate):
+        return args.n_baseline
+    if defense != "none":
+        return args.defended_n if standard else args.defended_n_other
+    return args.n if standard else args.n_other
 
 
 def info_block() -> dict:
@@ -147,12 +154,16 @@ def run(args: argparse.Namespace) -> dict:
     partial = bool(args.only or args.defense) and not args.quick
     order = pipelines(reg, args.dataset, None)
     old = previous_rows(reg, args.dataset, results_root(args)) if partial else []
-    default = choose_default(merge(old, results, order), args.dataset)
+    merged = merge(old, results, order)
+    default = choose_default(merged, args.dataset)
+    best_union = choose_default(merged, args.dataset, union_key(args.dataset))
     checks: dict = {}
     if default and not args.no_sanity:
         checks |= sanity_and_cross_check(reg, args, default, x, y, budget)
     if default and args.holdout:
         checks["holdout"] = holdout(reg, args, default, budget)
+    if best_union and args.holdout:
+        checks["holdout_union"] = holdout(reg, args, best_union, budget, union=True)
     if args.quick:
         rows = merge([], results, order)
         return page_doc(args.dataset, info, rows, choose_default(rows, args.dataset), checks)
@@ -166,7 +177,7 @@ def publish(args: argparse.Namespace, reg: Registry, rows: list[dict], partial: 
     the others' rows stay those of the runs that measured them."""
     root = results_root(args)
     run_dir = results.start_run(JOB, args.dataset, info, root)
-    results.write_rows(run_dir, [{"row": "pipeline"} | {k: v for k, v in pack_flags(r, args.dataset).items()
+    results.write_rows(run_dir, [{"row": "pipeline"} | {k: v for k, v in pack_flags(r).items()
                                                           if k != "evaluation"} for r in rows])  # fmt: skip
     results.write_rows(run_dir, [{"row": name} | cell for name, cell in checks.items()])
     doc = page_from_tree(reg, args.dataset, root)
@@ -203,18 +214,24 @@ def sanity_and_cross_check(reg: Registry, args: argparse.Namespace, default: dic
     return out
 
 
-def holdout(reg: Registry, args: argparse.Namespace, default: dict, budget: Budget) -> dict:
-    """The default pipeline at the standard threat on held-out test images outside the committed slice
+def holdout(reg: Registry, args: argparse.Namespace, pipeline: dict, budget: Budget, union: bool = False) -> dict:
+    """A pipeline at the standard threat (or under the union) on held-out test images outside the committed slice
     (test indices 5,000 onwards), same attacks: a check that the slice was not what the figures fit."""
     arr = data.load(args.dataset)
     lo, hi = 5000, 5000 + args.holdout
     x = torch.from_numpy(data.to_float(arr["x_test"][lo:hi]))
     y = torch.from_numpy(arr["y_test"][lo:hi].astype(np.int64))
-    p = Pipeline(reg, args.dataset, default["classifier"].split("/", 1)[1], default["defense"], args.device)
-    norm, eps = STANDARD[args.dataset]
+    p = Pipeline(reg, args.dataset, pipeline["classifier"].split("/", 1)[1], pipeline["defense"], args.device)
     attacks = attacks_for(p.defense, classes=p.classes)
-    cell = worst_case(p, x, y, norm, eps, attacks, args.seed + 1, budget, images=f"test[{lo}:{hi}]")
-    return {"pipeline": p.name, "threat": threat_key(norm, eps), "test_indices": [lo, hi],
+    std = threat_key(*STANDARD[args.dataset])
+    cells = {threat_key(norm, eps): worst_case(p, x, y, norm, eps, attacks, args.seed + 1, budget,
+                                               images=f"test[{lo}:{hi}]")
+             for norm, eps in (UNION[args.dataset] if union else (STANDARD[args.dataset],))}  # fmt: skip
+    threat = union_key(args.dataset) if union else std
+    cell = union_cell(cells, args.dataset) if union else cells[std]
+    assert cell is not None
+    return {"pipeline": p.name, "threat": threat, "test_indices": [lo, hi],
+            "clean_correct": cells[std]["clean_correct"],
             **{k: v for k, v in cell.items() if k != "robust_flags"}}  # fmt: skip
 
 

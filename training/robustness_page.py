@@ -13,9 +13,12 @@ from training.robustness_protocol import (
     PUBLISHED,
     STANDARD,
     THREATS,
+    UNION,
     choose_default,
+    clean_bar,
     pipelines,
     threat_key,
+    union_key,
 )
 
 JOB = "robustness"
@@ -24,9 +27,10 @@ JOB = "robustness"
 DOCS = ROOT / "docs"
 
 
-def measured(doc: dict) -> tuple[dict[str, dict], dict | None]:
-    """A dataset's page doc as /v1/models' measured figures: per classifier key its `robustness` per defense, and
-    the dataset's default pipeline (with the threat it was ranked at and the command that measured it)."""
+def measured(doc: dict) -> tuple[dict[str, dict], dict | None, dict | None]:
+    """A dataset's page doc as /v1/models' measured figures: per classifier key its `robustness` per defense, the
+    dataset's default pipeline and its best pipeline under the union (each with the threat it was ranked at and the
+    command that measured it)."""
     dataset, out = doc["dataset"], {}
     for r in doc["results"]:
         cell = {"clean": r["clean"],
@@ -40,10 +44,15 @@ def measured(doc: dict) -> tuple[dict[str, dict], dict | None]:
                 for t, c in d.items() if t not in ("threshold", "attacks")
             } | {"threshold": d["threshold"]}  # fmt: skip
         out.setdefault(f"{dataset}/{r['classifier']}", {}).setdefault("robustness", {})[r["defense"]] = cell
-    d = doc.get("default")
-    default = None if d is None else {**d, "threat": threat_key(*STANDARD[dataset]),
-                                      "command": _measured_by(doc, d)["command"]}  # fmt: skip
-    return out, default
+
+    def ranked(d: dict | None, threat: str) -> dict | None:
+        return None if d is None else {**d, "threat": threat, "command": _measured_by(doc, d)["command"]}
+
+    return (
+        out,
+        ranked(doc.get("default"), threat_key(*STANDARD[dataset])),
+        ranked(doc.get("union_default"), union_key(dataset)),
+    )
 
 
 def _measured_by(doc: dict, default: dict) -> dict:
@@ -79,7 +88,7 @@ def _runs_lines(runs: list[dict]) -> list[str]:
 
 def dataset_lines(doc: dict) -> list[str]:
     """One dataset's section of docs/robustness.md."""
-    ds, threats = doc["dataset"], [threat_key(*t) for t in doc["threats"]]
+    ds, threats = doc["dataset"], [threat_key(*t) for t in doc["threats"]] + [union_key(doc["dataset"])]
     runs = _runs(doc)
     lines: list[str] = []
     lines += [f"## {ds}", "", *_runs_lines(runs), ""]
@@ -94,6 +103,7 @@ def dataset_lines(doc: dict) -> list[str]:
     d = doc.get("default")
     lines += [f"**Served by default**: `{d['classifier']}` with defense `{d['defense']}`." if d else
               "**No pipeline meets the clean bar**: the service keeps its configured default.", ""]  # fmt: skip
+    lines += _best_lines(doc, threats)
     lines += _table_lines(doc, threats, runs) + _detect_lines(doc) + _per_attack_lines(doc) + _check_lines(doc)
     lines.append("")
     return lines
@@ -112,29 +122,53 @@ def _table_lines(doc: dict, threats: list[str], runs: list[dict]) -> list[str]:
     return lines
 
 
+def _best_lines(doc: dict, threats: list[str]) -> list[str]:
+    """Per threat, and under the union, the pipeline `choose_default`'s rule ranks first there (the union's is
+    `defaults.union` in /v1/models)."""
+    ds, bar = doc["dataset"], clean_bar(doc["dataset"], doc["results"])
+    lines = [f"Best per threat (clean accuracy ≥ {bar:.4f}; compared on the images all were attacked on):", ""]
+    rows = [unpack_flags(r) for r in doc["results"]]  # paired on the per-image flags, as the default was chosen
+    for t in threats:
+        row = _row_of(doc, choose_default(rows, ds, t))
+        what = f"`{row['classifier']}` + `{row['defense']}`, {_cell(row['threats'][t])}" if row else "not measured"
+        what = "none holds any image" if row and row["threats"][t]["accuracy"] == 0 else what
+        lines.append(f"- {t}{' (both at once)' if t == union_key(ds) else ''}: {what}")
+    return [*lines, ""]
+
+
+def _row_of(doc: dict, pipeline: dict | None) -> dict | None:
+    """The page's row of a chosen pipeline ({"classifier": "<dataset>/<name>", "defense"})."""
+    return next((r for r in doc["results"] if pipeline and f"{doc['dataset']}/{r['classifier']}" ==
+                 pipeline["classifier"] and r["defense"] == pipeline["defense"]), None)  # fmt: skip
+
+
 def _detect_lines(doc: dict) -> list[str]:
     ds, lines = doc["dataset"], []
     dets = [r for r in doc["results"] if "detect_or_correct" in r]
-    if dets:
-        lines += ["", "Correct or flagged (the detector's rejections count as defended) at "
-                  f"{threat_key(*STANDARD[ds])}, under attacks that also keep the detectors under their "
-                  "thresholds (detector-aware PGD: BPDA through a projection, exact through MagNet; the latent "
-                  "attack):", "",
-                  "| classifier | defense | threshold | attacks | worst case | plain worst case |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        served, off = doc.get("service_thresholds", {}), False
-        for r in dets:
-            d, std_ = r["detect_or_correct"], threat_key(*STANDARD[ds])
-            names = ", ".join(d.get("attacks", DETECT_ATTACKS))
-            mark = "" if abs(served.get(r["defense"], d["threshold"]) - d["threshold"]) < 1e-9 else " †"
-            off |= bool(mark)
-            lines.append(f"| {r['classifier']} | {r['defense']} | {d['threshold']:.4f}{mark} | {names} | "
-                         f"{_cell(d.get(std_))} | {_cell(r['threats'].get(std_))} |")  # fmt: skip
-        if off:
-            lines += ["", "† measured at a threshold other than the one the service applies at this projection "
-                      f"({', '.join(f'{k} {v:.4f}' for k, v in sorted(served.items()))}): the row's attack and "
-                      "verdict used the start's older calibration, not the one keyed by its (start, L, R); not "
-                      "re-measured."]  # fmt: skip
+    if not dets:
+        return lines
+    union, std = union_key(ds), threat_key(*STANDARD[ds])
+    cols = [threat_key(*t) for t in UNION[ds]] + [union]
+    lines += ["", "Correct or flagged (the detector's rejections count as defended) under attacks that also keep "
+              "the detectors under their thresholds (detector-aware PGD: BPDA through a projection, exact through "
+              "MagNet; the latent attack, L∞ only), at each threat of the union and both at once; beside them the "
+              "plain worst case (rejections count as errors):", "",
+              f"| classifier | defense | threshold | attacks | {' | '.join(cols)} | plain {std} | plain {union} |",
+              "|---|---|---|---|" + "---|" * (len(cols) + 2)]  # fmt: skip
+    served, off = doc.get("service_thresholds", {}), False
+    for r in dets:
+        d = r["detect_or_correct"]
+        names = ", ".join(d.get("attacks", DETECT_ATTACKS))
+        mark = "" if abs(served.get(r["defense"], d["threshold"]) - d["threshold"]) < 1e-9 else " †"
+        off |= bool(mark)
+        lines.append(f"| {r['classifier']} | {r['defense']} | {d['threshold']:.4f}{mark} | {names} | "
+                     + " | ".join(_cell(d.get(t)) for t in cols)
+                     + f" | {_cell(r['threats'].get(std))} | {_cell(r['threats'].get(union))} |")  # fmt: skip
+    if off:
+        lines += ["", "† measured at a threshold other than the one the service applies at this projection "
+                  f"({', '.join(f'{k} {v:.4f}' for k, v in sorted(served.items()))}): the row's attack and "
+                  "verdict used the start's older calibration, not the one keyed by its (start, L, R); not "
+                  "re-measured."]  # fmt: skip
     return lines
 
 
@@ -159,8 +193,7 @@ def _check_lines(doc: dict) -> list[str]:
                   f"- APGD-CE by iterations: {s['iterations_apgd_ce']}",
                   f"- white-box APGD-CE {s['white_box_apgd_ce']}, black-box Square {s['black_box_square']}",
                   *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in s["checks"].items()]]  # fmt: skip
-    if doc.get("holdout"):
-        h = doc["holdout"]
+    for h in (doc[k] for k in ("holdout", "holdout_union") if doc.get(k)):
         lines += ["", f"Held out (test images {h['test_indices'][0]}–{h['test_indices'][1] - 1}, outside the "
                   f"slice; same attacks, another seed): `{h['pipeline']}` at {h['threat']}: "
                   f"{_cell(h)}; clean {h['clean_correct']}/{h['n']}."]  # fmt: skip
@@ -185,6 +218,9 @@ def render(docs: list[dict], out: Path = DOCS / "robustness.md") -> str:
         "Square 5,000) from the authors' `pyautoattack`. Behind the warm-start projection: BPDA-APGD-CE/T,",
         "APGD-CE through the exactly differentiated 25-step projection, the latent attack (L∞), Square. Through",
         "MagNet's autoencoder reformer (exactly differentiable): AutoAttack standard, as on a bare classifier.",
+        "The union column (`linf:ε∞+l2:ε₂`, both threats at once; Maini et al. 2020): an image counts only if",
+        'every attack of both norms failed on it, on the images both threats were attacked on; "–" where a row\'s',
+        "run predates per-image flags at every threat (rerun it with `--only`).",
         "",
     ]
     for doc in sorted(docs, key=lambda d: d["dataset"]):
@@ -209,9 +245,10 @@ def strip_flags(r: dict) -> dict:
 
 
 def page_doc(dataset: str, info: dict, rows: list[dict], default: dict | None, checks: dict) -> dict:
-    """docs/robustness-<dataset>.json's content."""
+    """docs/robustness-<dataset>.json's content: the rows, the default and the best pipeline under the union."""
     return {"dataset": dataset, "threats": THREATS[dataset], "info": info,
-            "results": [pack_flags(r, dataset) for r in rows], "default": default, **checks}  # fmt: skip
+            "results": [pack_flags(r) for r in rows], "default": default,
+            "union_default": choose_default(rows, dataset, union_key(dataset)), **checks}  # fmt: skip
 
 
 def page_from_tree(reg: Registry, dataset: str, root: Path = results.RESULTS_DIR) -> dict | None:
@@ -221,12 +258,13 @@ def page_from_tree(reg: Registry, dataset: str, root: Path = results.RESULTS_DIR
     if not cells:
         return None
     runs = {r["run"]: {k: v for k, v in r.items() if k != "run"} for r in results.used_runs(JOB, dataset, cells, root)}
-    by = {(c["classifier"], c["defense"]): unpack_flags(_row(c, runs), dataset)
+    by = {(c["classifier"], c["defense"]): unpack_flags(_row(c, runs))
           for c in cells if c["row"] == "pipeline"}  # fmt: skip
     rows = [by[k] for k in pipelines(reg, dataset, None) if k in by]
     default = choose_default(rows, dataset)
+    on = {"holdout_union": _pipeline_name(choose_default(rows, dataset, union_key(dataset)))}  # the rest: the default's
     checks = {c["row"]: {k: v for k, v in c.items() if k not in ("row", "run")} for c in cells
-              if c["row"] != "pipeline" and c.get("pipeline") == _pipeline_name(default)}  # fmt: skip
+              if c["row"] != "pipeline" and c.get("pipeline") == on.get(c["row"], _pipeline_name(default))}  # fmt: skip
     newest = runs[max(runs, key=lambda name: results.order(name))]
     return page_doc(dataset, newest, rows, default, checks) | {"service_thresholds": service_thresholds(reg, dataset)}
 
@@ -257,7 +295,7 @@ def _pipeline_name(default: dict | None) -> str:
 def previous_rows(reg: Registry, dataset: str, root: Path = results.RESULTS_DIR) -> list[dict]:
     """The rows of the dataset's recorded evaluation (each with the run that measured it)."""
     doc = page_from_tree(reg, dataset, root)
-    return [] if doc is None else [unpack_flags(r, dataset) for r in doc["results"]]
+    return [] if doc is None else [unpack_flags(r) for r in doc["results"]]
 
 
 def merge(old: list[dict], new: list[dict], order: list[tuple[str, str]]) -> list[dict]:
@@ -267,23 +305,26 @@ def merge(old: list[dict], new: list[dict], order: list[tuple[str, str]]) -> lis
     return [by[k] for k in order if k in by]
 
 
-def pack_flags(r: dict, dataset: str) -> dict:
-    """A result for the page's JSON: per-image flags only at the standard threat (what `choose_default` pairs
-    on), as a string of 0s and 1s."""
-    std = threat_key(*STANDARD[dataset])
+def pack_flags(r: dict) -> dict:
+    """A result for the page's JSON: per-image flags (what `choose_default` pairs on, and the union is made of) as a
+    string of 0s and 1s in each threat's cell; the detector cells keep none."""
     out = strip_flags(r)
-    flags = r["threats"].get(std, {}).get("robust_flags")
-    if flags is not None:
-        out["threats"][std] = out["threats"][std] | {"robust_bits": "".join("1" if f else "0" for f in flags)}
+    for t, cell in r["threats"].items():
+        if cell.get("robust_flags") is not None:
+            out["threats"][t] = out["threats"][t] | {
+                "robust_bits": "".join("1" if f else "0" for f in cell["robust_flags"])
+            }
     return out
 
 
-def unpack_flags(r: dict, dataset: str) -> dict:
+def unpack_flags(r: dict) -> dict:
     """`pack_flags` undone."""
-    std = threat_key(*STANDARD[dataset])
-    cell = r["threats"].get(std)
-    if not cell or "robust_bits" not in cell:
-        return r
-    flags = [c == "1" for c in cell["robust_bits"]]
-    return r | {"threats": r["threats"] | {std: {k: v for k, v in cell.items() if k != "robust_bits"}
-                                           | {"robust_flags": flags}}}  # fmt: skip
+
+    def cell(c: dict) -> dict:
+        if "robust_bits" not in c:
+            return c
+        return {k: v for k, v in c.items() if k != "robust_bits"} | {
+            "robust_flags": [b == "1" for b in c["robust_bits"]]
+        }
+
+    return r | {"threats": {t: cell(c) for t, c in r["threats"].items()}}

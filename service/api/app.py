@@ -159,7 +159,7 @@ async def _build(app: FastAPI) -> None:
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     try:
-        registry = await run_in_threadpool(Registry, s.models_dir)
+        registry = await run_in_threadpool(Registry, s.models_dir, True, s.default_ranking)
     except ManifestError as exc:
         log.error("refusing to start: %s", exc)
         raise

@@ -535,8 +535,14 @@ async def models(registry: Registry = Depends(get_registry), settings: Settings 
         "defaults": {
             "model": f"{s.default_dataset}/{default_classifier(registry, s.default_dataset, s.default_classifier)}",
             "defense": default_defense(registry, s.default_dataset, None, s.default_defense),
+            "ranking": s.default_ranking,  # which measured default `pipelines` serves (MG_DEFAULT_RANKING)
             "pipelines": {
                 ds: {"classifier": f"{ds}/{d.classifier}", "defense": d.defense} for ds, d in registry.defaults.items()
+            },  # fmt: skip
+            # per dataset the pipeline measured best under the union of its L∞ and L2 threats (training.robustness)
+            "union": {
+                ds: {"classifier": d["classifier"], "defense": d["defense"]}
+                for ds, d in registry.raw_union_defaults.items()
             },  # fmt: skip
             "steps": s.default_steps,
             "restarts": s.default_restarts,

@@ -501,8 +501,12 @@ function measuredRows() {
 
 function threatTitle(threat) {
   if (threat === "clean") return "clean images (no attack)";
-  const [norm, eps] = threat.split(":");
-  return `${norm === "linf" ? "L∞" : norm.toUpperCase()} attacks, ε = ${eps}`;
+  const parts = threat.split("+").map((t) => {
+    const [norm, eps] = t.split(":");
+    return `${norm === "linf" ? "L∞" : norm.toUpperCase()} attacks, ε = ${eps}`;
+  });
+  // a union ("linf:0.3+l2:2"): an image counts only if every attack of every norm failed on it
+  return parts.length > 1 ? `${parts.join(" and ")}, both at once` : parts[0];
 }
 
 function plot(threat, rows) {
