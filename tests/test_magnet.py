@@ -94,7 +94,7 @@ def test_attacks_through_the_shipped_magnet_use_its_exact_gradient(registry: Reg
     x, y = torch.from_numpy(data.to_float(xs[:24])), torch.from_numpy(ys[:24].astype(np.int64))
     p = Pipeline(reg, "mnist", "classifier_A", "magnet")
     assert attacks_for("magnet") == ("apgd-ce", "apgd-t", "fab-t", "square")
-    assert detect_attacks_for("magnet") == ("detector-aware",)
+    assert detect_attacks_for("magnet") == ("detector-aware", "detector-aware-w1", "detector-aware-w100")
     x.requires_grad_(True)
     p.forward(x).logsumexp(1).sum().backward()  # the gradient reaches the input through the autoencoder
     assert x.grad is not None and float(x.grad.abs().sum()) > 0

@@ -151,7 +151,8 @@ def _detect_lines(doc: dict) -> list[str]:
     cols = [threat_key(*t) for t in UNION[ds]] + [union]
     lines += ["", "Correct or flagged (the detector's rejections count as defended) under attacks that also keep "
               "the detectors under their thresholds (detector-aware PGD: BPDA through a projection, exact through "
-              "MagNet; the latent attack, L∞ only), at each threat of the union and both at once; beside them the "
+              "MagNet; `-w1`/`-w100`: the detector penalty's weight, 10 where unnamed; the latent attack, L∞ only), "
+              "at each threat of the union and both at once; beside them the "
               "plain worst case (rejections count as errors):", "",
               f"| classifier | defense | threshold | attacks | {' | '.join(cols)} | plain {std} | plain {union} |",
               "|---|---|---|---|" + "---|" * (len(cols) + 2)]  # fmt: skip

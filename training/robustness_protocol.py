@@ -86,8 +86,11 @@ ROBUST_METHODS = ("pgd", "trades", "max", "enhanced-inc")
 DEFENDED_ATTACKS = ("bpda-apgd-ce", "bpda-apgd-t", "exact-apgd-ce", "latent", "square")
 
 
-# against "correct or flagged" (the detector rejects what it flags): attacks that also keep the MSE under threshold
-DETECT_ATTACKS = ("detector-aware", "latent")
+# against "correct or flagged" (the detector rejects what it flags): attacks that also keep the detector under its
+# threshold; detector-aware PGD at three weights of the detector penalty (1, 10, 100: weak pulls the image over the
+# threshold, strong keeps it from fooling the classifier), the per-image worst case over them
+DETECTOR_AWARE = ("detector-aware", "detector-aware-w1", "detector-aware-w100")
+DETECT_ATTACKS = (*DETECTOR_AWARE, "latent")
 
 
 CHEAP = ("none", "magnet")  # no projection: full-size clean accuracy, AutoAttack's own settings
@@ -103,7 +106,7 @@ def attacks_for(defense: str, bare: tuple[str, ...] = BARE_ATTACKS, classes: int
 
 def detect_attacks_for(defense: str) -> tuple[str, ...]:
     """Against "correct or flagged": detector-aware PGD (and behind a projection, the latent attack)."""
-    return ("detector-aware",) if defense == "magnet" else DETECT_ATTACKS
+    return DETECTOR_AWARE if defense == "magnet" else DETECT_ATTACKS
 
 
 def threat_key(norm: str, eps: float) -> str:
