@@ -133,12 +133,13 @@ class Pipeline:
             if norm != "linf":
                 return lambda x, y: x  # the latent attack is L∞ only: nothing to add under L2
             return self.on_device(lambda x, y: latent(self.bpda, x, y, eps=eps, steps=budget.latent_steps))
-        if name.startswith("detector-aware"):  # "detector-aware-w<weight>"; plain: weight 10
-            target, weight = self.reformed or self.bpda, float(name.partition("-w")[2] or 10)
+        if name.startswith("detector-aware"):  # "detector-aware-w<weight>"; plain: detector_aware's own weight
+            target, weight = self.reformed or self.bpda, name.partition("-w")[2]
             assert target is not None and self.threshold is not None
+            kw = {"weight": float(weight)} if weight else {}
             return self.on_device(lambda x, y: detector_aware(target, x, y, self.threshold, eps=eps, alpha=eps / 10,
-                                                              steps=budget.defended_iters * 2, weight=weight,
-                                                              norm=norm, seed=seed))  # fmt: skip
+                                                              steps=budget.defended_iters * 2, norm=norm,
+                                                              seed=seed, **kw))  # fmt: skip
         if name == "pgd-ours":  # the service's own PGD, cross-checked against APGD-CE
             fn = pgd if norm == "linf" else pgd_l2
             return self.on_device(lambda x, y: fn(self.forward, x, y, eps=eps, alpha=eps / 10, steps=budget.iters))
