@@ -41,18 +41,22 @@ class UpstreamError(ServiceError):
 
 
 # -- tensors -------------------------------------------------------------------------------------------------------
+def image_shapes(spec: DatasetSpec, layout: str) -> list[tuple[int, int, int]]:
+    """The per-image shapes an upstream of `spec`'s dataset may take in `layout`: the dataset's channels, or RGB in
+    front of a gray dataset (its channels' mean is purified and replicated back)."""
+    h, w = spec.height, spec.width
+    return [(c, h, w) if layout == "NCHW" else (h, w, c) for c in ((1, 3) if spec.channels == 1 else (3,))]
+
+
 def to_unit(data: np.ndarray, up: Upstream, spec: DatasetSpec = MNIST) -> tuple[torch.Tensor, int]:
     """(N×C×H×W float32 in [0, 1] of `spec`, the upstream's channel count) of an image tensor in the upstream's
     format; OIPError if not."""
-    h, w = spec.height, spec.width
-    channels = (1, 3) if spec.channels == 1 else (3,)
-    want = " or ".join(f"N×{c}×{h}×{w}" if up.layout == "NCHW" else f"N×{h}×{w}×{c}" for c in channels)
-    if data.ndim != 4:
+    shapes = image_shapes(spec, up.layout)
+    want = " or ".join("N×" + "×".join(map(str, sh)) for sh in shapes)
+    if data.ndim != 4 or tuple(data.shape[1:]) not in shapes or data.shape[0] == 0:
         raise oip.OIPError(f"input {up.input_name!r} must have shape {want} ({up.layout}), got {list(data.shape)}")
     x = data if up.layout == "NCHW" else data.transpose(0, 3, 1, 2)
-    n, c, *size = x.shape
-    if c not in channels or tuple(size) != (h, w) or n == 0:
-        raise oip.OIPError(f"input {up.input_name!r} must have shape {want} ({up.layout}), got {list(data.shape)}")
+    c = x.shape[1]
     x = x.astype(np.float32) / np.float32(up.value_range)
     if not np.isfinite(x).all():
         raise oip.OIPError(f"input {up.input_name!r} contains NaN or infinity")

@@ -222,7 +222,7 @@ def test_shapes_is_attacked_in_its_own_shape_and_judged(shapes: tuple[Deployment
     xs, ys = data.load_slice("shapes")  # the committed slice: data/ is not there in CI
     sets = {"x": data.to_float(xs[:20]), "y": ys[:20].astype(np.int64), "seeds": data.to_float(xs[900:916])}
     assert sets["x"].shape[1:] == site.spec.shape == (3, 32, 32) and site.rows == 16  # 64 gray images' worth
-    b = Budget(n=20, full_n=20, square=40, hsj_n=2, hsj=150, seeds=16, rounds=2)
+    b = Budget(n=20, full_n=20, square=1000, hsj_n=2, hsj=150, seeds=16, rounds=2)  # A: first success ~130 queries
     runs = []
     for pid, attack in SHAPES_RUNS:
         client = Recorder(url, pipelines[pid].served, site.rows)

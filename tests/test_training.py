@@ -145,7 +145,8 @@ def test_onnx_equals_torch_and_slice_agrees_with_record(registry: Registry, data
 
 def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Registry) -> None:
     """One copy of each classifier's weights (issue 2's size budget): the .onnx is a graph whose initializers are
-    external data at the safetensors tensors' byte ranges, and models/ stays under 200 MB (180 MB until the colour
+    external data at the safetensors tensors' byte ranges, and models/ stays under 210 MB (200 MB until the shapes
+    classifier trained on purifications too, 7 MB; 180 MB until the colour
     shapes set's classifier, generator, encoder and slice, 22 MB; 80 MB until the AdvGAN
     tables' 5 classifiers and 6 generators, 21 MB, were shipped; 110 MB until issue 18's MNIST C models and
     Fashion-MNIST Adv. tr. A-D, 22 MB; 140 MB until the Defense-GAN-Rec classifiers A-D of both datasets and Adv. tr.
@@ -162,7 +163,7 @@ def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Reg
                 assert ext["location"] == weights_path.name, (name, init.name)
                 assert (int(ext["offset"]), int(ext["length"])) == layout[init.name], (name, init.name)
     total = sum(p.stat().st_size for p in registry.root.rglob("*") if p.is_file())
-    assert total < 200e6, total
+    assert total < 210e6, total
 
 
 def test_onnx_weights_come_from_the_bytes_handed_over(tmp_path: Path) -> None:
@@ -233,6 +234,29 @@ def test_gan_training_smoke_critic_learns_and_resumes(tmp_path: Path) -> None:
     args3 = train_gan.parse([*argv[:3], "9", *argv[4:]])
     train_gan.train(args3, xs[:256])
     assert len(args3.history) == 1
+
+
+def test_fit_to_encoder_keeps_the_range_and_matches_its_statistics() -> None:
+    """After the fit, eval-mode G'(E'(x)) is what train-mode G(E(x)) gave (batch statistics of the encoder's codes),
+    E' = E / s, and G'(z / s) = G''(z) for G'' the fitted statistics in the trained coordinates: the same range."""
+    from service.nets import Encoder, Generator
+
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    G, E = Generator(shape=shape), Encoder(shape=shape)
+    x, z = torch.rand(64, *shape), torch.randn(5, 128)
+    with torch.no_grad():
+        G.train()
+        expected, codes = G(E(x)), E(x)  # batch statistics of exactly these codes
+    train_gan.fit_to_encoder(G, E, x, images=64, scale=0.5)
+    assert not G.training
+    with torch.no_grad():
+        assert torch.allclose(E(x), codes / 0.5, atol=1e-5)
+        assert torch.allclose(G(E(x)), expected, atol=1e-3)  # eval mode divides by the unbiased variance
+        unscaled = Generator(shape=shape).eval()
+        unscaled.load_state_dict(G.state_dict())
+        unscaled.fc.weight.div_(0.5)
+        assert torch.allclose(G(z / 0.5), unscaled(z), atol=1e-5)
 
 
 def test_ship_keeps_dotted_names_apart(tmp_path: Path) -> None:

@@ -97,13 +97,18 @@ def run_jobs(models: Path, tmp: Path) -> None:
                                                  "classes": list(SPEC.classes)}, models)  # fmt: skip
     args = train_encoder.parse([*small, "--iters", "2", "--batch", "8", "--log-every", "1"])
     train_encoder.ship(args, train_encoder.train(args))
+    mix = ["--on-reconstructions", "8", "--with-images", "--runs-dir", str(tmp / "runs")]
+    args = train_classifier.parse([*small, "--model", "A", "--epochs", "1", "--batch", "32", "--device", "cpu", *mix])
+    model = train_classifier.train(args)
+    assert len(args.history) == 1 and args.rec_config.init == "encoder"
+    train_classifier.ship(args, model)
     train_magnet.main([*small, "--epochs", "1", "--batch", "16", "--max-steps", "2", "--run-dir", str(tmp / "magnet")])
     args = train_advgan.parse([*small, "--epochs", "1", "--batch", "16", "--run-dir", str(tmp / "runs")])
     train_advgan.ship(args, *train_advgan.train(args))
     args = train_robust.parse([*small, "--eps", "0.03", "--steps", "1", "--epochs", "1", "--batch", "16",
                                "--max-steps", "1", "--monitor", "8", "--run-dir", str(tmp / "robust")])  # fmt: skip
     train_robust.ship(args, *train_robust.train(args))
-    assert onnx_export.reexport(models) == [f"{NAME}/classifier_A", f"{NAME}/classifier_S",
+    assert onnx_export.reexport(models) == [f"{NAME}/classifier_A", f"{NAME}/classifier_A_mix", f"{NAME}/classifier_S",
                                             f"{NAME}/classifier_S_trades0.03"]  # fmt: skip
 
 
@@ -111,10 +116,14 @@ def test_the_dataset_and_input_shapes_are_recorded(shipped: Path) -> None:
     man = json.loads((shipped / "manifest.json").read_text())
     assert man["datasets"] == {NAME: SPEC.to_json()}
     arts = man["artifacts"]
-    names = ("classifier_A", "classifier_S", "classifier_S_trades0.03", "generator", "encoder", "magnet", "advgan_A")
+    names = ("classifier_A", "classifier_A_mix", "classifier_S", "classifier_S_trades0.03", "generator", "encoder",
+             "magnet", "advgan_A")  # fmt: skip
     assert {k for k in arts if k.startswith(f"{NAME}/")} == {f"{NAME}/{k}" for k in names}
-    for key in ("classifier_A", "classifier_S", "classifier_S_trades0.03"):
+    for key in ("classifier_A", "classifier_A_mix", "classifier_S", "classifier_S_trades0.03"):
         assert arts[f"{NAME}/{key}"]["input_shape"] == [3, 32, 32]
+    mix = arts[f"{NAME}/classifier_A_mix"]["training"]
+    assert mix["method"] == "images+reconstructions" and mix["reconstructions"]["images"] == 8
+    assert mix["reconstructions"]["shas"][0] == arts[f"{NAME}/generator"]["files"]["weights"]["sha256"][:12]
 
 
 def test_the_registry_builds_every_network_for_the_images(shipped: Path) -> None:

@@ -125,7 +125,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                (("x", x), ("adv", adv), ("G_clean", rec_clean), ("G_adv", rec_adv))}  # fmt: skip
     n = len(x)
     out = {
-        "dataset": args.dataset, "tag": args.tag, "n": n,
+        "dataset": args.dataset, "tag": args.tag, "n": n, "classifier": args.classifier,
         "generator": RANGE_NAMES.get(args.range) or args.ckpt or shipped_name(reg, args.dataset),
         "steps": cfg.steps, "restarts": cfg.restarts, "init": cfg.init, "init_std": args.init_std,
         "z_max_norm": args.z_max_norm, "z_min_norm": args.z_min_norm, "lr": cfg.lr, "eps": args.eps,
@@ -154,8 +154,8 @@ def record(args: argparse.Namespace, out: dict, G: Generator, enc: torch.nn.Modu
     calibrated on held-out clean test images (indices 5000…, outside the slice) at --fpr with its false-positive
     rate on the slice."""
     prefix = "rec" if args.init == "random" else "warm"
-    metrics = {f"{prefix}_{k}": v for k, v in out.items()
-               if k.startswith(("acc_", "mse_", "detector_")) or k in ("n", "steps", "restarts")}  # fmt: skip
+    kept = ("n", "steps", "restarts", "classifier", "eps")
+    metrics = {f"{prefix}_{k}": v for k, v in out.items() if k.startswith(("acc_", "mse_", "detector_")) or k in kept}
     metrics[f"{prefix}_command"] = out["command"]
     x_test = data.load(args.dataset)["x_test"]
     lo = 5000 if len(x_test) > 5000 else len(x_test) // 2  # a small prepared data set: its second half

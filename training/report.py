@@ -50,10 +50,10 @@ def _how(t: dict) -> str:
         init = f" from {t['init'].split('/')[-1]}" if t.get("init") else ""
         return (f"{t.get('epochs')} epochs{init}, worst of L∞ ε={eps:g} and L2 ε={t['threat']['eps_l2']:g} PGD, "
                 f"{t['steps']} steps")  # fmt: skip
-    if method == "reconstructions":
-        rc = t["reconstructions"]
-        return (f"{t.get('epochs')} epochs on G(z*) of {rc['images']:,} training images (warm start L={rc['steps']}, "
-                f"R={rc['restarts']}), Defense-GAN-Rec")  # fmt: skip
+    if method in ("reconstructions", "images+reconstructions"):
+        rc, both = t["reconstructions"], "the training images and " if method != "reconstructions" else ""
+        return (f"{t.get('epochs')} epochs on {both}G(z*) of {rc['images']:,} training images (warm start "
+                f"L={rc['steps']}, R={rc['restarts']}), Defense-GAN-Rec")  # fmt: skip
     if method == "enhanced-inc":
         return (f"{t.get('epochs')} epochs from {t.get('init')}: PGD ε={eps:g}, {t['steps']} steps + overpowered "
                 f"pairs every {t.get('op_every')} batches, Enhanced INC")  # fmt: skip
@@ -172,8 +172,8 @@ def classifier_table(arts: dict) -> list[str]:
 
 
 def generator_table(arts: dict) -> list[str]:
-    lines = ["| dataset | generator iterations | projection | n | classifier A on G(z*), clean | FGSM ε=0.3 (on A) "
-             "then projected | MSE clean | detector AUC | detector FPR on slice (target) |",
+    lines = ["| dataset | generator iterations | projection | n | classifier: on x / on G(z*), clean | FGSM (on the "
+             "classifier) then projected | MSE clean | detector AUC | detector FPR on slice (target) |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for e in arts.values():
         m = e.get("metrics", {})
@@ -184,8 +184,11 @@ def generator_table(arts: dict) -> list[str]:
             lines.append(
                 f"| {e['dataset']} | {e['training']['iterations']} | {label}, L={m[f'{prefix}_steps']}, "
                 f"R={m[f'{prefix}_restarts']} | {m[f'{prefix}_n']} "
-                f"| {m[f'{prefix}_acc_clean_defended']:.3f}{_ci(m.get(f'{prefix}_acc_clean_defended_ci95'))} "
-                f"| {m[f'{prefix}_acc_fgsm_defended']:.3f}{_ci(m.get(f'{prefix}_acc_fgsm_defended_ci95'))} "
+                f"| {m.get(f'{prefix}_classifier', 'classifier_A').removeprefix('classifier_')}: "
+                f"{m[f'{prefix}_acc_clean_no_defense']:.3f} / "
+                f"{m[f'{prefix}_acc_clean_defended']:.3f}{_ci(m.get(f'{prefix}_acc_clean_defended_ci95'))} "
+                f"| ε={m.get(f'{prefix}_eps', 0.3):.4g}: "
+                f"{m[f'{prefix}_acc_fgsm_defended']:.3f}{_ci(m.get(f'{prefix}_acc_fgsm_defended_ci95'))} "
                 f"| {m[f'{prefix}_mse_clean']:.4f} | {m[f'{prefix}_detector_auc_fgsm']:.3f} "
                 f"| {m.get(f'{prefix}_detector_fpr_on_slice', float('nan')):.3f} ({fpr}) |"
             )  # fmt: skip

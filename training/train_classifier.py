@@ -13,9 +13,10 @@ clean and half FGSM(ε) on the current weights (Goodfellow et al. 2015's mixed o
 the adversarial half is crafted in turn on the current weights and on each named static, pre-trained classifier
 (shipped, frozen, hashes verified), so batch i uses source i mod (1 + statics).
 With --on-reconstructions N, the classifier is trained on G(z*) of N training images instead of the images
-(Defense-GAN's "Rec" classifiers): projected by the shipped generator with the encoder warm start and the L, R
-recorded on the generator's entry (Defense-GAN's L=200, R=10 costs ~2 s per image here: 60k would take 35 h),
-cached in chunks under runs/<dataset>/train_recs/ (resumable).
+(Defense-GAN's "Rec" classifiers; with --with-images, on both: one classifier that reads images and their
+purifications alike, shipped as classifier_<X>_mix): projected by the shipped generator with the encoder warm start
+and the L, R recorded on the generator's entry (Defense-GAN's L=200, R=10 costs ~2 s per image here: 60k would take
+35 h), cached in chunks under runs/<dataset>/train_recs/ (resumable).
 The network is built for the data set's images and classes (`training.data.spec`). Measures clean accuracy on the
 full test set, checks ONNX Runtime against torch on the 1,000-image slice, and records both in models/manifest.json
 (with the data set's image format, `datasets`, and the classifier's `input_shape`).
@@ -67,7 +68,8 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None)
     x_tr = torch.from_numpy(data.to_float(arrays["x_train"]))
     y_tr = torch.from_numpy(arrays["y_train"].astype(np.int64))
     if args.on_reconstructions:
-        x_tr, y_tr = reconstructions(args, x_tr, y_tr)
+        x_rec, y_rec = reconstructions(args, x_tr, y_tr)
+        x_tr, y_tr = (torch.cat([x_tr, x_rec]), torch.cat([y_tr, y_rec])) if args.with_images else (x_rec, y_rec)
     x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     x_te = torch.from_numpy(data.to_float(arrays["x_test"])).to(device)
     y_te = torch.from_numpy(arrays["y_test"].astype(np.int64)).to(device)
@@ -124,7 +126,7 @@ def reconstructions(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, 
             save_file({"images": torch.cat(imgs).contiguous()}, str(f))
         out.append(load_file(str(f))["images"])
         print(f"reconstructed {min(i + chunk, len(x))}/{len(x)} training images ({time.time() - t0:.0f}s)", flush=True)
-    args.rec_config = cfg
+    args.rec_config, args.rec_shas = cfg, shas
     return torch.cat(out), y
 
 
@@ -166,9 +168,10 @@ def ship_classifier(model: nn.Module, dataset: str, name: str, entry: dict, metr
 
 def ship(args: argparse.Namespace, model: nn.Module) -> dict:
     method = ("ensemble" if args.adv_static else "fgsm") if args.adv_eps > 0 else "standard"
-    method = "reconstructions" if args.on_reconstructions else method
+    if args.on_reconstructions:
+        method = "images+reconstructions" if args.with_images else "reconstructions"
     suffix = {"standard": "", "fgsm": f"_adv{args.adv_eps:g}", "ensemble": f"_ens{args.adv_eps:g}",
-              "reconstructions": "_rec"}[method]  # fmt: skip
+              "reconstructions": "_rec", "images+reconstructions": "_mix"}[method]  # fmt: skip
     threat = {"norm": "linf", "eps": args.adv_eps} if args.adv_eps > 0 else None
     training = {"method": method, "threat": threat, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
                 "adv_eps": args.adv_eps, "seed": args.seed}  # fmt: skip
@@ -178,7 +181,7 @@ def ship(args: argparse.Namespace, model: nn.Module) -> dict:
         cfg = args.rec_config
         training["reconstructions"] = {"images": args.on_reconstructions, "init": cfg.init, "steps": cfg.steps,
                                        "restarts": cfg.restarts, "generator": f"{args.dataset}/generator",
-                                       "encoder": f"{args.dataset}/encoder"}  # fmt: skip
+                                       "encoder": f"{args.dataset}/encoder", "shas": args.rec_shas}  # fmt: skip
     name = f"classifier_{args.model.upper()}{suffix}"
     return ship_classifier(model, args.dataset, name, {"arch": args.model.upper(), "training": training},
                            models_dir=args.models_dir)  # fmt: skip
@@ -196,6 +199,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ensemble adversarial training: comma list of shipped static sources (e.g. D,E)")  # fmt: skip
     p.add_argument("--on-reconstructions", type=int, default=0, metavar="N",
                    help="train on G(z*) of N training images (Defense-GAN-Rec's classifier; 0: off)")  # fmt: skip
+    p.add_argument("--with-images", action="store_true",
+                   help="with --on-reconstructions: train on the training images and those G(z*) together")  # fmt: skip
     p.add_argument("--runs-dir", type=Path, default=MODELS_DIR.parent / "runs", help="cache of the reconstructions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -205,6 +210,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.adv_static and a.adv_eps <= 0:
         p.error("--adv-static needs --adv-eps > 0")
+    if a.with_images and not a.on_reconstructions:
+        p.error("--with-images needs --on-reconstructions N")
     if a.on_reconstructions and a.adv_eps > 0:
         p.error("--on-reconstructions trains a standard classifier: no --adv-eps")
     return a

@@ -41,6 +41,7 @@ from training.common import (
     update_manifest,
 )
 
+LATENT_SCALE = 10**-0.5  # of a generator trained with an encoder (--recon): the projection's lr 10 acts as lr 1
 # the arguments that define a run: saved in its checkpoint, and a resume must repeat them (--iters may grow)
 RUN_ARGS = ("dataset", "objective", "batch", "critic_iters", "gp", "lr", "z_std", "seed", "recon")
 
@@ -165,11 +166,42 @@ def train(args: argparse.Namespace, x_train_u8: np.ndarray | None = None) -> Pat
                     save_grid(torch.cat([x, G(E(x))]), run_dir / f"reconstructions_{it:06d}.png")
     print(f"trained {args.iters - start} iterations in {(time.time() - t0) / 60:.1f} min")
 
+    if E is not None:
+        fit_to_encoder(G, E, x_train)
     out = run_dir / "generator.safetensors"
     save_weights(G, out)
     if args.ship:
         ship(args, G, E)
     return out
+
+
+@torch.no_grad()
+def fit_to_encoder(G: Generator, E: Encoder, x_train: torch.Tensor, images: int = 10_000,
+                   scale: float = LATENT_SCALE) -> None:  # fmt: skip
+    """Fit a jointly trained pair to the warm-start projection, in place; the range G spans is unchanged.
+
+    - G's batch-norm statistics are re-estimated over G(E(x)) of the first `images` training images. Training
+      mixes batches of z ~ N(0, I) and of E(x), whose statistics differ (the encoder's codes lie near the origin),
+      so eval-mode G(E(x)) is not what training reconstructed without it.
+    - The latent is rescaled, z' = z / scale (G's first layer × scale, the encoder's head ÷ scale): the projection's
+      fixed SGD step (lr 10, Defense-GAN's) then moves z by lr·scale², a step this pair's range stays stable under.
+    """
+    E.eval()
+    codes = [E(x_train[i : i + 500]) for i in range(0, min(images, len(x_train)), 500)]
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    G.train()
+    for z in codes:
+        G(z)
+    G.eval()
+    for m in norms:
+        m.momentum = 0.1
+    G.fc.weight.mul_(scale)
+    head = E.body[-1]
+    head.weight.div_(scale)
+    head.bias.div_(scale)
 
 
 def ship(args: argparse.Namespace, G: Generator, E: Encoder | None = None) -> None:
@@ -184,7 +216,8 @@ def ship(args: argparse.Namespace, G: Generator, E: Encoder | None = None) -> No
     update_manifest(f"{args.dataset}/generator", {
         "files": {"weights": {"path": f"{args.dataset}/generator.safetensors"}},
         "kind": "generator", "arch": "defensegan-mnist" if spec.side == 28 else f"dcgan-{spec.side}",
-        "dataset": args.dataset, "classes": list(spec.classes), "latent_dim": LATENT_DIM, "latent_std": args.z_std,
+        "dataset": args.dataset, "classes": list(spec.classes), "latent_dim": LATENT_DIM,
+        "latent_std": args.z_std / (LATENT_SCALE if E is not None else 1.0),
         "command": command_line(), "training": training,
     })  # fmt: skip
     print(f"shipped {target}")

@@ -31,7 +31,7 @@ from service.batcher import NotRunning
 from service.config import Settings, Upstream
 from service.datasets import DatasetSpec
 from service.errors import ServiceError
-from service.proxy import ProxyClient, from_unit
+from service.proxy import ProxyClient, from_unit, image_shapes
 from service.request import image_cap
 from service.served import ModelRepository, OwnModel, ProxiedModel, upstream_probabilities
 
@@ -98,6 +98,7 @@ class TargetInfo:
     repository: list[str] | None  # the server's model list (POST /v2/repository/index), where it offers one
     notes: list[str]
     spec: DatasetSpec  # the dataset's images (C×H×W) and classes: what the audit sends, attacks and judges
+    channels: int = 0  # the upstream's channel count where its metadata gives one (3: RGB before a gray dataset)
 
     def public(self) -> dict:
         up = self.upstream
@@ -167,6 +168,17 @@ def _repository(up: Upstream, notes: list[str]) -> list[str] | None:
     return None
 
 
+def _shape_problems(shape: list[int], layout: str, info: TargetInfo) -> list[str]:
+    """The metadata's image shape (batch dropped; -1 matches any size) against what the proxy can send an upstream
+    of the target's dataset (`service.proxy.image_shapes`): a model of another size or channel count cannot take
+    the dataset's images."""
+    allowed = image_shapes(info.spec, layout)
+    if len(shape) == 3 and any(all(d in (-1, e) for d, e in zip(shape, sh, strict=True)) for sh in allowed):
+        return []
+    want = " or ".join(str(list(sh)) for sh in allowed)
+    return [f"shape: the metadata says {shape} per image, the dataset {info.dataset!r} needs {want} ({layout})"]
+
+
 def _check_contract(info: TargetInfo, stated: Contract | None) -> None:
     """The input named in the model's metadata against the configured contract and the caller's statement."""
     up = info.upstream
@@ -183,6 +195,8 @@ def _check_contract(info: TargetInfo, stated: Contract | None) -> None:
         learned = {"name": found["name"], "datatype": found.get("datatype"), "layout": layout, "shape": shape}
         problems += [f"{k}: the metadata says {learned[k]}, the allow-list {want[k]}" for k in ("datatype", "layout")
                      if learned[k] != want[k]]  # fmt: skip
+        problems += _shape_problems(shape, want["layout"], info)
+        info.channels = max(shape[0 if want["layout"] == "NCHW" else -1], 0) if len(shape) == 3 else 0
         want = learned
     else:
         info.notes.append("the metadata lists no inputs: the allow-list's contract is used "
@@ -253,7 +267,8 @@ class TargetClient:
             req = oip.InferRequest([oip.Tensor.from_numpy("input", np.ascontiguousarray(x, np.float32))],
                                    parameters=dict(self.variant.params))  # fmt: skip
             return model.infer(req, {})
-        x_up = from_unit(torch.from_numpy(x), up, self.info.spec.channels)  # the upstream's layout, type, range
+        channels = self.info.channels or self.info.spec.channels
+        x_up = from_unit(torch.from_numpy(x), up, channels)  # the upstream's layout, channels, type and range
         req = oip.InferRequest([oip.Tensor.from_numpy(up.input_name, x_up)])
         if self.variant.pipeline is None:  # bare: straight to the upstream
             return self.host.proxy.infer(self.info.name, req, None, up)
