@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from service.nets import LATENT_DIM, Critic, Encoder, Generator
 from service.registry import sha256_file
@@ -187,17 +188,8 @@ def fit_to_encoder(G: Generator, E: Encoder, x_train: torch.Tensor, images: int 
       fixed SGD step (lr 10, Defense-GAN's) then moves z by lr·scale², a step this pair's range stays stable under.
     """
     E.eval()
-    codes = [E(x_train[i : i + 500]) for i in range(0, min(images, len(x_train)), 500)]
-    norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    G.train()
-    for z in codes:
-        G(z)
+    update_bn((E(x_train[i : i + 500]) for i in range(0, min(images, len(x_train)), 500)), G)
     G.eval()
-    for m in norms:
-        m.momentum = 0.1
     G.fc.weight.mul_(scale)
     head = E.body[-1]
     head.weight.div_(scale)
