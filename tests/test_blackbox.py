@@ -44,6 +44,7 @@ from training.blackbox import (  # noqa: E402
     Pipeline,
     attacks_for,
     label_verdict,
+    merge,
     page_path,
     pipelines_for,
     render,
@@ -168,6 +169,20 @@ def test_accounting_maps_rows_rotates_identities_and_records_the_stop() -> None:
     ledger = Ledger(x[:1], y[:1], "linf", 0.3)
     adv = square(Oracle(FakeApi(allow=10**6), Identities(["2001:db8::1"]), ledger), x[:1], y[:1], "linf", 0.3, 50)
     assert np.abs(adv - x[:1]).max() <= 0.3 + 1e-6 and ledger.queries[0] <= 50
+
+
+def test_merge_replaces_the_rerun_pipelines_and_drops_a_former_default() -> None:
+    def cell(pipeline: str, run: str) -> dict:
+        return {"pipeline": pipeline, "detector": False, "run": run}
+
+    old_info = {"command": "first", "date": "d1", "commit": "c1", "minutes": 30}
+    old = {"info": old_info, "runs": [old_info],
+           "cells": [cell("A", "first"), cell("A (classifier_A, the default)", "first")]}  # fmt: skip
+    new_key = "A (classifier_A + invert-classify, the default)"
+    info = {"command": "second", "date": "d2", "commit": "c2", "minutes": 9}
+    doc = merge(old, {"info": info, "cells": [{"pipeline": new_key, "detector": False}]}, [new_key], ["A", new_key])
+    assert [(c["pipeline"], c["run"]) for c in doc["cells"]] == [("A", "first"), (new_key, "second")]
+    assert [r["command"] for r in doc["runs"]] == ["first", "second"]
 
 
 # -- a colour dataset ----------------------------------------------------------------------------------------------

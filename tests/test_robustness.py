@@ -209,6 +209,22 @@ def test_choose_default_compares_pipelines_on_the_images_they_share() -> None:
     assert robustness.choose_default(results, "mnist") == {"classifier": "mnist/big", "defense": "none"}
 
 
+def test_the_default_rests_on_enough_images_where_any_pipeline_has_them() -> None:
+    def r(defense: str, robust: float, n: int) -> dict:
+        flags = [i < robust * n for i in range(n)]
+        return {"classifier": "classifier_A", "defense": defense, "clean": {"accuracy": 0.97},
+                "threats": {"linf:0.0313725": {"accuracy": robust, "n": n, "robust_flags": flags}}}  # fmt: skip
+
+    from training.robustness_protocol import DEFAULT_MIN_N
+
+    bare = r("none", 0.17, DEFAULT_MIN_N)
+    assert robustness.choose_default([bare, r("invert-classify", 0.57, 30)], "shapes")["defense"] == "none"
+    assert robustness.choose_default([bare, r("invert-classify", 0.57, 100)], "shapes")["defense"] == "invert-classify"
+    assert robustness.choose_default([r("none", 0.17, 50), r("invert-classify", 0.57, 30)], "shapes")["defense"] == (
+        "invert-classify"
+    )  # none has enough: paired on the 30 images both were attacked on
+
+
 def test_the_union_counts_an_image_only_where_every_attack_of_both_norms_failed() -> None:
     from training.robustness_protocol import union_cell, union_key
 

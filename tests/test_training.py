@@ -145,8 +145,7 @@ def test_onnx_equals_torch_and_slice_agrees_with_record(registry: Registry, data
 
 def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Registry) -> None:
     """One copy of each classifier's weights (issue 2's size budget): the .onnx is a graph whose initializers are
-    external data at the safetensors tensors' byte ranges, and models/ stays under 210 MB (200 MB until the shapes
-    classifier trained on purifications too, 7 MB; 180 MB until the colour
+    external data at the safetensors tensors' byte ranges, and models/ stays under 200 MB (180 MB until the colour
     shapes set's classifier, generator, encoder and slice, 22 MB; 80 MB until the AdvGAN
     tables' 5 classifiers and 6 generators, 21 MB, were shipped; 110 MB until issue 18's MNIST C models and
     Fashion-MNIST Adv. tr. A-D, 22 MB; 140 MB until the Defense-GAN-Rec classifiers A-D of both datasets and Adv. tr.
@@ -163,7 +162,7 @@ def test_shipped_onnx_graphs_keep_their_weights_in_the_safetensors(registry: Reg
                 assert ext["location"] == weights_path.name, (name, init.name)
                 assert (int(ext["offset"]), int(ext["length"])) == layout[init.name], (name, init.name)
     total = sum(p.stat().st_size for p in registry.root.rglob("*") if p.is_file())
-    assert total < 210e6, total
+    assert total < 200e6, total
 
 
 def test_onnx_weights_come_from_the_bytes_handed_over(tmp_path: Path) -> None:

@@ -96,7 +96,10 @@ def run_jobs(models: Path, tmp: Path) -> None:
                                                  "files": {"weights": {"path": f"{NAME}/generator.safetensors"}},
                                                  "classes": list(SPEC.classes)}, models)  # fmt: skip
     args = train_encoder.parse([*small, "--iters", "2", "--batch", "8", "--log-every", "1"])
-    train_encoder.ship(args, train_encoder.train(args))
+    train_encoder.ship(args, *train_encoder.train(args))
+    args = train_encoder.parse([*small, "--joint", "--iters", "2", "--batch", "8", "--lr", "1e-4", "--latent-weight",
+                                "0", "--log-every", "1"])  # fmt: skip
+    train_encoder.ship(args, *train_encoder.train(args))
     mix = ["--on-reconstructions", "8", "--with-images", "--runs-dir", str(tmp / "runs")]
     args = train_classifier.parse([*small, "--model", "A", "--epochs", "1", "--batch", "32", "--device", "cpu", *mix])
     model = train_classifier.train(args)
@@ -124,6 +127,18 @@ def test_the_dataset_and_input_shapes_are_recorded(shipped: Path) -> None:
     mix = arts[f"{NAME}/classifier_A_mix"]["training"]
     assert mix["method"] == "images+reconstructions" and mix["reconstructions"]["images"] == 8
     assert mix["reconstructions"]["shas"][0] == arts[f"{NAME}/generator"]["files"]["weights"]["sha256"][:12]
+
+
+def test_the_joint_finetune_ships_both_and_records_its_segment(shipped: Path) -> None:
+    arts = json.loads((shipped / "manifest.json").read_text())["artifacts"]
+    gen, enc = arts[f"{NAME}/generator"], arts[f"{NAME}/encoder"]
+    assert [s["objective"] for s in gen["segments"]] == ["reconstruction (generator and encoder)"]
+    assert gen["command"] == "tests" and gen["segments"][0]["iterations"] == 2  # the GAN run stays the command
+    assert enc["generator_sha256"] == gen["files"]["weights"]["sha256"] and enc["training"]["init"] == "shipped"
+    torch.manual_seed(0)
+    before = nets.Generator(shape=SPEC.shape).state_dict()
+    after = Registry(shipped).generator(NAME).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the generator learned
 
 
 def test_the_registry_builds_every_network_for_the_images(shipped: Path) -> None:

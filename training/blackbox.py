@@ -563,11 +563,12 @@ def page_path(out: Path, dataset: str) -> Path:
 
 def merge(old: dict | None, new: dict, keys: list[str], order: list[str]) -> dict:
     """`new`'s cells in place of `old`'s for the pipelines `keys`, sorted by `order`; `runs` lists each run that
-    measured a cell kept (its command, date, commit and minutes)."""
+    measured a cell kept (its command, date, commit and minutes). An old cell of a pipeline not in `order` (a former
+    default) is dropped."""
     info = new["info"]
     for c in new["cells"]:
         c.setdefault("run", info["command"])
-    kept = [c for c in (old or {}).get("cells", []) if c["pipeline"] not in keys]
+    kept = [c for c in (old or {}).get("cells", []) if c["pipeline"] not in keys and c["pipeline"] in order]
     cells = sorted(kept + new["cells"], key=lambda c: (order.index(c["pipeline"]) if c["pipeline"] in order else 99,
                                                        c["detector"]))  # fmt: skip
     brief = ("command", "date", "commit", "minutes")

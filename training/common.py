@@ -116,6 +116,13 @@ def save_weights(module: torch.nn.Module, path: Path) -> str:
     return sha256_file(path)
 
 
+def generator_iterations(entry: dict) -> str:
+    """A generator's training as "GAN iterations [+ fine-tuning iterations]", from its manifest entry."""
+    gan = entry.get("training", {}).get("iterations")
+    tuned = sum(seg["iterations"] for seg in entry.get("segments", []))
+    return f"{gan} + {tuned} recon" if tuned else str(gan)
+
+
 def update_manifest(key: str, entry: dict, models_dir: Path = MODELS_DIR, keep_measured: bool = False) -> None:
     """Insert or replace `artifacts[key]` in models/manifest.json, hashing each of its files.
 

@@ -32,7 +32,7 @@ from service.purify import Detector, ProjectionConfig, freeze, project, roc_auc
 from service.registry import Registry
 from service.stats import wilson
 from training import data
-from training.common import MODELS_DIR, ROOT, command_line, eval_slice, record_metrics, setup
+from training.common import MODELS_DIR, ROOT, command_line, eval_slice, generator_iterations, record_metrics, setup
 
 EXPERIMENTS = ROOT / "docs" / "experiments"
 RANGE_NAMES = {"train-set": "training set (nearest image)", "train-set+x": "training set ∪ {x} (oracle)"}
@@ -66,8 +66,8 @@ def project_batched(x: torch.Tensor, G: Generator, cfg: ProjectionConfig, enc: t
 
 def shipped_name(reg: Registry, dataset: str) -> str:
     """Which shipped generator a row measured ("shipped (N it)"): generators are retrained over time."""
-    iters = reg.get(f"{dataset}/generator").raw.get("training", {}).get("iterations")
-    return f"shipped ({iters} it)" if iters else "shipped"
+    entry = reg.get(f"{dataset}/generator").raw
+    return f"shipped ({generator_iterations(entry)} it)" if entry.get("training") else "shipped"
 
 
 def nearest(x: torch.Tensor, bank: torch.Tensor, own: torch.Tensor | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 from service.registry import Registry
 from training import eval_advgan, eval_store, evaluate, results
 from training import robustness as rob
-from training.common import MODELS_DIR, ROOT, results_dir, tidy_manifest
+from training.common import MODELS_DIR, ROOT, generator_iterations, results_dir, tidy_manifest
 from training.data import DATASETS
 from training.robustness_protocol import ROBUST_METHODS
 
@@ -182,7 +182,7 @@ def generator_table(arts: dict) -> list[str]:
                 continue
             fpr = e.get("detector", {}).get("random" if prefix == "rec" else "encoder", {}).get("fpr")
             lines.append(
-                f"| {e['dataset']} | {e['training']['iterations']} | {label}, L={m[f'{prefix}_steps']}, "
+                f"| {e['dataset']} | {generator_iterations(e)} | {label}, L={m[f'{prefix}_steps']}, "
                 f"R={m[f'{prefix}_restarts']} | {m[f'{prefix}_n']} "
                 f"| {m.get(f'{prefix}_classifier', 'classifier_A').removeprefix('classifier_')}: "
                 f"{m[f'{prefix}_acc_clean_no_defense']:.3f} / "

@@ -261,7 +261,7 @@ def page_from_tree(reg: Registry, dataset: str, root: Path = results.RESULTS_DIR
     runs = {r["run"]: {k: v for k, v in r.items() if k != "run"} for r in results.used_runs(JOB, dataset, cells, root)}
     by = {(c["classifier"], c["defense"]): unpack_flags(_row(c, runs))
           for c in cells if c["row"] == "pipeline"}  # fmt: skip
-    rows = [by[k] for k in pipelines(reg, dataset, None) if k in by]
+    rows = [by[k] for k in pipelines(reg, dataset, reg.classifiers(dataset)) if k in by]  # every measured one
     default = choose_default(rows, dataset)
     on = {"holdout_union": _pipeline_name(choose_default(rows, dataset, union_key(dataset)))}  # the rest: the default's
     checks = {c["row"]: {k: v for k, v in c.items() if k not in ("row", "run")} for c in cells
