@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from service.engine import default_classifier, default_defense
 from service.purify import ProjectionConfig, freeze
 from service.registry import ManifestError, Registry
 from training import data, report, results, robustness, robustness_attacks, robustness_page, train_robust
+from training.common import ROOT, run_arguments
 
 EPS = 0.3
 
@@ -67,11 +69,35 @@ def test_robust_training_smoke_loss_falls_and_resumes(method: str, tmp_path: Pat
     args = train_robust.parse([*argv, "--max-steps", "30"])
     _, hist = train_robust.train(args, arrays)
     first = args.losses
+    saved = {f.name for f in (tmp_path / train_robust.model_name(args)).iterdir()}
+    assert saved == {"model.safetensors", "optim.safetensors", "state.json"}, "safetensors and JSON only: no pickle"
     args = train_robust.parse([*argv, "--max-steps", "64"])  # the same command, further: resumes at step 30
     model, hist = train_robust.train(args, arrays)
     assert len(args.losses) == 34, "resumed from the checkpoint, not from scratch"
     assert np.mean(args.losses[-8:]) < np.mean(first[:8]) - 0.2
     assert hist and {"clean", "fgsm", "pgd20"} <= set(hist[-1]) and not model.training
+
+
+COMMITTED_RUNS = sorted(p for p in (ROOT / "checkpoints" / "robust").glob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize("folder", COMMITTED_RUNS or [None], ids=lambda p: p.name if p else "none")
+def test_a_committed_checkpoint_resumes_under_its_own_command(folder: Path | None) -> None:
+    """A run left in checkpoints/ for a later session: its recorded command, parsed again, points at this folder,
+    and the checkpoint loads into that command's network, weight average and optimiser without a pickle."""
+    if folder is None:
+        pytest.skip("no training run in progress is committed")
+    state = json.loads((folder / "state.json").read_text())
+    words = shlex.split(state["segments"][-1]["command"])
+    assert words[:3] == ["python", "-m", "training.train_robust"], words[:3]
+    args = train_robust.parse(words[3:])
+    assert (ROOT / args.run_dir / train_robust.model_name(args)).resolve() == folder.resolve()
+    spec = data.spec(args.dataset)
+    model = nets.build_classifier(args.arch, spec.shape, spec.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ema = train_robust.WeightAverage(model, args.ema) if args.ema else None
+    step, history, _ = train_robust.load_ckpt(folder, model, opt, ema, run_arguments(args, train_robust.RUN_ARGS))
+    assert step > 0 and len(history) == len(state["history"]) and len(opt.state) == len(list(model.parameters()))
 
 
 def test_trades_adversary_stays_in_the_ball(mlp: torch.nn.Module, digits: tuple[torch.Tensor, torch.Tensor]) -> None:

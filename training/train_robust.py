@@ -24,14 +24,16 @@ per-epoch check measures and what ships.
 
 Each epoch prints clean accuracy and FGSM / PGD-20 accuracy on 500 held-out test images (the last 500, outside
 the committed 1,000-image slice): PGD far below FGSM is catastrophic overfitting, seen when it happens.
-A checkpoint (model, optimiser, position) is written to runs/robust/<name>/ every `--ckpt-minutes` and at each
-epoch's end; the same command resumes from it.
+A checkpoint (model, weight average, optimiser, position; safetensors and JSON) is written to
+runs/robust/<name>/ every `--ckpt-minutes` and at each epoch's end; the same command resumes from it. A run that
+spans sessions takes `--run-dir checkpoints/robust`, committed with the code (checkpoints/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import time
 from collections.abc import Callable
@@ -183,34 +185,42 @@ class WeightAverage:
 
 def save_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list,
                segments: list, ema: WeightAverage | None = None, run_args: dict | None = None) -> None:  # fmt: skip
+    """Write the run's state as safetensors and JSON only (no pickle: a checkpoint may be committed and resumed on
+    another machine); state.json goes last, so a checkpoint is whole once it exists."""
     folder.mkdir(parents=True, exist_ok=True)
+    opt_state = opt.state_dict()
+    tensors_of = {"model": model.state_dict(), "optim": {f"{i}.{k}": v for i, s in opt_state["state"].items()
+                                                         for k, v in s.items()}}  # fmt: skip
     if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, str(folder / "ema.tmp"))
-        (folder / "ema.tmp").replace(folder / "ema.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.tmp"))
-    torch.save({"opt": opt.state_dict(), "step": step, "history": history, "segments": segments,
-                "args": run_args}, folder / "state.tmp")  # fmt: skip
-    (folder / "model.tmp").replace(folder / "model.safetensors")
-    (folder / "state.tmp").replace(folder / "state.pt")
+        tensors_of["ema"] = ema.model.state_dict()
+    for name, tensors in tensors_of.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{name}.tmp"))
+        (folder / f"{name}.tmp").replace(folder / f"{name}.safetensors")
+    state = {"step": step, "history": history, "segments": segments, "args": run_args,
+             "param_groups": opt_state["param_groups"]}  # fmt: skip
+    (folder / "state.tmp").write_text(json.dumps(state, indent=1))
+    (folder / "state.tmp").replace(folder / "state.json")
 
 
 def load_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, ema: WeightAverage | None = None,
               run_args: dict | None = None) -> tuple[int, list, list]:  # fmt: skip
     """(step, per-epoch history, the commands that ran so far with the step each started at); a checkpoint made
     with other run arguments is refused."""
-    if not (folder / "state.pt").exists():
+    if not (folder / "state.json").exists():
         return 0, [], []
-    # our own checkpoint, written by this job: optimiser tensors, ints, strings only
-    state = torch.load(folder / "state.pt", weights_only=True)
+    state = json.loads((folder / "state.json").read_text())
     if run_args is not None:
         check_resume(state.get("args"), run_args, folder)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     if ema is not None and (folder / "ema.safetensors").exists():
         ema.model.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    opt.load_state_dict(state["opt"])
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(folder / "optim.safetensors")).items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     print(f"resumed from {folder} at step {state['step']}", flush=True)
-    segments = list(state.get("segments", [{"from_step": 0, "command": "not recorded (an earlier version)"}]))
-    return int(state["step"]), list(state["history"]), segments
+    return int(state["step"]), list(state["history"]), list(state["segments"])
 
 
 def tensors(arrays: dict[str, np.ndarray], monitor_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
