@@ -20,10 +20,9 @@ def test_the_shipped_manifest_holds_artifacts_and_calibrations_only() -> None:
     path = MODELS / "manifest.json"
     if not path.exists():
         pytest.skip("no shipped models")
-    # 58 KB for MNIST's and Fashion-MNIST's 58 artifacts; each dataset's spec and classifier input shapes, and the
-    # colour set's artifacts, add a few
-    assert path.stat().st_size < 70_000, "artifacts and calibrations: results live in results/"
     doc = json.loads(path.read_text())
+    # about 1.07 KB per artifact (66 artifacts, 70 KB, with the datasets' specs); results would swell it
+    assert path.stat().st_size < 1_200 * len(doc["artifacts"]), "artifacts and calibrations: results live in results/"
     assert "defaults" not in doc, "the served default is a setting; the measured one is in models/measured.json"
     for key, entry in doc["artifacts"].items():
         check_entry(key, entry)
