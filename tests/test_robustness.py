@@ -108,6 +108,24 @@ def test_trades_adversary_stays_in_the_ball(mlp: torch.nn.Module, digits: tuple[
     assert kl(adv) > kl(x + 0.001 * torch.randn_like(x)) + 0.1
 
 
+def test_msd_stays_in_the_union_and_beats_each_first_step(
+    mlp: torch.nn.Module, digits: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Each image ends inside the L∞ or the L2 ball, and no worse than the better single step of either norm."""
+    x, y = digits[0][:64], digits[1][:64]
+    args = train_robust.parse(["--dataset", "mnist", "--method", "msd", "--eps", "0.3", "--steps", "8"])
+    adv = train_robust.msd(mlp, x, y, 0.3, 2.0, args)
+    assert bool((robustness.within(adv, x, "linf", 0.3) | robustness.within(adv, x, "l2", 2.0)).all())
+    assert adv.min() >= 0 and adv.max() <= 1
+    x_req = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(mlp(x_req), y), x_req)
+    ce = lambda a: F.cross_entropy(mlp(a), y, reduction="none")  # noqa: E731
+    first = torch.maximum(*(ce(train_robust.ball_step(x, grad, x, e, e * args.alpha_frac, n))
+                            for e, n in ((0.3, "linf"), (2.0, "l2"))))  # fmt: skip
+    assert bool((ce(adv) >= first - 1e-5).all())
+    assert (mlp(adv).argmax(1) == y).float().mean() < (mlp(x).argmax(1) == y).float().mean() - 0.3
+
+
 # -- the attacks --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attack", robustness.BARE_ATTACKS)
 def test_each_reference_attack_breaks_a_plain_model_within_budget(

@@ -46,10 +46,10 @@ def _how(t: dict) -> str:
         beta = f" β={t['beta']:g}" if method == "trades" else ""
         init = f" from {t['init'].split('/')[-1]}" if t.get("init") else ""
         return f"{t.get('epochs')} epochs{init}, {method.upper()} ε={eps:g}{beta}, {t['steps']} steps"
-    if method == "max":
+    if method in ("max", "msd"):
         init = f" from {t['init'].split('/')[-1]}" if t.get("init") else ""
-        return (f"{t.get('epochs')} epochs{init}, worst of L∞ ε={eps:g} and L2 ε={t['threat']['eps_l2']:g} PGD, "
-                f"{t['steps']} steps")  # fmt: skip
+        how = "worst of L∞ ε={:g} and L2 ε={:g} PGD" if method == "max" else "MSD over L∞ ε={:g} and L2 ε={:g}"
+        return f"{t.get('epochs')} epochs{init}, {how.format(eps, t['threat']['eps_l2'])}, {t['steps']} steps"
     if method in ("reconstructions", "images+reconstructions"):
         rc, both = t["reconstructions"], "the training images and " if method != "reconstructions" else ""
         return (f"{t.get('epochs')} epochs on {both}G(z*) of {rc['images']:,} training images (warm start "

@@ -81,8 +81,9 @@ BARE_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 # the training methods whose classifiers are adversarially trained: candidates for a default, attacked on the most
-# images, evaluated behind the projection and MagNet ("max": the worst of L∞ and L2 PGD, `training.train_robust`)
-ROBUST_METHODS = ("pgd", "trades", "max", "enhanced-inc")
+# images, evaluated behind the projection and MagNet ("max": the worst of L∞ and L2 PGD; "msd": multi steepest
+# descent; `training.train_robust`)
+ROBUST_METHODS = ("pgd", "trades", "max", "msd", "enhanced-inc")
 
 
 DEFENDED_ATTACKS = ("bpda-apgd-ce", "bpda-apgd-t", "exact-apgd-ce", "latent", "square")
