@@ -74,6 +74,8 @@ def test_robust_training_smoke_loss_falls_and_resumes(method: str, tmp_path: Pat
     args = train_robust.parse([*argv, "--max-steps", "64"])  # the same command, further: resumes at step 30
     model, hist = train_robust.train(args, arrays)
     assert len(args.losses) == 34, "resumed from the checkpoint, not from scratch"
+    assert [seg["from_step"] for seg in args.segments] == [0, 30], "every resume is a segment of its own"
+    assert {seg["device"] for seg in args.segments} == {"cpu"} and all(seg["commit"] for seg in args.segments)
     assert np.mean(args.losses[-8:]) < np.mean(first[:8]) - 0.2
     assert hist and {"clean", "fgsm", "pgd20"} <= set(hist[-1]) and not model.training
 

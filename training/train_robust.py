@@ -60,6 +60,7 @@ from training.common import (
     batches,
     check_resume,
     command_line,
+    git_commit,
     run_arguments,
     setup,
 )
@@ -249,6 +250,13 @@ def load_ckpt(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, ema: W
     return int(state["step"]), list(state["history"]), list(state["segments"])
 
 
+def add_segment(segments: list, start: int, device: torch.device) -> list:
+    """Record this invocation (its first step, command, commit and device) as the run's next segment: every resume
+    is one, whatever its command; one that started at the same step as the last made no progress and replaces it."""
+    seg = {"from_step": start, "command": command_line(), "commit": git_commit(), "device": device.type}
+    return [*(segments[:-1] if segments and segments[-1]["from_step"] == start else segments), seg]
+
+
 def tensors(arrays: dict[str, np.ndarray], monitor_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(training images, labels, monitor images, labels) on `device`: the monitor is the last test images."""
     x_tr = torch.from_numpy(data.to_float(arrays["x_train"])).to(device)
@@ -272,9 +280,7 @@ def train(args: argparse.Namespace, arrays: dict[str, np.ndarray] | None = None,
     folder = Path(args.run_dir) / model_name(args)
     run_args = run_arguments(args, RUN_ARGS)
     start, history, segments = load_ckpt(folder, model, opt, ema, run_args)
-    if not segments or segments[-1]["command"] != command_line():
-        segments.append({"from_step": start, "command": command_line()})  # a resume with other settings is recorded
-    args.segments = segments
+    segments = args.segments = add_segment(segments, start, device)
     per_epoch = len(x_tr) // args.batch
     total = per_epoch * args.epochs
     if args.max_steps:
