@@ -66,7 +66,6 @@ from training.common import (
 )
 from training.train_classifier import accuracy, ship_classifier
 
-UNION_METHODS = ("max", "msd")  # trained against L∞ and L2 at once (`--eps2`)
 MONITOR = 500  # held-out test images for the per-epoch check (the last ones; the slice is the first 1,000)
 # what defines a run: a checkpoint saves them and a resume must repeat them (training.common.check_resume)
 RUN_ARGS = ("dataset", "method", "arch", "eps", "eps2", "steps", "alpha_frac", "beta", "epochs", "eps_ramp", "batch",
@@ -97,9 +96,8 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argpar
         logits = model(x)
         kl = F.kl_div(F.log_softmax(model(adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         return F.cross_entropy(logits, y) + args.beta * kl
-    if args.method in UNION_METHODS:
-        attack = worst_of_norms if args.method == "max" else msd
-        adv = attack(model, x, y, eps, eps * args.eps2 / args.eps, args) if eps > 0 else x
+    if args.method in UNION_ADVERSARIES:
+        adv = UNION_ADVERSARIES[args.method](model, x, y, eps, eps * args.eps2 / args.eps, args) if eps > 0 else x
     else:
         adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=args.steps) if eps > 0 else x
     model.train()
@@ -127,14 +125,19 @@ def msd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, eps2: fl
     for _ in range(args.steps):
         adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)
-        steps = [ball_step(adv.detach(), grad, x0, e, e * args.alpha_frac, n) for e, n in ((eps, "linf"), (eps2, "l2"))]
+        cands = [ball_step(adv.detach(), grad, x0, e, e * args.alpha_frac, n) for e, n in ((eps, "linf"), (eps2, "l2"))]
         with torch.no_grad():
-            losses = [F.cross_entropy(model(a), y, reduction="none") for a in steps]
+            losses = [F.cross_entropy(model(a), y, reduction="none") for a in cands]
             pick = (losses[1] > losses[0]).view(-1, 1, 1, 1)
-            adv, loss = torch.where(pick, steps[1], steps[0]), torch.maximum(losses[0], losses[1])
+            adv, loss = torch.where(pick, cands[1], cands[0]), torch.maximum(losses[0], losses[1])
             better = loss > best_loss
             best, best_loss = torch.where(better.view(-1, 1, 1, 1), adv, best), torch.where(better, loss, best_loss)
     return best.detach()
+
+
+# the methods trained against L∞ and L2 at once (`--eps2`), each with its adversary
+UNION_ADVERSARIES = {"max": worst_of_norms, "msd": msd}
+UNION_METHODS = tuple(UNION_ADVERSARIES)
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
